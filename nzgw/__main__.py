@@ -1,0 +1,3 @@
+from nzgw.cli import main
+
+main()
