@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -29,11 +29,50 @@ class NotFoundError(StoreError):
 
 
 class ConflictError(StoreError):
-    """A unique name or prefix is taken already."""
+    """A unique name or prefix is taken already, or the change is not allowed (revoked key)."""
 
 
 class CountersUnavailableError(Exception):
     """The counter store could not answer: the request must be refused (fail closed)."""
+
+
+class UpstreamError(Exception):
+    """A backend failed at the transport level (refused, reset, protocol error, timeout)."""
+
+
+class UpstreamResponse(Protocol):
+    """An open backend response; `aclose` it always (closing early tells Ollama to stop)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: bytes) -> bytes | None: ...
+
+    async def receive_some(self) -> bytes:
+        """The next chunk as received; `b""` at the end. Raises `UpstreamError`."""
+        ...
+
+    async def read_all(self, limit: int) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    """One Ollama server. Its name and URL are never shown to clients."""
+
+    name: str
+    url: str
+
+    async def open(
+        self,
+        method: bytes,
+        path: bytes,
+        *,
+        body: bytes = b"",
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> UpstreamResponse: ...
+
+    async def get_json(self, path: str, *, limit: int = ...) -> Any: ...
 
 
 # --- Store: tenants, keys, usage ledger -----------------------------------------------------------
@@ -63,6 +102,8 @@ class KeyChanges:
     prompt_ttl_seconds: int | None = None
     expires_at: datetime | None = None
     key_hash: str | None = None  # rehash-on-verify when Argon2 parameters changed
+    clear_prompt_ttl: bool = False  # set prompt_ttl_seconds to None (no expiry of prompt logs)
+    clear_expires_at: bool = False  # set expires_at to None (the key never expires)
 
 
 @attrs.frozen
@@ -103,10 +144,21 @@ class UsageTotals:
 
 
 class Store(Protocol):
+    """Tenants, keys and the usage ledger. Errors: the `StoreError` family above, nothing else.
+
+    Every change to a tenant or a key (create, update, revoke) bumps the revocation epoch in the
+    same transaction, except an update that only replaces `key_hash` (rehash-on-verify).
+    A revoked key is final: any other change to it raises `ConflictError`.
+    """
+
     async def ping(self) -> None: ...
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations under a lock; return the names applied now."""
+        ...
+
+    async def pending_migrations(self) -> list[str]:
+        """Names of the migrations not applied yet (all of them on an empty database)."""
         ...
 
     async def create_tenant(
@@ -118,24 +170,31 @@ class Store(Protocol):
         allowed_models: tuple[str, ...] = ...,
     ) -> Tenant: ...
 
-    async def get_tenant(self, name_or_id: str | int) -> Tenant: ...
+    async def get_tenant(self, name_or_id: str | int) -> Tenant:
+        """By name (str) or id (int); `NotFoundError` when there is none."""
+        ...
 
     async def list_tenants(self) -> list[Tenant]: ...
 
     async def update_tenant(self, name_or_id: str | int, changes: TenantChanges) -> Tenant: ...
 
-    async def create_key(self, new: NewKey) -> ApiKey: ...
+    async def create_key(self, new: NewKey) -> ApiKey:
+        """`NotFoundError`: no such tenant; `ConflictError`: the prefix is taken."""
+        ...
 
     async def find_key(self, prefix: str) -> Principal | None:
         """The key with this prefix and its tenant, or None."""
         ...
 
-    async def list_keys(self, tenant: str | int | None = None) -> list[ApiKey]: ...
+    async def list_keys(self, tenant: str | int | None = None) -> list[ApiKey]:
+        """All keys, or one tenant's (by name or id; `NotFoundError` if unknown), by id."""
+        ...
 
     async def update_key(self, prefix: str, changes: KeyChanges) -> ApiKey: ...
 
     async def touch_keys(self, last_used: dict[int, datetime]) -> None:
-        """Record last-used times (batched, off the request path)."""
+        """Record last-used times (batched, off the request path). Never moves a time back;
+        ignores unknown key ids; does not bump the revocation epoch."""
         ...
 
     async def revocation_epoch(self) -> int:
@@ -150,4 +209,57 @@ class Store(Protocol):
         self, tenant_id: int, *, day: date, month_start: date
     ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
         """Ledger totals of one tenant and of each of its keys (by key id)."""
+        ...
+
+
+# --- Counters: live windows, leases, budget counters (DESIGN §4, §6) ------------------------------
+
+from collections.abc import Mapping  # noqa: E402
+
+from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Periods  # noqa: E402
+
+
+@attrs.frozen
+class SeedNeeded:
+    """The tenant's budget counters are missing (fresh store): rebuild them, then admit again."""
+
+    tenant_id: int
+
+
+@attrs.frozen
+class BudgetSeed:
+    """Budget counters rebuilt from the ledger for one tenant and its keys, under a new `epoch`."""
+
+    tenant_id: int
+    epoch: str
+    periods: Periods
+    now_ms: int
+    tenant: UsageTotals
+    keys: Mapping[int, UsageTotals]
+
+
+class Counters(Protocol):
+    """Atomic check-and-reserve over the live counters. Errors: `CountersUnavailableError` only.
+
+    Implementations bound every call themselves (the caller cannot cancel a call half-way: a
+    half-done call must not leak a connection) and answer within the configured timeout.
+    """
+
+    async def ping(self) -> None: ...
+
+    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
+        """Check every limit of the key and its tenant; if all pass, reserve in one step.
+        Refusals reserve nothing. `SeedNeeded`: nothing was checked or reserved."""
+        ...
+
+    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
+        """Release the lease and replace its reservation by the `tokens` really used."""
+        ...
+
+    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
+        """Extend the lease by its ttl from `now_ms`; False: it expired already (not revived)."""
+        ...
+
+    async def seed(self, seed: BudgetSeed) -> bool:
+        """Set the budget counters unless the tenant's are present; True: this call set them."""
         ...

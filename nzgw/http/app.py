@@ -1,0 +1,154 @@
+"""The QuartTrio application: dispatch, gateway endpoints, request ids and the request log.
+
+Routing does not go through werkzeug: its slash merging and redirects are exactly the kind of
+path interpretation a gateway must not leave to chance. Every request target is classified by
+the sans-IO `nzgw.core.paths.classify` (an allowlist), and only the canonical path of a matched
+route is ever forwarded upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart.ctx import RequestContext
+from quart_trio import QuartTrio
+
+from nzgw import __version__
+from nzgw.core import paths
+from nzgw.core.surfaces import Surface, error_response
+from nzgw.http.asgi import GatewayHTTPConnection, request_cleanup
+from nzgw.http.gateway import Gateway, RequestInfo
+from nzgw.http.proxy import handle_route
+
+log = logging.getLogger("nzgw.access")
+
+JSON_UTF8 = "application/json; charset=utf-8"
+
+
+class GatewayApp(QuartTrio):
+    asgi_http_class = GatewayHTTPConnection
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__("nzgw")
+        self.gateway = gateway
+        # Streams are bounded by our own timeouts; Quart's 60 s default would cut every
+        # longer generation silently (STACK-NOTES trap 3).
+        self.config["RESPONSE_TIMEOUT"] = None
+        self.config["BODY_TIMEOUT"] = None
+        # The body limit is enforced while reading (413 in the caller's shape), not by Quart.
+        self.config["MAX_CONTENT_LENGTH"] = None
+        self.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+
+    async def dispatch_request(self, request_context: RequestContext | None = None) -> Any:
+        return await _dispatch(self.gateway)
+
+    async def handle_exception(self, error: Exception) -> Any:
+        log.exception("unhandled error")
+        body, content_type = error_response(Surface.GATEWAY, 500, "internal error")
+        return Response(body, 500, content_type=content_type)
+
+
+def create_app(gateway: Gateway) -> GatewayApp:
+    return GatewayApp(gateway)
+
+
+def _client_address(gateway: Gateway) -> str:
+    client = request.scope.get("client")
+    address = str(client[0]) if client else ""
+    if address and address in gateway.config.trusted_proxies:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        if forwarded:
+            # The right-most entry is the one our trusted proxy appended.
+            address = forwarded.rsplit(",", 1)[-1].strip() or address
+    return address
+
+
+async def _dispatch(gateway: Gateway) -> Response:
+    started = trio.current_time()
+    request_id = os.urandom(8).hex()
+    raw_target: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    query = request.scope.get("query_string") or b""
+    if query:
+        raw_target += b"?" + query
+    decision = paths.classify(request.method, raw_target)
+    info = RequestInfo(
+        request_id=request_id,
+        method=request.method,
+        decision=decision,
+        client=_client_address(gateway),
+        started=started,
+        wall_started=time.time(),
+    )
+    stack = request_cleanup()
+    stack.push_async_callback(_finish, gateway, info)
+    response = await _respond(gateway, info)
+    info.status = response.status_code
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
+    decision = info.decision
+    if isinstance(decision, paths.Blocked):
+        info.refusal = "blocked_endpoint"
+        return error(decision.surface, 403, "this endpoint is disabled on this gateway")
+    if isinstance(decision, paths.NotFound):
+        info.refusal = "not_found"
+        return Response(b"404 page not found", 404, content_type="text/plain")
+    if isinstance(decision, paths.MethodNotAllowed):
+        info.refusal = "method_not_allowed"
+        return Response(b"405 method not allowed", 405, content_type="text/plain")
+    route = decision
+    if route.route is paths.RouteId.HEALTHZ:
+        return Response(b'{"status":"ok"}', 200, content_type="application/json")
+    if route.route is paths.RouteId.READYZ:
+        return await _readyz(gateway)
+    if route.route is paths.RouteId.ROOT:
+        body = b"" if request.method == "HEAD" else b"Ollama is running"
+        return Response(body, 200, content_type="text/plain; charset=utf-8")
+    return await handle_route(gateway, info, route)
+
+
+async def _readyz(gateway: Gateway) -> Response:
+    missing = await gateway.missing_dependencies()
+    if missing:
+        body = json.dumps({"status": "unavailable", "missing": missing}).encode()
+        return Response(body, 503, content_type="application/json")
+    return Response(b'{"status":"ready"}', 200, content_type="application/json")
+
+
+def error(surface: Surface, status: int, message: str, **headers: str) -> Response:
+    body, content_type = error_response(surface, status, message)
+    response = Response(body, status, content_type=content_type)
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+async def _finish(gateway: Gateway, info: RequestInfo) -> None:
+    """Runs in the connection's shielded cleanup, after the last byte (or the disconnect)."""
+    info.finished = trio.current_time()
+    await gateway.request_finished(info)
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "request",
+            extra={
+                "request_id": info.request_id,
+                "method": info.method,
+                "path": info.log_path,
+                "status": info.status,
+                "latency_ms": round((info.finished - info.started) * 1000, 2),
+                "tenant": info.tenant_name,
+                "key_prefix": info.key_prefix,
+                "model": info.model,
+                "refusal": info.refusal,
+                "client": info.client,
+                "version": __version__,
+            },
+        )

@@ -1,0 +1,165 @@
+"""What the HTTP layer needs from the rest of nzgw, and the record one request leaves behind.
+
+The HTTP layer sees services through the small protocols below and adapters only through
+`nzgw.ports`; `server.py` wires the concrete objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from nzgw.config import Config
+from nzgw.core import paths
+from nzgw.core.framing import Usage
+from nzgw.core.models import Principal
+from nzgw.ports import Backend
+
+log = logging.getLogger("nzgw.gateway")
+
+# What `/api/version` reports: the Ollama API level nzgw speaks, never a backend's version.
+OLLAMA_API_VERSION = "0.33.0"
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, presented: str, client_addr: str) -> Principal: ...
+
+
+class Registry(Protocol):
+    def ready(self) -> bool: ...
+
+    def hosts(self, model: str) -> bool: ...
+
+    def candidates(self, model: str) -> Sequence[Backend]: ...
+
+    def record_failure(self, backend_name: str) -> None: ...
+
+    def record_success(self, backend_name: str) -> None: ...
+
+    def list_models(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
+
+    def list_loaded(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
+
+
+@attrs.define(eq=False)
+class RequestInfo:
+    """Everything one request leaves for the log, the audit row and settlement."""
+
+    request_id: str
+    method: str
+    decision: paths.Route | paths.Blocked | paths.NotFound | paths.MethodNotAllowed
+    client: str
+    started: float  # trio clock
+    wall_started: float  # unix time
+    status: int = 0
+    refusal: str | None = None
+    principal: Principal | None = None
+    model: str | None = None
+    streamed: bool = False
+    backend: str | None = None  # stored for the audit, never shown to clients
+    usage: Usage | None = None
+    first_byte: float | None = None
+    finished: float | None = None
+    prompt_estimate: int = 0  # charged as prompt tokens when no usage was reported
+    outcome: str = "ok"  # ok | client_gone | upstream_failed | upstream_truncated | refused
+    request_body: bytes | None = None  # kept only for keys that opted in to prompt logging
+    response_text: str | None = None
+
+    @property
+    def log_path(self) -> str:
+        decision = self.decision
+        return decision.path if isinstance(decision, paths.Route) else "-"
+
+    @property
+    def tenant_name(self) -> str | None:
+        return self.principal.tenant.name if self.principal else None
+
+    @property
+    def key_prefix(self) -> str | None:
+        return self.principal.key.prefix if self.principal else None
+
+
+class Refused(Exception):
+    """A request refused before forwarding: status, message, audit reason, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        refusal: str,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.refusal = refusal
+        self.headers = headers or {}
+        self.code = code
+        self.error_type = error_type
+
+
+class Ticket(Protocol):
+    """An admitted request's reservation. `settle` runs once, shielded, at the very end."""
+
+    headers: dict[str, str]
+
+    async def settle(self, info: RequestInfo) -> None: ...
+
+
+class Admitter(Protocol):
+    async def admit(
+        self, principal: Principal, *, model: str, reserve_tokens: int, info: RequestInfo
+    ) -> Ticket:
+        """Reserve, or raise `Refused` (429 over a limit, 503 when the counters are down)."""
+        ...
+
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+FinishHook = Callable[[RequestInfo], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Gateway:
+    config: Config
+    authenticator: Authenticator
+    registry: Registry
+    readiness: dict[str, ReadinessCheck] = attrs.Factory(dict)
+    admitter: Admitter | None = None
+    finish_hooks: list[FinishHook] = attrs.Factory(list)
+    readiness_timeout: float = 2.0
+
+    async def missing_dependencies(self) -> list[str]:
+        """Names of the dependencies that do not answer now (checked in parallel)."""
+        missing: list[str] = []
+
+        async def check(name: str, probe: ReadinessCheck) -> None:
+            ok = False
+            with trio.move_on_after(self.readiness_timeout):
+                try:
+                    ok = await probe()
+                except Exception:
+                    ok = False
+            if not ok:
+                missing.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for name, probe in self.readiness.items():
+                nursery.start_soon(check, name, probe)
+        if not self.registry.ready():
+            missing.append("backends")
+        return sorted(missing)
+
+    async def request_finished(self, info: RequestInfo) -> None:
+        """Settlement hooks (limits, audit, metrics); run shielded by the caller."""
+        for hook in self.finish_hooks:
+            try:
+                await hook(info)
+            except Exception:
+                log.exception("finish hook failed", extra={"request_id": info.request_id})

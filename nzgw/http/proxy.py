@@ -1,0 +1,448 @@
+"""The data plane: authenticate, check, admit, forward with failover, relay, settle.
+
+Ownership on the request path (who closes what, also on cancellation):
+
+* Every upstream response is registered on the request's cleanup stack (`request_cleanup()`)
+  the moment it exists, before its first chunk is read. The connection closes that stack in its
+  `finally`, shielded, so an upstream is closed whether the client left before the first byte,
+  mid-stream, after the handler returned but before Quart sent the body, or never.
+* Settlement (usage, counters, audit) is the `_finish` callback that `app._dispatch` registered
+  first, so it runs last: after the upstream was closed, with the tokens seen so far.
+* Failover happens only before anything was committed to the client: the status line of a
+  stream is sent only after its first chunk arrived from a backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from quart import Response, request
+
+from nzgw.core import framing, paths
+from nzgw.core.framing import StreamKind, StreamWatcher, Usage
+from nzgw.core.models import Principal
+from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
+from nzgw.core.reserve import reserve
+from nzgw.core.surfaces import Surface, error_response, stream_error_frame
+from nzgw.http.asgi import request_cleanup
+from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
+from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
+from nzgw.services.identity import AuthenticationError, AuthThrottledError
+
+R = paths.RouteId
+
+# One message for "unknown", "not on any backend" and "not allowed": no existence disclosure.
+FORBIDDEN_MODEL = "model not available for this key"
+
+JSON_UTF8 = "application/json; charset=utf-8"
+
+# Upstream response headers a client may see. Nothing else passes (no server, no backend hints).
+_PASS_HEADERS = frozenset({b"content-type", b"cache-control"})
+
+_STREAM_KIND: dict[R, StreamKind] = {
+    R.GENERATE: StreamKind.NDJSON,
+    R.CHAT: StreamKind.NDJSON,
+    R.V1_CHAT: StreamKind.SSE_OPENAI,
+    R.V1_COMPLETIONS: StreamKind.SSE_OPENAI,
+    R.V1_RESPONSES: StreamKind.SSE_EVENTS,
+    R.V1_MESSAGES: StreamKind.SSE_EVENTS,
+}
+_NATIVE_STREAM_DEFAULT = frozenset({R.GENERATE, R.CHAT})
+_MODEL_ROUTES = frozenset({*_STREAM_KIND, R.EMBED, R.EMBEDDINGS, R.V1_EMBEDDINGS, R.SHOW})
+
+
+def error(
+    surface: Surface,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    code: str | None = None,
+    error_type: str | None = None,
+    request_id: str | None = None,
+) -> Response:
+    body, content_type = error_response(
+        surface, status, message, code=code, error_type=error_type, request_id=request_id
+    )
+    response = Response(body, status, content_type=content_type)
+    if headers:
+        for name, value in headers.items():
+            response.headers[name] = value
+    return response
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    return Response(body, status, content_type=JSON_UTF8)
+
+
+def _presented_key() -> str | None:
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credential.strip():
+        return credential.strip()
+    api_key = request.headers.get("x-api-key", "").strip()
+    return api_key or None
+
+
+def _allowed(principal: Principal) -> Callable[[str], bool]:
+    key = ModelPatterns.compile(principal.key.allowed_models)
+    tenant = ModelPatterns.compile(principal.tenant.allowed_models)
+    return lambda name: key.allows(name) and tenant.allows(name)
+
+
+async def handle_route(gateway: Gateway, info: RequestInfo, route: paths.Route) -> Response:
+    surface = route.surface
+    try:
+        principal = await _authenticate(gateway, info)
+        if route.route in _MODEL_ROUTES:
+            return await _model_request(gateway, info, route, principal)
+        return _listing(gateway, info, route, principal)
+    except Refused as refused:
+        info.refusal = refused.refusal
+        info.outcome = "refused"
+        return error(
+            surface,
+            refused.status,
+            refused.message,
+            refused.headers,
+            code=refused.code,
+            error_type=refused.error_type,
+            request_id=info.request_id,
+        )
+
+
+async def _authenticate(gateway: Gateway, info: RequestInfo) -> Principal:
+    presented = _presented_key()
+    unauthorized = {"WWW-Authenticate": "Bearer"}
+    if presented is None:
+        raise Refused(401, "missing API key", refusal="auth", headers=unauthorized)
+    try:
+        principal = await gateway.authenticator.authenticate(presented, info.client)
+    except AuthThrottledError as exc:
+        retry = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))}
+        raise Refused(
+            429, "too many failed authentications", refusal="auth_throttled", headers=retry
+        ) from None
+    except AuthenticationError:
+        raise Refused(401, "invalid API key", refusal="auth", headers=unauthorized) from None
+    except StoreError:
+        raise Refused(503, "service unavailable, try again", refusal="store_unavailable") from None
+    info.principal = principal
+    return principal
+
+
+def _listing(
+    gateway: Gateway, info: RequestInfo, route: paths.Route, principal: Principal
+) -> Response:
+    allowed = _allowed(principal)
+    registry = gateway.registry
+    if route.route is R.VERSION:
+        return _json({"version": OLLAMA_API_VERSION})
+    if route.route is R.TAGS:
+        return _json({"models": registry.list_models(allowed)})
+    if route.route is R.PS:
+        return _json({"models": registry.list_loaded(allowed)})
+    if route.route is R.V1_MODELS:
+        data = [_openai_model(m["name"], m) for m in registry.list_models(allowed)]
+        return _json({"object": "list", "data": data or None})
+    if route.route is R.V1_MODEL:
+        asked = route.params.get("model", "")
+        name = _checked_model(gateway, info, asked, allowed)
+        for entry in registry.list_models(lambda n: n == name):
+            return _json(_openai_model(asked, entry))
+        raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
+    raise Refused(404, "not found", refusal="not_found")  # pragma: no cover - table is closed
+
+
+def _openai_model(model_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+    from datetime import datetime
+
+    created = 0
+    modified = entry.get("modified_at")
+    if isinstance(modified, str):
+        try:
+            created = int(datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            created = 0
+    name = str(entry.get("name", model_id))
+    namespace = name.split("/")[-2] if name.count("/") >= 1 else "library"
+    return {"id": model_id, "object": "model", "created": created, "owned_by": namespace}
+
+
+def _checked_model(
+    gateway: Gateway, info: RequestInfo, model: Any, allowed: Callable[[str], bool]
+) -> str:
+    if not isinstance(model, str) or not model:
+        raise Refused(400, "model is required", refusal="bad_request")
+    try:
+        name = normalize_model_name(model)
+    except InvalidModelNameError:
+        raise Refused(400, "invalid model name", refusal="bad_request") from None
+    info.model = name
+    if not allowed(name) or not gateway.registry.hosts(name):
+        raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
+    return name
+
+
+async def _read_body(limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _wants_stream(route: R, doc: dict[str, Any]) -> bool:
+    stream = doc.get("stream")
+    if route in _NATIVE_STREAM_DEFAULT:
+        return stream is not False
+    return route in _STREAM_KIND and stream is True
+
+
+async def _model_request(
+    gateway: Gateway, info: RequestInfo, route: paths.Route, principal: Principal
+) -> Response:
+    body = await _read_body(gateway.config.max_body_bytes)
+    if not body.strip():
+        raise Refused(400, "missing request body", refusal="bad_request")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise Refused(400, "invalid JSON in request body", refusal="bad_request") from None
+    if not isinstance(doc, dict):
+        raise Refused(400, "request body must be a JSON object", refusal="bad_request")
+    model = doc.get("model")
+    if route.route is R.SHOW and model is None:
+        model = doc.get("name")
+    name = _checked_model(gateway, info, model, _allowed(principal))
+    if principal.key.log_prompts:
+        info.request_body = body
+
+    stream = _wants_stream(route.route, doc)
+    info.streamed = stream
+    reservation = reserve(route.route, body, doc, default_cap=gateway.config.default_max_tokens)
+    info.prompt_estimate = reservation.prompt_estimate
+    modified = reservation.modified
+    strip_usage = False
+    if stream and route.route in (R.V1_CHAT, R.V1_COMPLETIONS):
+        options = doc.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            # Ask the backend for usage on the client's behalf; the watcher removes it again.
+            doc["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+            strip_usage = modified = True
+    if modified:
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+    headers: dict[str, str] = {}
+    if gateway.admitter is not None:
+        ticket = await gateway.admitter.admit(
+            principal, model=name, reserve_tokens=reservation.tokens, info=info
+        )
+        headers.update(ticket.headers)
+        request_cleanup().push_async_callback(ticket.settle, info)
+
+    upstream = await _open_with_failover(gateway, info, route, name, body, stream)
+    if stream and upstream.response.status == 200:
+        kind = _STREAM_KIND[route.route]
+        watcher = StreamWatcher(kind, strip_usage=strip_usage)
+        relay = Relay(upstream.response, upstream.first, watcher, info, kind)
+        response = Response(relay, 200, content_type=_content_type(upstream.response))
+        cache_control = upstream.response.header(b"cache-control")
+        if cache_control:
+            response.headers["Cache-Control"] = cache_control.decode("latin-1")
+    else:
+        response = await _buffered(gateway, info, route, upstream)
+    for key, value in headers.items():
+        response.headers[key] = value
+    return response
+
+
+class _Opened:
+    __slots__ = ("first", "response")
+
+    def __init__(self, response: UpstreamResponse, first: bytes) -> None:
+        self.response = response
+        self.first = first
+
+
+def _is_model_not_found(status: int, body: bytes) -> bool:
+    return status == 404 and b"not found" in body
+
+
+async def _open_with_failover(
+    gateway: Gateway,
+    info: RequestInfo,
+    route: paths.Route,
+    model: str,
+    body: bytes,
+    stream: bool,
+) -> _Opened:
+    """The first backend that answers usefully, tried in priority order.
+
+    A transport error, a timeout to the first byte, a 5xx (Ollama's 503 "busy" included), an
+    empty stream, or a 404 for the model (a stale snapshot) moves on to the next backend. The
+    whole loop runs in the request's cancel scope: a client that leaves cancels every attempt.
+    """
+    registry = gateway.registry
+    stack = request_cleanup()
+    headers = [(b"content-type", b"application/json")]
+    timeout = gateway.config.upstream_first_byte_timeout
+    path = route.path.encode("ascii")
+    for backend in registry.candidates(model):
+        response: UpstreamResponse | None = None
+        try:
+            with trio.fail_after(timeout):
+                response = await backend.open(b"POST", path, body=body, headers=headers)
+                stack.push_async_callback(response.aclose)
+                if response.status >= 500 or response.status == 404:
+                    error_body = await response.read_all(64 * 1024)
+                    if response.status >= 500 or _is_model_not_found(404, error_body):
+                        await response.aclose()
+                        registry.record_failure(backend.name)
+                        continue
+                    return _Opened(_Replayed(response, error_body), b"")
+                first = await response.receive_some() if stream and response.status == 200 else b""
+                if stream and response.status == 200 and not first:
+                    await response.aclose()
+                    registry.record_failure(backend.name)
+                    continue
+        except (UpstreamError, trio.TooSlowError):
+            if response is not None:
+                await response.aclose()
+            registry.record_failure(backend.name)
+            continue
+        registry.record_success(backend.name)
+        info.backend = backend.name
+        info.first_byte = trio.current_time()
+        return _Opened(response, first)
+    if registry.hosts(model):
+        info.outcome = "upstream_failed"
+        raise Refused(
+            503, "no backend could serve the request, try again", refusal="backend_failure"
+        )
+    # Every backend that was thought to host it said 404: it is gone. Same answer as forbidden.
+    raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
+
+
+class _Replayed:
+    """An upstream error response whose body was already read (kept for pass-through)."""
+
+    def __init__(self, response: UpstreamResponse, body: bytes) -> None:
+        self._response = response
+        self._body = body
+        self.status = response.status
+        self.headers = response.headers
+
+    def header(self, name: bytes) -> bytes | None:
+        return self._response.header(name)
+
+    async def receive_some(self) -> bytes:
+        body, self._body = self._body, b""
+        return body
+
+    async def read_all(self, limit: int) -> bytes:
+        return await self.receive_some()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _content_type(response: UpstreamResponse) -> str:
+    value = response.header(b"content-type")
+    return value.decode("latin-1") if value else "application/json"
+
+
+async def _buffered(
+    gateway: Gateway, info: RequestInfo, route: paths.Route, upstream: _Opened
+) -> Response:
+    """A whole (non-streaming or error) answer: read it, account for it, pass it on."""
+    response = upstream.response
+    body = upstream.first + await response.read_all(gateway.config.max_body_bytes * 4)
+    await response.aclose()
+    if response.status == 200:
+        info.usage = framing.usage_from_body(route.route, body)
+    if info.request_body is not None:
+        info.response_text = body.decode("utf-8", "replace")
+    return Response(body, response.status, content_type=_content_type(response))
+
+
+class Relay:
+    """The body of a streamed answer: upstream chunks as they arrive, watched, not re-encoded.
+
+    A plain async iterator (no generator), so that no cancel scope is ever held across a
+    `yield` and closing it is explicit. The upstream response itself is closed by the request's
+    cleanup stack; this object only decides what the client sees.
+    """
+
+    __slots__ = ("_done", "_first", "_info", "_kind", "_upstream", "_watcher")
+
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        first: bytes,
+        watcher: StreamWatcher,
+        info: RequestInfo,
+        kind: StreamKind,
+    ) -> None:
+        self._upstream = upstream
+        self._first: bytes | None = first
+        self._watcher = watcher
+        self._info = info
+        self._kind = kind
+        self._done = False
+        info.outcome = "client_gone"  # until the stream ends; the cleanup then sees the truth
+
+    def __aiter__(self) -> Relay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._first is not None:
+                data, self._first = self._first, None
+            elif self._done:
+                raise StopAsyncIteration
+            else:
+                try:
+                    data = await self._upstream.receive_some()
+                except UpstreamError:
+                    data = b""
+                if not data:
+                    return self._end()
+            out = self._watcher.feed(data)
+            self._info.usage = self._watcher.usage()
+            if out:
+                return out
+
+    def _end(self) -> bytes:
+        self._done = True
+        watcher = self._watcher
+        tail = watcher.flush()
+        info = self._info
+        if watcher.completed and watcher.upstream_error is None:
+            info.outcome = "ok"
+        else:
+            info.outcome = "upstream_truncated"
+            message = watcher.upstream_error or "the model server ended the stream unexpectedly"
+            tail += stream_error_frame(self._kind, message)
+        info.usage = watcher.usage() or Usage(0, watcher.frames, reported=False)
+        if not tail:
+            raise StopAsyncIteration
+        return tail
+
+    async def aclose(self) -> None:
+        """Called by Quart when the body is done or abandoned; the stack closes upstream."""
+        if not self._done:
+            self._info.usage = self._watcher.usage() or Usage(0, self._watcher.frames, False)
