@@ -64,13 +64,14 @@ class UpstreamResponse:
     to the pool half-read), which is how Ollama learns to stop generating.
     """
 
-    __slots__ = ("_chunks", "_response", "headers", "status")
+    __slots__ = ("_chunks", "_finished", "_response", "headers", "status")
 
     def __init__(self, response: httpcore.Response) -> None:
         self._response = response
         self.status: int = response.status
         self.headers: list[tuple[bytes, bytes]] = list(response.headers)
         self._chunks: AsyncIterator[bytes] = response.aiter_stream()
+        self._finished = False
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -83,8 +84,10 @@ class UpstreamResponse:
         try:
             return await self._chunks.__anext__()
         except StopAsyncIteration:
+            self._finished = True
             return b""
         except _HTTPCORE_ERRORS as exc:
+            self._finished = True
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
 
     async def read_all(self, limit: int) -> bytes:
@@ -99,10 +102,20 @@ class UpstreamResponse:
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        """Release the connection. Safe to call twice; shielded: cleanup must not be skipped."""
+        """Release the connection. Safe to call twice; shielded: cleanup must not be skipped.
+
+        httpcore streams through four nested async generators. Closing the response closes the
+        connection, but generators left suspended mid-body would be finalised later by the
+        garbage collector (trio warns). So after the close, one more read is made: it fails at
+        the bottom on the closed connection and unwinds every layer now, deterministically.
+        """
         with trio.CancelScope(shield=True):
             with suppress(*_HTTPCORE_ERRORS):
                 await self._response.aclose()
+            if not self._finished:
+                self._finished = True
+                with suppress(StopAsyncIteration, RuntimeError, *_HTTPCORE_ERRORS):
+                    await self._chunks.__anext__()
 
 
 class OllamaBackend:

@@ -65,7 +65,7 @@ class RequestInfo:
     first_byte: float | None = None
     finished: float | None = None
     prompt_estimate: int = 0  # charged as prompt tokens when no usage was reported
-    outcome: str = "ok"  # ok | client_gone | upstream_failed | upstream_truncated | refused
+    outcome: str = "ok"  # ok | cancelled | upstream_failed | upstream_truncated | refused
     request_body: bytes | None = None  # kept only for keys that opted in to prompt logging
     response_text: str | None = None
 

@@ -403,7 +403,8 @@ class Relay:
         self._info = info
         self._kind = kind
         self._done = False
-        info.outcome = "client_gone"  # until the stream ends; the cleanup then sees the truth
+        # Until the stream ends: a stream the client left, or shutdown cut, stays "cancelled".
+        info.outcome = "cancelled"
 
     def __aiter__(self) -> Relay:
         return self
