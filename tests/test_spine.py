@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -110,10 +111,9 @@ async def test_response_abandoned_before_its_body_was_sent_closes_upstream(
     async with open_harness(tmp_path, settings=slow) as h:
         returned = trio.Event()
 
-        async def stall_after_request(response: object) -> object:
+        async def stall_after_request(response: object) -> NoReturn:
             returned.set()
             await trio.sleep_forever()
-            return response  # pragma: no cover
 
         h.running.app.after_request_funcs[None].append(stall_after_request)
         stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
