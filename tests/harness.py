@@ -36,6 +36,8 @@ class Harness:
     shutdown: trio.Event
     stopped: trio.Event
     finished: list[RequestInfo] = attrs.Factory(list)
+    #: Synchronous closers (test clients) run when the harness closes.
+    cleanups: list[Callable[[], None]] = attrs.Factory(list)
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     @property
@@ -138,6 +140,8 @@ async def open_harness(
         try:
             yield harness
         finally:
+            for close in harness.cleanups:
+                close()
             shutdown.set()
 
 

@@ -134,6 +134,10 @@ def error(surface: Surface, status: int, message: str, **headers: str) -> Respon
 async def _finish(gateway: Gateway, info: RequestInfo) -> None:
     """Runs in the connection's shielded cleanup, after the last byte (or the disconnect)."""
     info.finished = trio.current_time()
+    if info.status == 0:
+        # No response was produced: the client left (or shutdown cut in) before the answer.
+        info.status = 499
+        info.outcome = "cancelled"
     await gateway.request_finished(info)
     if log.isEnabledFor(logging.INFO):
         log.info(
