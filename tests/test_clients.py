@@ -51,15 +51,18 @@ async def test_ollama_client_chat_generate_embed_list_show(tmp_path: Path) -> No
         assert gen.response == REPLY
 
         def stream_generate() -> str:
-            return "".join(p.response for p in client.generate(model="llama3", prompt="Hi",
-                                                               stream=True))
+            return "".join(
+                p.response or "" for p in client.generate(model="llama3", prompt="Hi", stream=True)
+            )
 
         assert await in_thread(stream_generate) == REPLY
         embed = await in_thread(lambda: client.embed(model="all-minilm", input=["a", "b"]))
         assert len(embed.embeddings) == 2
         listed = await in_thread(client.list)
         assert {m.model for m in listed.models} == {
-            "llama3:latest", "qwen3:latest", "all-minilm:latest"
+            "llama3:latest",
+            "qwen3:latest",
+            "all-minilm:latest",
         }
         shown = await in_thread(lambda: client.show("llama3"))
         assert shown.details is not None and shown.details.family == "llama"
@@ -101,8 +104,11 @@ async def test_openai_client_chat_completions_embeddings_models(tmp_path: Path) 
 
         def stream_chat(include_usage: bool) -> list[Any]:
             options: Any = {"include_usage": True} if include_usage else openai.omit
-            return list(client.chat.completions.create(
-                model="llama3", messages=MESSAGES, stream=True, stream_options=options))
+            return list(
+                client.chat.completions.create(
+                    model="llama3", messages=MESSAGES, stream=True, stream_options=options
+                )
+            )
 
         chunks = await in_thread(lambda: stream_chat(False))
         # nzgw asked the backend for usage on the client's behalf and removed it again:
@@ -118,8 +124,11 @@ async def test_openai_client_chat_completions_embeddings_models(tmp_path: Path) 
         assert completion.choices[0].text == REPLY
 
         def stream_completion() -> str:
-            return "".join(c.choices[0].text for c in client.completions.create(
-                model="llama3", prompt="Once", stream=True) if c.choices)
+            return "".join(
+                c.choices[0].text
+                for c in client.completions.create(model="llama3", prompt="Once", stream=True)
+                if c.choices
+            )
 
         assert await in_thread(stream_completion) == REPLY
         embeddings = await in_thread(
@@ -132,8 +141,7 @@ async def test_openai_client_chat_completions_embeddings_models(tmp_path: Path) 
         assert model.id == "llama3"
 
         with pytest.raises(openai.PermissionDeniedError):
-            await in_thread(lambda: client.chat.completions.create(model="nope",
-                                                                   messages=MESSAGES))
+            await in_thread(lambda: client.chat.completions.create(model="nope", messages=MESSAGES))
         bad = openai.OpenAI(base_url=f"{h.url}/v1", api_key="nz_wrong", max_retries=0)
         h.cleanups.append(bad.close)
         with pytest.raises(openai.AuthenticationError):

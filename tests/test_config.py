@@ -36,8 +36,10 @@ def test_backends_list_keeps_priority_order(tmp_path: Path) -> None:
 
 def test_precedence_env_over_dotenv_over_toml(tmp_path: Path) -> None:
     toml = tmp_path / "nzgw.toml"
-    toml.write_text('NZGW_BIND = "0.0.0.0:1"\nNZGW_WORKERS = 3\nREDIS_URL = "redis://r:6379"\n'
-                    'nzgw_log_format = "json"\n')
+    toml.write_text(
+        'NZGW_BIND = "0.0.0.0:1"\nNZGW_WORKERS = 3\nREDIS_URL = "redis://r:6379"\n'
+        'nzgw_log_format = "json"\n'
+    )
     (tmp_path / ".env").write_text("# comment\nexport NZGW_BIND='0.0.0.0:2'\nNZGW_WORKERS=4\n")
     config = load_config({"NZGW_CONFIG": str(toml), "NZGW_WORKERS": "5"}, cwd=tmp_path)
     assert config.bind == "0.0.0.0:2"  # .env beats TOML
@@ -46,7 +48,9 @@ def test_precedence_env_over_dotenv_over_toml(tmp_path: Path) -> None:
 
 
 def test_the_example_toml_file_loads() -> None:
-    config = load_config({"NZGW_CONFIG": str(ROOT / "conf" / "nzgw.example.toml")}, cwd=ROOT / "conf")
+    config = load_config(
+        {"NZGW_CONFIG": str(ROOT / "conf" / "nzgw.example.toml")}, cwd=ROOT / "conf"
+    )
     assert [b.name for b in config.effective_backends] == ["gpu-a", "gpu-b"]
     assert config.workers == 2 and config.trusted_proxies == ("172.30.0.10",)
 
@@ -94,10 +98,10 @@ def test_embedded_counters_refuse_several_workers(tmp_path: Path) -> None:
 def test_unknown_toml_key_and_bad_toml_are_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("NZGW_BINDD = '1'\n")
-    with pytest.raises(ConfigError, match="^NZGW_CONFIG: .*unknown setting"):
+    with pytest.raises(ConfigError, match=r"^NZGW_CONFIG: .*unknown setting"):
         load_config({"NZGW_CONFIG": str(bad)}, cwd=tmp_path)
     bad.write_text("this is not toml")
-    with pytest.raises(ConfigError, match="^NZGW_CONFIG: "):
+    with pytest.raises(ConfigError, match=r"^NZGW_CONFIG: "):
         load_config({"NZGW_CONFIG": str(bad)}, cwd=tmp_path)
 
 
@@ -105,8 +109,12 @@ def test_unknown_toml_key_and_bad_toml_are_errors(tmp_path: Path) -> None:
 def test_serve_exits_2_with_one_line(tmp_path: Path, name: str, value: str) -> None:
     env = {"PATH": "/usr/bin:/bin", name: value}
     result = subprocess.run(
-        [sys.executable, "-m", "nzgw", "serve"], env=env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "nzgw", "serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

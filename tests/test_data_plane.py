@@ -19,23 +19,56 @@ from nzgw.testing import EmulatorSettings, Fault
 from tests.harness import Harness, open_harness
 
 BLOCKED = [
-    ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create"),
-    ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("POST", "/api/blobs/sha256:" + "a" * 64),
-    ("HEAD", "/api/blobs/sha256:" + "b" * 64), ("GET", "/api/pull"), ("HEAD", "/api/pull"),
-    ("OPTIONS", "/api/pull"), ("PUT", "/api/create"), ("PATCH", "/api/copy"),
-    ("POST", "/API/PULL"), ("POST", "/Api/Pull"), ("POST", "/api/pull/"), ("POST", "//api/pull"),
-    ("POST", "/api//pull"), ("POST", "/api///pull//"), ("POST", "/api/./pull"),
-    ("POST", "/./api/pull"), ("POST", "/v1/../api/pull"), ("POST", "/api/chat/../pull"),
-    ("POST", "/x/y/../../api/pull"), ("POST", "/api/%70ull"), ("POST", "/api/pu%6Cl"),
-    ("POST", "/%61pi/pull"), ("POST", "/api%2Fpull"), ("POST", "/api%2fpull"),
-    ("POST", "/api/%2e/pull"), ("POST", "/api/%2E%2E/api/pull"), ("POST", "/%2e%2e/api/pull"),
-    ("POST", "/api%252Fpull"), ("POST", "/api/%2570ull"), ("POST", "/api/pull;x=1"),
-    ("POST", "/api;x/pull"), ("POST", "/api/pull?x=1"), ("POST", "/api/pull#frag"),
-    ("POST", "http://gw/api/pull"), ("POST", "http://localhost:11434/api/create"),
-    ("POST", "/api\\pull"), ("POST", "/api/%5Cpull"), ("POST", "/api/pull%00"),
-    ("POST", "/api/pull%20"), ("POST", "/api/copy/"), ("DELETE", "/API/DELETE"),
-    ("POST", "/api/blobs"), ("POST", "/api/BLOBS/sha256-" + "c" * 64), ("POST", "/api/push%3F"),
-    ("POST", "/api/create.json"), ("GET", "/api/delete?model=llama3"),
+    ("POST", "/api/pull"),
+    ("POST", "/api/push"),
+    ("POST", "/api/create"),
+    ("POST", "/api/copy"),
+    ("DELETE", "/api/delete"),
+    ("POST", "/api/blobs/sha256:" + "a" * 64),
+    ("HEAD", "/api/blobs/sha256:" + "b" * 64),
+    ("GET", "/api/pull"),
+    ("HEAD", "/api/pull"),
+    ("OPTIONS", "/api/pull"),
+    ("PUT", "/api/create"),
+    ("PATCH", "/api/copy"),
+    ("POST", "/API/PULL"),
+    ("POST", "/Api/Pull"),
+    ("POST", "/api/pull/"),
+    ("POST", "//api/pull"),
+    ("POST", "/api//pull"),
+    ("POST", "/api///pull//"),
+    ("POST", "/api/./pull"),
+    ("POST", "/./api/pull"),
+    ("POST", "/v1/../api/pull"),
+    ("POST", "/api/chat/../pull"),
+    ("POST", "/x/y/../../api/pull"),
+    ("POST", "/api/%70ull"),
+    ("POST", "/api/pu%6Cl"),
+    ("POST", "/%61pi/pull"),
+    ("POST", "/api%2Fpull"),
+    ("POST", "/api%2fpull"),
+    ("POST", "/api/%2e/pull"),
+    ("POST", "/api/%2E%2E/api/pull"),
+    ("POST", "/%2e%2e/api/pull"),
+    ("POST", "/api%252Fpull"),
+    ("POST", "/api/%2570ull"),
+    ("POST", "/api/pull;x=1"),
+    ("POST", "/api;x/pull"),
+    ("POST", "/api/pull?x=1"),
+    ("POST", "/api/pull#frag"),
+    ("POST", "http://gw/api/pull"),
+    ("POST", "http://localhost:11434/api/create"),
+    ("POST", "/api\\pull"),
+    ("POST", "/api/%5Cpull"),
+    ("POST", "/api/pull%00"),
+    ("POST", "/api/pull%20"),
+    ("POST", "/api/copy/"),
+    ("DELETE", "/API/DELETE"),
+    ("POST", "/api/blobs"),
+    ("POST", "/api/BLOBS/sha256-" + "c" * 64),
+    ("POST", "/api/push%3F"),
+    ("POST", "/api/create.json"),
+    ("GET", "/api/delete?model=llama3"),
 ]
 
 
@@ -63,13 +96,17 @@ async def test_every_spelling_of_a_blocked_endpoint_is_refused(tmp_path: Path) -
     async with open_harness(tmp_path) as h:
         answers = {}
         for method, target in BLOCKED:
-            body = json.dumps({"model": "llama3", "name": "llama3", "source": "llama3",
-                               "destination": "x"}).encode()
+            body = json.dumps(
+                {"model": "llama3", "name": "llama3", "source": "llama3", "destination": "x"}
+            ).encode()
             answers[(method, target)] = await raw_request(h, method, target, body)
         wrong = {k: status_of(v) for k, v in answers.items() if status_of(v) != 403}
         assert not wrong, wrong
-        forwarded = [r.path for r in h.emulator.requests if not r.path.startswith(
-            ("/api/tags", "/api/ps", "/api/version"))]
+        forwarded = [
+            r.path
+            for r in h.emulator.requests
+            if not r.path.startswith(("/api/tags", "/api/ps", "/api/version"))
+        ]
         assert forwarded == []  # discovery polls only: nothing else reached the backend
         raw = answers[("POST", "/api/pull")]
         assert raw.endswith(b'{"error":"this endpoint is disabled on this gateway"}')
@@ -77,8 +114,15 @@ async def test_every_spelling_of_a_blocked_endpoint_is_refused(tmp_path: Path) -
 
 async def test_unknown_paths_are_404_without_touching_a_backend(tmp_path: Path) -> None:
     async with open_harness(tmp_path) as h:
-        for target in ["/api/status", "/api/experimental/web_search", "/v1/audio/transcriptions",
-                       "/v1/models/ns/m", "/admin", "/api/chatx", "/v2/chat/completions"]:
+        for target in [
+            "/api/status",
+            "/api/experimental/web_search",
+            "/v1/audio/transcriptions",
+            "/v1/models/ns/m",
+            "/admin",
+            "/api/chatx",
+            "/v2/chat/completions",
+        ]:
             assert status_of(await raw_request(h, "POST", target)) in (404, 405), target
         assert not [r for r in h.emulator.requests if r.path.startswith(("/api/s", "/v1", "/ad"))]
 
@@ -110,16 +154,20 @@ async def test_unknown_unhosted_and_forbidden_models_look_the_same(tmp_path: Pat
         forbidden_headers = {"Authorization": f"Bearer {qwen_only}"}
         for method, path, extra in SURFACE_CALLS:
             results = []
-            for model, headers in [("no-such-model", h.auth),          # unknown anywhere
-                                   ("no-such-model", forbidden_headers),
-                                   ("llama3", forbidden_headers),       # exists, not allowed
-                                   ("llama3:70b", h.auth)]:             # name not hosted
+            for model, headers in [
+                ("no-such-model", h.auth),  # unknown anywhere
+                ("no-such-model", forbidden_headers),
+                ("llama3", forbidden_headers),  # exists, not allowed
+                ("llama3:70b", h.auth),
+            ]:  # name not hosted
                 if extra is None:
                     response = await h.client.request(
-                        method, path.format(model=model), headers=headers)
+                        method, path.format(model=model), headers=headers
+                    )
                 else:
                     response = await h.client.request(
-                        method, path, json={"model": model, **extra}, headers=headers)
+                        method, path, json={"model": model, **extra}, headers=headers
+                    )
                 results.append(_comparable(response))
             assert results[0][0] == 403, (path, results[0])
             assert all(r == results[0] for r in results), (path, results)
@@ -135,8 +183,11 @@ async def test_errors_use_the_callers_shape(tmp_path: Path) -> None:
         native = await h.client.post("/api/chat", json={"model": "llama3"})
         assert native.status_code == 401 and native.headers["www-authenticate"] == "Bearer"
         assert set(native.json()) == {"error"}
-        oa = await h.client.post("/v1/chat/completions", json={"model": "llama3"},
-                                 headers={"Authorization": "Bearer nz_bogus"})
+        oa = await h.client.post(
+            "/v1/chat/completions",
+            json={"model": "llama3"},
+            headers={"Authorization": "Bearer nz_bogus"},
+        )
         assert oa.status_code == 401 and oa.json()["error"]["code"] == "invalid_api_key"
         an = await h.client.post("/v1/messages", json={}, headers={"x-api-key": "nz_bogus"})
         assert an.status_code == 401 and an.json()["type"] == "error"
@@ -149,7 +200,8 @@ async def test_errors_use_the_callers_shape(tmp_path: Path) -> None:
         missing = await h.client.post("/api/generate", json={"prompt": "x"}, headers=h.auth)
         assert missing.status_code == 400 and missing.json() == {"error": "model is required"}
         upstream_400 = await h.client.post(
-            "/api/chat", json={"model": "all-minilm", "messages": []}, headers=h.auth)
+            "/api/chat", json={"model": "all-minilm", "messages": []}, headers=h.auth
+        )
         assert upstream_400.status_code in (200, 400)  # Ollama's own answer passes through
         # backend names and URLs never appear in what clients get
         for response in (native, oa, an, big, bad, missing, upstream_400):
@@ -162,9 +214,11 @@ async def test_errors_use_the_callers_shape(tmp_path: Path) -> None:
     ("path", "body", "error_marker"),
     [
         ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, b'{"error":'),
-        ("/v1/chat/completions", {"stream": True,
-                                  "messages": [{"role": "user", "content": "x"}]},
-         b'data: {"error":'),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "messages": [{"role": "user", "content": "x"}]},
+            b'data: {"error":',
+        ),
     ],
 )
 async def test_backend_dying_mid_stream_ends_with_an_error_frame(
@@ -193,14 +247,18 @@ async def test_admission_headers_and_refusal(tmp_path: Path) -> None:
             assert ok.status_code == 200
             assert ok.headers["x-ratelimit-limit-requests"] == "2"
             assert ok.headers["x-ratelimit-remaining-requests"] == remaining
-        refused = await h.client.post("/v1/chat/completions", headers=headers, json={
-            "model": "llama3", "messages": [{"role": "user", "content": "x"}]})
+        refused = await h.client.post(
+            "/v1/chat/completions",
+            headers=headers,
+            json={"model": "llama3", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
         generated = [r for r in h.emulator.requests if r.path == "/api/generate"]
         assert len(generated) == 2 and not [
-            r for r in h.emulator.requests if r.path == "/v1/chat/completions"]
+            r for r in h.emulator.requests if r.path == "/v1/chat/completions"
+        ]
         # the default cap was set upstream, so the reservation was a true bound
         assert json.loads(generated[0].body)["options"]["num_predict"] == 4096
 
@@ -241,21 +299,27 @@ async def test_200_disconnects_at_random_points_close_upstream_and_settle(
             stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
             await stream.send_all(_request_bytes(h, path, body))
             await h.emulator.wait_until(
-                lambda: any(marker.encode() in r.body for r in h.emulator.requests))
+                lambda: any(marker.encode() in r.body for r in h.emulator.requests)
+            )
             with trio.move_on_after(rng.uniform(0, 0.25)):  # the random point to leave at
                 while await stream.receive_some(65536):
                     pass
             await stream.aclose()
             left_at = trio.current_time()
-            (conn,) = [c for c in h.emulator.connections
-                       if any(marker.encode() in r.body for r in c.requests)]
+            (conn,) = [
+                c
+                for c in h.emulator.connections
+                if any(marker.encode() in r.body for r in c.requests)
+            ]
             request = next(r for r in conn.requests if marker.encode() in r.body)
             if request.completed:
                 return  # the answer was whole before the client left: nothing to cut
             await h.emulator.wait_connection_closed(conn.id)
             assert conn.closed_at is not None
             lags.append(conn.closed_at - left_at)
-            details.append((conn.closed_at - left_at, f"{path} {extra}", left_at - request.started_at))
+            details.append(
+                (conn.closed_at - left_at, f"{path} {extra}", left_at - request.started_at)
+            )
 
         with trio.fail_after(120):
             for batch in range(0, 200, 8):

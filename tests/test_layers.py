@@ -11,9 +11,25 @@ ROOT = Path(__file__).resolve().parent.parent / "nzgw"
 
 # Third-party modules that do I/O or pick an event loop; `nzgw.core` may import none of them.
 IO_MODULES = {
-    "trio", "trio_asyncio", "asyncio", "anyio", "quart", "quart_trio", "hypercorn", "httpx",
-    "httpcore", "h11", "asyncpg", "coredis", "redis", "sqlite3", "socket", "argon2", "click",
-    "subprocess", "threading",
+    "trio",
+    "trio_asyncio",
+    "asyncio",
+    "anyio",
+    "quart",
+    "quart_trio",
+    "hypercorn",
+    "httpx",
+    "httpcore",
+    "h11",
+    "asyncpg",
+    "coredis",
+    "redis",
+    "sqlite3",
+    "socket",
+    "argon2",
+    "click",
+    "subprocess",
+    "threading",
 }
 # Only these may import the drivers (and the asyncio bridge).
 DRIVERS = {"asyncpg", "trio_asyncio", "coredis", "redis", "httpx", "httpcore", "sqlite3"}
@@ -27,10 +43,29 @@ ALLOWED = {
     "services": {"core", "ports", "config", "services"},
     "http": {"core", "ports", "config", "services", "http", "logs"},
     "testing": {"core", "testing", "config"},
-    "server": {"core", "ports", "config", "services", "http", "adapters", "logs", "server",
-               "testing"},
-    "cli": {"core", "ports", "config", "services", "http", "adapters", "logs", "server", "cli",
-            "testing"},
+    "server": {
+        "core",
+        "ports",
+        "config",
+        "services",
+        "http",
+        "adapters",
+        "logs",
+        "server",
+        "testing",
+    },
+    "cli": {
+        "core",
+        "ports",
+        "config",
+        "services",
+        "http",
+        "adapters",
+        "logs",
+        "server",
+        "cli",
+        "testing",
+    },
     "logs": {"logs"},
 }
 
@@ -68,7 +103,7 @@ def test_imports_go_down_only(path: Path) -> None:
         elif layer == "core":
             assert top not in IO_MODULES, f"{path}:{line}: nzgw.core must not import {module}"
         elif top in DRIVERS and layer not in {"adapters", "testing"}:
-            assert False, f"{path}:{line}: only adapters may import {module}"
+            raise AssertionError(f"{path}:{line}: only adapters may import {module}")
 
 
 def test_the_checker_sees_violations(tmp_path: Path) -> None:

@@ -137,21 +137,22 @@ async def test_readyz_follows_the_backend(tmp_path: Path) -> None:
         response = await h.client.get("/readyz")
         assert response.status_code == 200
 
-        async def wait_status(status: int) -> dict[str, object]:
-            while True:
-                response = await h.client.get("/readyz")
-                if response.status_code == status:
-                    return dict(response.json())
-                await trio.sleep(0.05)
+        registry = h.running.gateway.registry
+
+        async def status_after_round() -> tuple[int, dict[str, object]]:
+            await registry.wait_published(rounds=2)  # type: ignore[attr-defined]
+            response = await h.client.get("/readyz")
+            return response.status_code, dict(response.json())
 
         h.emulator.settings.fault = Fault.REFUSE
         with trio.fail_after(3):
-            body = await wait_status(503)
-        assert body["missing"] == ["backends"]
+            status, body = await status_after_round()
+        assert status == 503 and body["missing"] == ["backends"]
         assert h.emulator.url not in json.dumps(body) and "backend-0" not in json.dumps(body)
         h.emulator.settings.fault = Fault.NONE
         with trio.fail_after(3):
-            await wait_status(200)
+            status, body = await status_after_round()
+        assert status == 200 and body == {"status": "ready"}
         assert (await h.client.get("/healthz")).status_code == 200
 
 

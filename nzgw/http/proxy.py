@@ -301,7 +301,9 @@ async def _open_with_failover(
     headers = [(b"content-type", b"application/json")]
     timeout = gateway.config.upstream_first_byte_timeout
     path = route.path.encode("ascii")
+    attempts = not_found = 0
     for backend in registry.candidates(model):
+        attempts += 1
         response: UpstreamResponse | None = None
         try:
             with trio.fail_after(timeout):
@@ -311,7 +313,10 @@ async def _open_with_failover(
                     error_body = await response.read_all(64 * 1024)
                     if response.status >= 500 or _is_model_not_found(404, error_body):
                         await response.aclose()
-                        registry.record_failure(backend.name)
+                        if response.status == 404:
+                            not_found += 1  # a stale snapshot, not a sick backend
+                        else:
+                            registry.record_failure(backend.name)
                         continue
                     return _Opened(_Replayed(response, error_body), b"")
                 first = await response.receive_some() if stream and response.status == 200 else b""
@@ -328,12 +333,12 @@ async def _open_with_failover(
         info.backend = backend.name
         info.first_byte = trio.current_time()
         return _Opened(response, first)
-    if registry.hosts(model):
+    if not attempts or not_found < attempts:
         info.outcome = "upstream_failed"
         raise Refused(
-            503, "no backend could serve the request, try again", refusal="backend_failure"
+            503, "the model is temporarily unavailable, try again", refusal="backend_failure"
         )
-    # Every backend that was thought to host it said 404: it is gone. Same answer as forbidden.
+    # Every backend thought to host it said 404: it is gone. The same answer as forbidden.
     raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
 
 

@@ -229,6 +229,7 @@ class Registry(Generic[B]):
         self._conflicts: dict[str, tuple[tuple[str, str], ...]] = {}
         self._snapshot = empty_snapshot(names)
         self._rotation: frozenset[str] = frozenset()
+        self._published = trio.Event()
 
     # --- reads (hot path: dict/set lookups only) ---
 
@@ -307,6 +308,16 @@ class Registry(Generic[B]):
         self._update_rotation()
         self._log_health_changes(previous, snapshot)
         self._log_digest_conflicts(snapshot)
+        published, self._published = self._published, trio.Event()
+        published.set()
+
+    async def wait_published(self, rounds: int = 1) -> Snapshot:
+        """Wait until `rounds` more snapshots were published; return the current one. (Tests and
+        tools wait for "the round after my change" with `rounds=2`: the round running now may
+        have started before it.)"""
+        for _ in range(rounds):
+            await self._published.wait()
+        return self._snapshot
 
     def record_success(self, backend_name: str) -> None:
         """A live request to the backend succeeded: reset its consecutive-failure count."""
