@@ -1,0 +1,531 @@
+"""The Store on PostgreSQL: asyncpg, driven from Trio through trio-asyncio.
+
+Every public method is Trio-flavoured. Each one runs its whole unit of work (acquire a pooled
+connection, transaction, statements, release) as ONE asyncio coroutine through
+`trio_asyncio.aio_as_trio`, on the loop captured at open time (not the caller's context: a
+task spawned before the loop opened, or a pytest-trio fixture, can still use the store).
+Cancelling the Trio caller cancels that asyncio task; asyncpg then rolls back and releases the
+connection on the asyncio side.
+
+asyncpg and OS errors are translated here, and only here, into the `StoreError` family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from nzgw.adapters import stores as q
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.ports import (
+    ConflictError,
+    KeyChanges,
+    NewKey,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+    TenantChanges,
+    UsageRow,
+    UsageTotals,
+)
+
+T = TypeVar("T")
+
+CLOSE_TIMEOUT = 10.0
+# pg_advisory_xact_lock key serialising migrators: "nzgwmigr" as a big-endian int64.
+MIGRATION_LOCK_KEY = int.from_bytes(b"nzgwmigr", "big", signed=True)
+
+Connection = Any  # asyncpg.Connection (asyncpg ships no type information)
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    url: str, *, clock: q.Clock = q.utc_now, max_connections: int = 10
+) -> AsyncIterator[PostgresStore]:
+    """Connect a pool to the PostgreSQL database at `url`.
+
+    Uses the trio-asyncio loop of the calling context if there is one (the server opens it at
+    the root), else opens its own for the lifetime of the store. Raises `StoreUnavailableError`
+    if the server cannot be reached. The pool is closed on exit, shielded, within
+    `CLOSE_TIMEOUT` seconds, after which its connections are terminated.
+    """
+    async with (
+        _asyncio_loop() as loop,
+        _open_pool(url, loop, clock, max_connections) as store,
+    ):
+        yield store
+
+
+@asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[Any]:
+    """The trio-asyncio loop of the calling context, or a new one for the duration."""
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None:
+        yield loop
+        return
+    try:
+        async with trio_asyncio.open_loop() as own_loop:
+            yield own_loop
+    except BaseExceptionGroup as group:
+        # The loop's nursery wraps whatever the caller's block raised in an ExceptionGroup;
+        # callers catch StoreError & co., so hand a lone exception back unwrapped.
+        lone = _lone_exception(group)
+        if lone is None:
+            raise
+        raise lone from None
+
+
+def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return None
+
+
+@asynccontextmanager
+async def _open_pool(
+    url: str, loop: Any, clock: q.Clock, max_connections: int
+) -> AsyncIterator[PostgresStore]:
+    async def create_pool() -> Any:
+        return await asyncpg.create_pool(url, min_size=1, max_size=max_connections)
+
+    try:
+        pool = await trio_asyncio.aio_as_trio(create_pool, loop=loop)()
+    except Exception as exc:
+        raise _translate(exc) from exc
+    store = PostgresStore(pool, loop, clock=clock)
+    try:
+        yield store
+    finally:
+        await store._close()
+
+
+# --- scratch databases (tests, `schema/describe.py`) ----------------------------------------------
+
+_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def database_url(server_url: str, name: str) -> str:
+    """`server_url` with its database replaced by `name`."""
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def create_database(admin_url: str, name: str) -> str:
+    """Create the empty database `name` on the server of `admin_url`; return its URL."""
+    await _admin(admin_url, f'CREATE DATABASE "{_checked(name)}"')
+    return database_url(admin_url, name)
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    """Drop the database `name` (disconnecting its sessions) if it exists."""
+    await _admin(admin_url, f'DROP DATABASE IF EXISTS "{_checked(name)}" WITH (FORCE)')
+
+
+@asynccontextmanager
+async def admin_database(admin_url: str, name: str) -> AsyncIterator[str]:
+    """A scratch database `name` for the duration: created empty, dropped after (shielded)."""
+    url = await create_database(admin_url, name)
+    try:
+        yield url
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await drop_database(admin_url, name)
+
+
+def _checked(name: str) -> str:
+    if _DATABASE_NAME.fullmatch(name) is None:
+        raise ValueError(f"not a plain database name: {name!r}")
+    return name
+
+
+async def _admin(admin_url: str, statement: str) -> None:
+    async def work() -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async with _asyncio_loop() as loop:
+        try:
+            await trio_asyncio.aio_as_trio(work, loop=loop)()
+        except Exception as exc:
+            raise _translate(exc) from exc
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """A foreign exception → the nzgw error to raise instead (or itself, if not foreign)."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(
+        exc,
+        OSError  # refused, reset, DNS, connect timeout (TimeoutError is an OSError)
+        | asyncpg.PostgresConnectionError  # class 08
+        | asyncpg.CannotConnectNowError  # starting up / shutting down
+        | asyncpg.AdminShutdownError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.InvalidCatalogNameError  # no such database
+        | asyncpg.InvalidAuthorizationSpecificationError,  # role or password refused
+    ):
+        return StoreUnavailableError(f"PostgreSQL unreachable: {exc}")
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return ConflictError(f"already exists: {exc}")
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return NotFoundError(f"refers to a missing row: {exc}")
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return StoreError(f"PostgreSQL: {exc}")
+    return exc
+
+
+@functools.lru_cache(maxsize=256)
+def _pg(sql: str) -> str:
+    """`?` parameters → `$1, $2, …` (the shared SQL has no `?` inside literals)."""
+    counter = iter(range(1, 1000))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+
+
+def _decode_time(value: Any) -> datetime | None:
+    return value  # type: ignore[no-any-return]  # asyncpg gives aware datetimes for timestamptz
+
+
+class PostgresStore:
+    """The `Store` port on PostgreSQL. Build it with `open_postgres_store`."""
+
+    def __init__(self, pool: Any, loop: Any, *, clock: q.Clock = q.utc_now) -> None:
+        self._pool = pool
+        self._loop = loop
+        self._clock = clock
+
+    async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `work(conn)` on a pooled connection, as one asyncio task; errors translated."""
+        pool = self._pool
+
+        async def job() -> T:
+            async with pool.acquire() as conn:
+                return await work(conn)
+
+        try:
+            result: T = await trio_asyncio.aio_as_trio(job, loop=self._loop)()
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        return result
+
+    async def _close(self) -> None:
+        """Close the pool gracefully within CLOSE_TIMEOUT, else terminate it. Shielded."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                await trio_asyncio.aio_as_trio(self._pool.close, loop=self._loop)()
+                return
+            self._pool.terminate()
+
+    # --- migrations -------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        migrations = q.load_migrations("postgres")
+        now = self._clock()
+
+        async def work(conn: Connection) -> list[str]:
+            applied: list[str] = []
+            for migration in migrations:
+                # Each migration in its own transaction, under a transaction-scoped advisory
+                # lock: concurrent migrators queue here, and whoever comes second re-reads the
+                # applied set under the lock and skips what the first one did.
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+                    if not await _has_migrations_table(conn):
+                        await conn.execute(q.substitute(q.MIGRATIONS_TABLE_SQL, "postgres"))
+                    if migration.name in await _applied(conn):
+                        continue
+                    await conn.execute(migration.sql)
+                    await conn.execute(_pg(q.INSERT_MIGRATION), migration.name, now)
+                applied.append(migration.name)
+            return applied
+
+        return await self._run(work)
+
+    async def pending_migrations(self) -> list[str]:
+        names = [m.name for m in q.load_migrations("postgres")]
+
+        async def work(conn: Connection) -> list[str]:
+            if not await _has_migrations_table(conn):
+                return names
+            done = await _applied(conn)
+            return [n for n in names if n not in done]
+
+        return await self._run(work)
+
+    async def describe_schema(self) -> str:
+        """The schema as text, for the drift test (`schema/expected-postgres.txt`)."""
+        return await self._run(describe_postgres_schema)
+
+    # --- tenants ----------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async def work(conn: Connection) -> None:
+            await conn.fetchval("SELECT 1")
+
+        await self._run(work)
+
+    async def create_tenant(
+        self,
+        name: str,
+        *,
+        limits: Limits = q.NO_LIMITS,
+        budgets: Budgets = q.NO_BUDGETS,
+        allowed_models: tuple[str, ...] = (),
+    ) -> Tenant:
+        params = q.tenant_insert_params(name, limits, budgets, allowed_models, self._clock())
+
+        async def work(conn: Connection) -> Tenant:
+            async with conn.transaction():
+                try:
+                    row = await conn.fetchrow(_pg(q.INSERT_TENANT), *params)
+                except asyncpg.UniqueViolationError as exc:
+                    raise ConflictError(f"a tenant named {name!r} exists already") from exc
+                await conn.execute(q.BUMP_EPOCH)
+            return q.tenant_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    async def get_tenant(self, name_or_id: str | int) -> Tenant:
+        async def work(conn: Connection) -> Tenant:
+            return await _get_tenant(conn, name_or_id)
+
+        return await self._run(work)
+
+    async def list_tenants(self) -> list[Tenant]:
+        async def work(conn: Connection) -> list[Tenant]:
+            rows = await conn.fetch(q.SELECT_TENANTS)
+            return [q.tenant_from_row(r, _decode_time) for r in rows]
+
+        return await self._run(work)
+
+    async def update_tenant(self, name_or_id: str | int, changes: TenantChanges) -> Tenant:
+        columns = q.tenant_assignments(changes)
+        now = self._clock()
+
+        async def work(conn: Connection) -> Tenant:
+            async with conn.transaction():
+                current = await _get_tenant(conn, name_or_id, for_update=True)
+                if not columns:
+                    return current
+                sql = _pg(q.update_sql("tenants", columns, "id = ?", q.TENANT_SELECT))
+                try:
+                    row = await conn.fetchrow(sql, *columns.values(), now, current.id)
+                except asyncpg.UniqueViolationError as exc:
+                    raise ConflictError(f"a tenant named {changes.name!r} exists already") from exc
+                await conn.execute(q.BUMP_EPOCH)
+            return q.tenant_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    # --- keys -------------------------------------------------------------------------------------
+
+    async def create_key(self, new: NewKey) -> ApiKey:
+        now = self._clock()
+        params = [
+            new.tenant_id,
+            new.name,
+            new.prefix,
+            new.key_hash,
+            Status.ACTIVE.value,
+            *q.limits_values(new.limits),
+            *q.budgets_values(new.budgets),
+            q.encode_models(new.allowed_models),
+            new.log_prompts,
+            new.prompt_ttl_seconds,
+            now,
+            now,
+            new.expires_at,
+        ]
+
+        async def work(conn: Connection) -> ApiKey:
+            async with conn.transaction():
+                await _get_tenant(conn, new.tenant_id)
+                try:
+                    row = await conn.fetchrow(_pg(q.INSERT_KEY), *params)
+                except asyncpg.UniqueViolationError as exc:
+                    raise ConflictError(f"the prefix {new.prefix} is taken") from exc
+                await conn.execute(q.BUMP_EPOCH)
+            return q.key_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    async def find_key(self, prefix: str) -> Principal | None:
+        async def work(conn: Connection) -> Principal | None:
+            row = await conn.fetchrow(_pg(q.SELECT_PRINCIPAL), prefix)
+            if row is None:
+                return None
+            return Principal(
+                q.key_from_row(row, _decode_time), q.tenant_from_row(row, _decode_time, "t_")
+            )
+
+        return await self._run(work)
+
+    async def list_keys(self, tenant: str | int | None = None) -> list[ApiKey]:
+        async def work(conn: Connection) -> list[ApiKey]:
+            if tenant is None:
+                rows = await conn.fetch(q.SELECT_KEYS)
+            else:
+                tenant_id = (await _get_tenant(conn, tenant)).id
+                rows = await conn.fetch(_pg(q.SELECT_KEYS_OF_TENANT), tenant_id)
+            return [q.key_from_row(r, _decode_time) for r in rows]
+
+        return await self._run(work)
+
+    async def update_key(self, prefix: str, changes: KeyChanges) -> ApiKey:
+        now = self._clock()
+        columns = q.key_assignments(changes, now)
+
+        async def work(conn: Connection) -> ApiKey:
+            async with conn.transaction():
+                row = await conn.fetchrow(_pg(q.SELECT_KEY_BY_PREFIX + " FOR UPDATE"), prefix)
+                if row is None:
+                    raise NotFoundError(f"no key with prefix {prefix}")
+                current = q.key_from_row(row, _decode_time)
+                if q.key_change_refused(current.status, columns):
+                    raise ConflictError(f"the key {prefix} is revoked")
+                if not columns or current.status is Status.REVOKED:
+                    return current
+                sql = _pg(q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT))
+                row = await conn.fetchrow(sql, *columns.values(), now, current.id)
+                if q.changes_bump_epoch(columns):
+                    await conn.execute(q.BUMP_EPOCH)
+            return q.key_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    async def touch_keys(self, last_used: dict[int, datetime]) -> None:
+        if not last_used:
+            return
+        params = [(when, key_id, when) for key_id, when in sorted(last_used.items())]
+
+        async def work(conn: Connection) -> None:
+            async with conn.transaction():
+                await conn.executemany(_pg(q.TOUCH_KEY), params)
+
+        await self._run(work)
+
+    async def revocation_epoch(self) -> int:
+        async def work(conn: Connection) -> int:
+            epoch = await conn.fetchval(q.SELECT_EPOCH)
+            if epoch is None:
+                raise StoreError("the revocation epoch row is missing (run `nzgw migrate`)")
+            return int(epoch)
+
+        return await self._run(work)
+
+    # --- usage ledger -----------------------------------------------------------------------------
+
+    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        if not rows:
+            return
+        # Sorted by primary key, so concurrent flushers lock rows in the same order (no deadlock).
+        params = sorted(
+            (
+                r.day,
+                r.tenant_id,
+                r.key_id,
+                r.model,
+                r.requests,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.refusals,
+            )
+            for r in rows
+        )
+
+        async def work(conn: Connection) -> None:
+            async with conn.transaction():
+                await conn.executemany(_pg(q.UPSERT_USAGE), params)
+
+        await self._run(work)
+
+    async def usage_totals(
+        self, tenant_id: int, *, day: date, month_start: date
+    ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
+        async def work(conn: Connection) -> list[tuple[int, int, int, int]]:
+            rows = await conn.fetch(_pg(q.SELECT_USAGE_TOTALS), day, month_start, tenant_id)
+            return [tuple(r) for r in rows]
+
+        return q.totals_from_rows(await self._run(work))
+
+
+# --- helpers running on the asyncio side ----------------------------------------------------------
+
+
+async def _get_tenant(
+    conn: Connection, name_or_id: str | int, *, for_update: bool = False
+) -> Tenant:
+    lock = " FOR UPDATE" if for_update else ""
+    if isinstance(name_or_id, int):
+        row = await conn.fetchrow(_pg(q.SELECT_TENANT_BY_ID + lock), name_or_id)
+    else:
+        row = await conn.fetchrow(_pg(q.SELECT_TENANT_BY_NAME + lock), name_or_id)
+    if row is None:
+        raise NotFoundError(f"no tenant {name_or_id!r}")
+    return q.tenant_from_row(row, _decode_time)
+
+
+async def _has_migrations_table(conn: Connection) -> bool:
+    return await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")  # type: ignore[no-any-return]
+
+
+async def _applied(conn: Connection) -> set[str]:
+    return {row["name"] for row in await conn.fetch(q.SELECT_MIGRATIONS)}
+
+
+async def describe_postgres_schema(conn: Connection) -> str:
+    """Columns, constraints and indexes of the current schema, from the catalogs."""
+    lines: list[str] = []
+    columns = await conn.fetch(
+        """SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity
+           FROM information_schema.columns WHERE table_schema = current_schema()
+           ORDER BY table_name COLLATE "C", ordinal_position"""
+    )
+    constraints = await conn.fetch(
+        """SELECT conrelid::regclass::text AS table_name, conname, pg_get_constraintdef(oid) AS def
+           FROM pg_constraint WHERE connamespace = current_schema()::regnamespace
+           ORDER BY conrelid::regclass::text COLLATE "C", conname COLLATE "C" """
+    )
+    indexes = await conn.fetch(
+        """SELECT tablename, indexname, indexdef FROM pg_indexes
+           WHERE schemaname = current_schema()
+           ORDER BY tablename COLLATE "C", indexname COLLATE "C" """
+    )
+    tables = sorted({r["table_name"] for r in columns})
+    for table in tables:
+        lines.append(f"table {table}")
+        for r in columns:
+            if r["table_name"] != table:
+                continue
+            parts = [f"    column {r['column_name']} {r['data_type']}"]
+            parts.append("NULL" if r["is_nullable"] == "YES" else "NOT NULL")
+            if r["is_identity"] == "YES":
+                parts.append("IDENTITY")
+            if r["column_default"] is not None:
+                parts.append(f"DEFAULT {r['column_default']}")
+            lines.append(" ".join(parts))
+        for r in constraints:
+            if r["table_name"] == table:
+                lines.append(f"    constraint {r['conname']} {r['def']}")
+        for r in indexes:
+            if r["tablename"] == table:
+                lines.append(f"    index {r['indexname']} {r['indexdef']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,474 @@
+"""The Store on a SQLite file: stdlib `sqlite3` in a worker thread (embedded, single node).
+
+One connection per store, used by one worker thread at a time: every call takes `_lock` (a
+`trio.Lock`) and then runs its whole unit of work, transaction included, in
+`trio.to_thread.run_sync`. The thread is not abandoned on cancellation, so a cancelled call
+finishes (or rolls back) its transaction before `Cancelled` is delivered; nothing is left half
+written and the connection is never used by two threads at once.
+
+WAL mode lets the `nzgw` CLI (another process) write while the gateway reads; `busy_timeout`
+makes a writer wait for the other's lock instead of failing at once. Writes start with
+`BEGIN IMMEDIATE`, so the write lock is taken up front and migrations from concurrent
+processes are serialised. Needs SQLite >= 3.35 (RETURNING).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import trio
+
+from nzgw.adapters import stores as q
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.ports import (
+    ConflictError,
+    KeyChanges,
+    NewKey,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+    TenantChanges,
+    UsageRow,
+    UsageTotals,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+CLOSE_TIMEOUT = 10.0
+_UNAVAILABLE = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_FULL", "SQLITE_READONLY"}
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///relative/or/./path.db`, `sqlite:////absolute.db`, `sqlite:///:memory:`."""
+    if not url.startswith("sqlite:///") or len(url) <= len("sqlite:///"):
+        raise ValueError(f"expected sqlite:///path/to/file.db, got {url!r}")
+    return unquote(url.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@asynccontextmanager
+async def open_sqlite_store(url: str, *, clock: q.Clock = q.utc_now) -> AsyncIterator[SqliteStore]:
+    """Open (and create, with its directory) the SQLite database at `url`.
+
+    Raises `StoreUnavailableError` if the file cannot be opened. The connection is closed on exit,
+    shielded, after any call in flight has finished.
+    """
+    path = sqlite_path(url)
+    conn = await trio.to_thread.run_sync(_connect, path)
+    store = SqliteStore(conn, clock=clock)
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await store._close()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailableError(
+            f"SQLite database unavailable: cannot open {path}: {exc}"
+        ) from exc
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreUnavailableError(
+            f"SQLite database unavailable: cannot open {path}: {exc}"
+        ) from exc
+    return conn
+
+
+def _encode(value: Any) -> Any:
+    """Python value → SQLite parameter: instants as ISO-8601 UTC text, days as YYYY-MM-DD."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def _params(values: Sequence[Any]) -> list[Any]:
+    return [_encode(v) for v in values]
+
+
+def _decode_time(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction; the write lock is taken at BEGIN (waiting up to busy_timeout)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # also when COMMIT itself failed
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _translate(exc: sqlite3.Error) -> StoreError:
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_CONSTRAINT_UNIQUE" or name == "SQLITE_CONSTRAINT_PRIMARYKEY":
+        return ConflictError(f"already exists: {exc}")
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        return NotFoundError(f"refers to a missing row: {exc}")
+    if name in _UNAVAILABLE or name.startswith("SQLITE_IOERR"):
+        return StoreUnavailableError(f"SQLite database unavailable: {exc}")
+    return StoreError(f"SQLite: {exc}")
+
+
+class SqliteStore:
+    """The `Store` port on SQLite. Build it with `open_sqlite_store`."""
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: q.Clock = q.utc_now) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = trio.Lock()
+        self._clock = clock
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(conn)` in a worker thread, alone on the connection; errors translated."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreError("the SQLite store is closed")
+            return await trio.to_thread.run_sync(self._call, work, conn)
+
+    @staticmethod
+    def _call(work: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+        try:
+            return work(conn)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    async def _close(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close)
+
+    # --- migrations -------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        migrations = q.load_migrations("sqlite")
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            applied: list[str] = []
+            for migration in migrations:
+                # Each migration in its own IMMEDIATE transaction: the write lock serialises
+                # concurrent migrators (other connections, other processes), and the applied
+                # set is re-read under that lock, so each migration runs exactly once.
+                with _transaction(conn):
+                    _ensure_migrations_table(conn)
+                    if migration.name in _applied(conn):
+                        continue
+                    for statement in split_statements(migration.sql):
+                        conn.execute(statement)
+                    conn.execute(q.INSERT_MIGRATION, _params([migration.name, now]))
+                applied.append(migration.name)
+            return applied
+
+        return await self._run(work)
+
+    async def pending_migrations(self) -> list[str]:
+        names = [m.name for m in q.load_migrations("sqlite")]
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            if not _has_migrations_table(conn):
+                return names
+            done = _applied(conn)
+            return [n for n in names if n not in done]
+
+        return await self._run(work)
+
+    async def describe_schema(self) -> str:
+        """The schema as text, for the drift test (`schema/expected-sqlite.txt`)."""
+        return await self._run(describe_sqlite_schema)
+
+    # --- tenants ----------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def create_tenant(
+        self,
+        name: str,
+        *,
+        limits: Limits = q.NO_LIMITS,
+        budgets: Budgets = q.NO_BUDGETS,
+        allowed_models: tuple[str, ...] = (),
+    ) -> Tenant:
+        params = _params(
+            q.tenant_insert_params(name, limits, budgets, allowed_models, self._clock())
+        )
+
+        def work(conn: sqlite3.Connection) -> Tenant:
+            with _transaction(conn):
+                try:
+                    row = conn.execute(q.INSERT_TENANT, params).fetchone()
+                except sqlite3.IntegrityError as exc:
+                    if _is_unique(exc):
+                        raise ConflictError(f"a tenant named {name!r} exists already") from exc
+                    raise
+                conn.execute(q.BUMP_EPOCH)
+            return q.tenant_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    async def get_tenant(self, name_or_id: str | int) -> Tenant:
+        return await self._run(lambda conn: _get_tenant(conn, name_or_id))
+
+    async def list_tenants(self) -> list[Tenant]:
+        def work(conn: sqlite3.Connection) -> list[Tenant]:
+            rows = conn.execute(q.SELECT_TENANTS).fetchall()
+            return [q.tenant_from_row(r, _decode_time) for r in rows]
+
+        return await self._run(work)
+
+    async def update_tenant(self, name_or_id: str | int, changes: TenantChanges) -> Tenant:
+        columns = q.tenant_assignments(changes)
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> Tenant:
+            with _transaction(conn):
+                current = _get_tenant(conn, name_or_id)
+                if not columns:
+                    return current
+                sql = q.update_sql("tenants", columns, "id = ?", q.TENANT_SELECT)
+                try:
+                    row = conn.execute(
+                        sql, _params([*columns.values(), now, current.id])
+                    ).fetchone()
+                except sqlite3.IntegrityError as exc:
+                    if _is_unique(exc):
+                        raise ConflictError(
+                            f"a tenant named {changes.name!r} exists already"
+                        ) from exc
+                    raise
+                conn.execute(q.BUMP_EPOCH)
+            return q.tenant_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    # --- keys -------------------------------------------------------------------------------------
+
+    async def create_key(self, new: NewKey) -> ApiKey:
+        now = self._clock()
+        params = _params(
+            [
+                new.tenant_id,
+                new.name,
+                new.prefix,
+                new.key_hash,
+                Status.ACTIVE.value,
+                *q.limits_values(new.limits),
+                *q.budgets_values(new.budgets),
+                q.encode_models(new.allowed_models),
+                new.log_prompts,
+                new.prompt_ttl_seconds,
+                now,
+                now,
+                new.expires_at,
+            ]
+        )
+
+        def work(conn: sqlite3.Connection) -> ApiKey:
+            with _transaction(conn):
+                _get_tenant(conn, new.tenant_id)
+                try:
+                    row = conn.execute(q.INSERT_KEY, params).fetchone()
+                except sqlite3.IntegrityError as exc:
+                    if _is_unique(exc):
+                        raise ConflictError(f"the prefix {new.prefix} is taken") from exc
+                    raise
+                conn.execute(q.BUMP_EPOCH)
+            return q.key_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    async def find_key(self, prefix: str) -> Principal | None:
+        def work(conn: sqlite3.Connection) -> Principal | None:
+            row = conn.execute(q.SELECT_PRINCIPAL, (prefix,)).fetchone()
+            if row is None:
+                return None
+            return Principal(
+                q.key_from_row(row, _decode_time), q.tenant_from_row(row, _decode_time, "t_")
+            )
+
+        return await self._run(work)
+
+    async def list_keys(self, tenant: str | int | None = None) -> list[ApiKey]:
+        def work(conn: sqlite3.Connection) -> list[ApiKey]:
+            if tenant is None:
+                rows = conn.execute(q.SELECT_KEYS).fetchall()
+            else:
+                tenant_id = _get_tenant(conn, tenant).id
+                rows = conn.execute(q.SELECT_KEYS_OF_TENANT, (tenant_id,)).fetchall()
+            return [q.key_from_row(r, _decode_time) for r in rows]
+
+        return await self._run(work)
+
+    async def update_key(self, prefix: str, changes: KeyChanges) -> ApiKey:
+        now = self._clock()
+        columns = q.key_assignments(changes, now)
+
+        def work(conn: sqlite3.Connection) -> ApiKey:
+            with _transaction(conn):
+                row = conn.execute(q.SELECT_KEY_BY_PREFIX, (prefix,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no key with prefix {prefix}")
+                current = q.key_from_row(row, _decode_time)
+                if q.key_change_refused(current.status, columns):
+                    raise ConflictError(f"the key {prefix} is revoked")
+                if not columns or current.status is Status.REVOKED:
+                    return current
+                sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
+                row = conn.execute(sql, _params([*columns.values(), now, current.id])).fetchone()
+                if q.changes_bump_epoch(columns):
+                    conn.execute(q.BUMP_EPOCH)
+            return q.key_from_row(row, _decode_time)
+
+        return await self._run(work)
+
+    async def touch_keys(self, last_used: dict[int, datetime]) -> None:
+        if not last_used:
+            return
+        params = [_params([when, key_id, when]) for key_id, when in last_used.items()]
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(q.TOUCH_KEY, params)
+
+        await self._run(work)
+
+    async def revocation_epoch(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute(q.SELECT_EPOCH).fetchone()
+            if row is None:
+                raise StoreError("the revocation epoch row is missing (run `nzgw migrate`)")
+            return int(row[0])
+
+        return await self._run(work)
+
+    # --- usage ledger -----------------------------------------------------------------------------
+
+    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        if not rows:
+            return
+        params = [
+            _params(
+                [
+                    r.day,
+                    r.tenant_id,
+                    r.key_id,
+                    r.model,
+                    r.requests,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.refusals,
+                ]
+            )
+            for r in rows
+        ]
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(q.UPSERT_USAGE, params)
+
+        await self._run(work)
+
+    async def usage_totals(
+        self, tenant_id: int, *, day: date, month_start: date
+    ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
+        params = _params([day, month_start, tenant_id])
+
+        def work(conn: sqlite3.Connection) -> list[tuple[int, int, int, int]]:
+            return [tuple(r) for r in conn.execute(q.SELECT_USAGE_TOTALS, params).fetchall()]
+
+        return q.totals_from_rows(await self._run(work))
+
+
+# --- helpers running in the worker thread --------------------------------------------------------
+
+
+def _is_unique(exc: sqlite3.IntegrityError) -> bool:
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
+
+
+def _get_tenant(conn: sqlite3.Connection, name_or_id: str | int) -> Tenant:
+    if isinstance(name_or_id, int):
+        row = conn.execute(q.SELECT_TENANT_BY_ID, (name_or_id,)).fetchone()
+    else:
+        row = conn.execute(q.SELECT_TENANT_BY_NAME, (name_or_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no tenant {name_or_id!r}")
+    return q.tenant_from_row(row, _decode_time)
+
+
+def _has_migrations_table(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    return row is not None
+
+
+def _ensure_migrations_table(conn: sqlite3.Connection) -> None:
+    if not _has_migrations_table(conn):
+        conn.execute(q.substitute(q.MIGRATIONS_TABLE_SQL, "sqlite"))
+
+
+def _applied(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute(q.SELECT_MIGRATIONS).fetchall()}
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a SQL script into statements (`executescript` would COMMIT our transaction)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if _strip_comments(buffer):
+                statements.append(buffer.strip())
+            buffer = ""
+    if _strip_comments(buffer):
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer.strip()!r}")
+    return statements
+
+
+def _strip_comments(sql: str) -> str:
+    return "\n".join(
+        line for line in sql.splitlines() if line.strip() and not line.strip().startswith("--")
+    ).strip()
+
+
+def describe_sqlite_schema(conn: sqlite3.Connection) -> str:
+    """Every table, index and trigger in `sqlite_master`, with its SQL, whitespace normalised."""
+    rows = conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master "
+        "WHERE name NOT LIKE 'sqlite_%' ORDER BY tbl_name, type DESC, name"
+    ).fetchall()
+    lines: list[str] = []
+    for kind, name, table, sql in rows:
+        lines.append(f"{kind} {name} ON {table}")
+        if sql:
+            lines.extend(f"    {line.strip()}" for line in sql.splitlines() if line.strip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,515 @@
+"""Who is calling: API key verification, its cache, the failure throttle, revocation.
+
+`Authenticator.authenticate(presented, client_addr)` returns the `Principal` or raises
+`AuthenticationError` (HTTP: 401) / `AuthThrottledError` (HTTP: 429 with Retry-After). Neither
+says which part failed. The path, cheapest first:
+
+1. `parse_key`: length and alphabet; garbage costs nothing more (and counts as a failure).
+2. The positive cache, indexed by the public prefix; an entry holds HMAC-SHA256(per-process
+   secret, presented key), compared with `hmac.compare_digest`, never the key itself. A hit
+   costs one HMAC: a key that is already known good needs no throttle allowance, so an
+   attacker throttling a shared address does not lock out the clients behind it.
+3. A verification of the very same key already in flight (a cold-cache burst) is waited for
+   and shared: one Argon2id run, no throttle allowance spent by the waiters.
+4. The failure throttle per client address (IPv6: per /64): a token bucket of
+   `fail_limit` per minute. A token is taken BEFORE any store or Argon2id work and given back
+   only on success, so concurrent guesses cannot overrun it either.
+5. `store.find_key(prefix)`, then Argon2id in a worker thread under a `CapacityLimiter`; an
+   unknown prefix is verified against a dummy hash, and the status checks come only after a
+   successful verification, so neither timing nor answers reveal which prefixes exist or are
+   revoked.
+6. Key and tenant active, key not expired (wall clock), rehash if the parameters changed, cache.
+
+Revocation within one second on every process (DESIGN §5): every change to a key or tenant
+bumps the store's revocation epoch in the same transaction. `run_revocation_watch` reads it every
+`interval` seconds and empties the cache when it moved. The cache is trusted only while the
+last successful read STARTED less than `max_staleness` seconds ago (1 s by default); when the
+watch falls behind (store slow or down, watch not running) every request takes the store path,
+which fails closed. A verification that began before an emptying does not refill the cache
+(generation check), so a fill racing a revocation cannot resurrect the key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import argon2
+import attrs
+import trio
+
+from nzgw.config import Argon2Params, Config
+from nzgw.core.keys import ParsedKey, parse_key
+from nzgw.core.models import Principal, Status
+from nzgw.ports import KeyChanges, Store, StoreError
+
+log = logging.getLogger("nzgw.identity")
+
+WallClock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuthenticationError(Exception):
+    """The presented credentials are not accepted. Deliberately without detail."""
+
+    def __init__(self) -> None:
+        super().__init__("authentication failed")
+
+
+class AuthThrottledError(AuthenticationError):
+    """Too many failed attempts from this client address; try again after `retry_after` s."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__()
+        self.retry_after = retry_after
+
+
+# --- Argon2id -------------------------------------------------------------------------------------
+
+
+class KeyHasher:
+    """Argon2id hashing of whole keys with the configured parameters (argon2-cffi).
+
+    Every method blocks for the Argon2id cost: call them in a worker thread.
+    """
+
+    def __init__(self, params: Argon2Params) -> None:
+        self.params = params
+        self._hasher = argon2.PasswordHasher(
+            time_cost=params.time_cost,
+            memory_cost=params.memory_cost_kib,
+            parallelism=params.parallelism,
+            hash_len=32,
+            salt_len=16,
+            type=argon2.Type.ID,
+        )
+        self._dummy: str | None = None
+        self._dummy_lock = threading.Lock()
+
+    def hash(self, key: str) -> str:
+        return self._hasher.hash(key)
+
+    def verify(self, key_hash: str | None, key: str) -> bool:
+        """True if `key` matches `key_hash`. With None, spends the same effort on a dummy hash
+        (so an unknown prefix takes as long as a wrong secret) and returns False."""
+        if key_hash is None:
+            self._verify(self._dummy_hash(), key)
+            return False
+        return self._verify(key_hash, key)
+
+    def needs_rehash(self, key_hash: str) -> bool:
+        return self._hasher.check_needs_rehash(key_hash)
+
+    def _verify(self, key_hash: str, key: str) -> bool:
+        try:
+            return self._hasher.verify(key_hash, key)
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            return False
+
+    def _dummy_hash(self) -> str:
+        with self._dummy_lock:
+            if self._dummy is None:
+                self._dummy = self._hasher.hash(secrets.token_urlsafe(32))
+            return self._dummy
+
+
+# --- failure throttle -----------------------------------------------------------------------------
+
+
+def throttle_key(client_addr: str) -> str:
+    """The throttled unit: an IPv4 address, an IPv6 /64 (one host's usual allocation), or the
+    string as given when it is not an IP address."""
+    try:
+        address = ipaddress.ip_address(client_addr)
+    except ValueError:
+        return client_addr
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@attrs.define
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class FailureThrottle:
+    """A token bucket per client address: `limit` failures per `window` seconds. Sans-IO (`now`
+    is given), single-threaded. Memory is bounded by `max_tracked` addresses: full buckets are
+    dropped first, then the least recently touched."""
+
+    def __init__(self, limit: int, *, window: float = 60.0, max_tracked: int = 100_000) -> None:
+        self.limit = limit
+        self.rate = limit / window
+        self.max_tracked = max_tracked
+        self._buckets: dict[str, _Bucket] = {}
+
+    def _bucket(self, address: str, now: float) -> _Bucket:
+        bucket = self._buckets.pop(address, None)  # re-inserted last: dict order = recency
+        if bucket is None:
+            if len(self._buckets) >= self.max_tracked:
+                self.prune(now)
+            bucket = _Bucket(float(self.limit), now)
+        else:
+            bucket.tokens = min(self.limit, bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+        self._buckets[address] = bucket
+        return bucket
+
+    def try_acquire(self, address: str, now: float) -> float | None:
+        """Take one attempt; None if allowed, else the seconds until one is allowed."""
+        bucket = self._bucket(address, now)
+        if bucket.tokens < 1.0:
+            return (1.0 - bucket.tokens) / self.rate
+        bucket.tokens -= 1.0
+        return None
+
+    def record_failure(self, address: str, now: float) -> None:
+        """A failure that took no attempt first (a malformed key)."""
+        bucket = self._bucket(address, now)
+        bucket.tokens = max(0.0, bucket.tokens - 1.0)
+
+    def refund(self, address: str) -> None:
+        """Give back an attempt taken by `try_acquire` (it succeeded, or was not the client's
+        fault: store down, cancelled)."""
+        bucket = self._buckets.get(address)
+        if bucket is not None:
+            bucket.tokens = min(float(self.limit), bucket.tokens + 1.0)
+
+    def prune(self, now: float) -> None:
+        """Drop buckets that have refilled; if still too many, the least recently touched."""
+        full = [
+            address
+            for address, b in self._buckets.items()
+            if b.tokens + (now - b.updated) * self.rate >= self.limit
+        ]
+        for address in full:
+            del self._buckets[address]
+        excess = len(self._buckets) - self.max_tracked + 1
+        if excess > 0:
+            for address in list(self._buckets)[:excess]:
+                del self._buckets[address]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+# --- the authenticator ----------------------------------------------------------------------------
+
+
+@attrs.define
+class AuthStats:
+    """Counters for metrics and tests."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    verifications: int = 0  # Argon2id verifications run (dummy ones included)
+    failures: int = 0
+    throttled: int = 0
+    rehashes: int = 0
+
+
+@attrs.define
+class _CacheEntry:
+    mac: bytes
+    principal: Principal
+    expires: float  # trio.current_time() deadline
+
+
+@attrs.define
+class _Flight:
+    """One verification in progress, shared by concurrent requests with the same key."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    principal: Principal | None = None
+    refused: bool = False  # a definitive AuthenticationError (not: store down, cancelled)
+
+
+class Authenticator:
+    """Verifies API keys; one per process, shared by all requests. See the module docstring.
+
+    Not thread-safe: use it from Trio tasks of one `trio.run` (worker threads only hash).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hasher: KeyHasher,
+        max_concurrency: int,
+        cache_ttl: float,
+        fail_limit: int,
+        max_staleness: float = 1.0,
+        wall_clock: WallClock = utc_now,
+    ) -> None:
+        self._store = store
+        self._hasher = hasher
+        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._cache_ttl = cache_ttl
+        self._max_staleness = max_staleness
+        self._wall_clock = wall_clock
+        self._throttle = FailureThrottle(fail_limit)
+        self._secret = secrets.token_bytes(32)  # per process: cache entries mean nothing outside
+        self._cache: dict[str, _CacheEntry] = {}
+        self._generation = 0  # bumped whenever the cache is emptied
+        self._inflight: dict[bytes, _Flight] = {}
+        self._epoch: int | None = None
+        self._fresh_until = float("-inf")  # cache trusted until then (trio clock)
+        self._last_used: dict[int, datetime] = {}
+        self.stats = AuthStats()
+
+    @classmethod
+    def from_config(
+        cls, store: Store, config: Config, *, wall_clock: WallClock = utc_now
+    ) -> Authenticator:
+        return cls(
+            store,
+            hasher=KeyHasher(config.argon2),
+            max_concurrency=config.argon2_max_concurrency,
+            cache_ttl=config.auth_cache_ttl,
+            fail_limit=config.auth_fail_limit,
+            max_staleness=max(1.0, 2 * config.revocation_poll_interval),
+            wall_clock=wall_clock,
+        )
+
+    # --- the request path -------------------------------------------------------------------------
+
+    async def authenticate(self, presented: str, client_addr: str) -> Principal:
+        """The principal behind `presented`, or `AuthenticationError` / `AuthThrottledError`.
+
+        May raise `StoreError` when the store cannot answer (HTTP: 503). On cancellation
+        nothing is cached and the throttle attempt is given back.
+        """
+        now = trio.current_time()
+        address = throttle_key(client_addr)
+        parsed = parse_key(presented)
+        if parsed is None:
+            self._throttle.record_failure(address, now)
+            self.stats.failures += 1
+            raise AuthenticationError()
+
+        mac = hmac.digest(self._secret, presented.encode("ascii"), "sha256")
+        entry = self._cache.get(parsed.prefix)
+        if (
+            entry is not None
+            and now < entry.expires
+            and now < self._fresh_until
+            and hmac.compare_digest(entry.mac, mac)
+        ):
+            wall_now = self._wall_clock()
+            if _usable(entry.principal, wall_now):
+                self.stats.cache_hits += 1
+                self._last_used[entry.principal.key.id] = wall_now
+                return entry.principal
+            del self._cache[parsed.prefix]  # expired while cached: refuse on the slow path
+        self.stats.cache_misses += 1
+
+        # The same key being verified already (a burst from one client on a cold cache):
+        # share that verification, which costs this request no throttle allowance.
+        while (flight := self._inflight.get(mac)) is not None:
+            await flight.done.wait()
+            if flight.principal is not None:
+                self._last_used[flight.principal.key.id] = self._wall_clock()
+                return flight.principal
+            if flight.refused:
+                self._throttle.record_failure(address, trio.current_time())
+                self.stats.failures += 1
+                raise AuthenticationError()
+            # The leader was cancelled or the store failed: verify ourselves.
+
+        retry_after = self._throttle.try_acquire(address, now)
+        if retry_after is not None:
+            self.stats.throttled += 1
+            raise AuthThrottledError(retry_after)
+        try:
+            principal = await self._lead(parsed, mac)
+        except AuthenticationError:
+            self.stats.failures += 1
+            raise  # the attempt stays spent
+        except BaseException:
+            self._throttle.refund(address)
+            raise
+        self._throttle.refund(address)
+        self._last_used[principal.key.id] = self._wall_clock()
+        return principal
+
+    async def _lead(self, parsed: ParsedKey, mac: bytes) -> Principal:
+        """Verify, publishing the outcome to concurrent requests with the same key; cache it
+        unless the cache was emptied meanwhile."""
+        flight = self._inflight[mac] = _Flight()
+        generation = self._generation
+        try:
+            principal = await self._verify(parsed)
+        except AuthenticationError:
+            flight.refused = True
+            raise
+        else:
+            flight.principal = principal
+        finally:
+            del self._inflight[mac]
+            flight.done.set()
+        if generation == self._generation:
+            self._cache[parsed.prefix] = _CacheEntry(
+                mac, principal, trio.current_time() + self._cache_ttl
+            )
+        return principal
+
+    async def _verify(self, parsed: ParsedKey) -> Principal:
+        found = await self._store.find_key(parsed.prefix)
+        key_hash = found.key.key_hash if found is not None else None
+        self.stats.verifications += 1
+        matches = await trio.to_thread.run_sync(
+            self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
+        )
+        if found is None or not matches or not _usable(found, self._wall_clock()):
+            raise AuthenticationError()
+        if self._hasher.needs_rehash(found.key.key_hash):
+            await self._rehash(found, parsed.key)
+        return found
+
+    async def _rehash(self, principal: Principal, key: str) -> None:
+        """Store a hash with the current parameters. Best effort: the key stays valid anyway."""
+        new_hash = await trio.to_thread.run_sync(self._hasher.hash, key, limiter=self._limiter)
+        try:
+            await self._store.update_key(principal.key.prefix, KeyChanges(key_hash=new_hash))
+        except StoreError as exc:
+            log.warning("rehash failed", extra={"prefix": principal.key.prefix, "error": str(exc)})
+        else:
+            self.stats.rehashes += 1
+
+    # --- revocation -------------------------------------------------------------------------------
+
+    def epoch_observed(self, epoch: int, read_started_at: float) -> None:
+        """The store's revocation epoch, as read by a query started at `read_started_at` (trio
+        clock). Empties the cache if it moved; trusts the cache for `max_staleness` after."""
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                log.info("revocation epoch moved: key cache emptied", extra={"epoch": epoch})
+            self._epoch = epoch
+            self.invalidate()
+        self._fresh_until = max(self._fresh_until, read_started_at + self._max_staleness)
+
+    def invalidate(self) -> None:
+        """Empty the cache; verifications in flight will not refill it."""
+        self._cache.clear()
+        self._generation += 1
+
+    def prune(self) -> None:
+        """Drop expired cache entries and idle throttle buckets (housekeeping)."""
+        now = trio.current_time()
+        for prefix in [p for p, e in self._cache.items() if e.expires <= now]:
+            del self._cache[prefix]
+        self._throttle.prune(now)
+
+    # --- last-used times --------------------------------------------------------------------------
+
+    def drain_last_used(self) -> dict[int, datetime]:
+        """Last-used times recorded since the previous drain (key id → time); for the flusher."""
+        drained, self._last_used = self._last_used, {}
+        return drained
+
+    def restore_last_used(self, pending: dict[int, datetime]) -> None:
+        """Put back times a failed flush could not write (newer ones recorded since win)."""
+        for key_id, when in pending.items():
+            current = self._last_used.get(key_id)
+            if current is None or current < when:
+                self._last_used[key_id] = when
+
+
+def _usable(principal: Principal, wall_now: datetime) -> bool:
+    key, tenant = principal.key, principal.tenant
+    return (
+        key.status is Status.ACTIVE
+        and tenant.status is Status.ACTIVE
+        and (key.expires_at is None or wall_now < key.expires_at)
+    )
+
+
+# --- service tasks --------------------------------------------------------------------------------
+
+
+async def run_revocation_watch(
+    store: Store,
+    authenticator: Authenticator,
+    *,
+    interval: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Read the revocation epoch every `interval` seconds, forever; feed it to `authenticator`.
+
+    Started after the first read (successful or not: a store that is down must not keep the
+    gateway from starting; the cache is simply not trusted until a read succeeds). Store errors
+    are logged once per outage and retried. Cancel to stop.
+    """
+    failing = False
+    started = False
+    while True:
+        read_started_at = trio.current_time()
+        with trio.move_on_after(max(4 * interval, 2.0)):
+            try:
+                epoch = await store.revocation_epoch()
+            except StoreError as exc:
+                if not failing:
+                    log.warning("cannot read the revocation epoch", extra={"error": str(exc)})
+                failing = True
+            else:
+                if failing:
+                    log.info("revocation epoch readable again")
+                failing = False
+                authenticator.epoch_observed(epoch, read_started_at)
+        authenticator.prune()
+        if not started:
+            task_status.started()
+            started = True
+        await trio.sleep_until(read_started_at + max(interval, 0.01))
+
+
+FINAL_FLUSH_TIMEOUT = 5.0
+
+
+async def flush_last_used(store: Store, authenticator: Authenticator) -> None:
+    """Write the pending last-used times once. On failure (or cancellation) they are kept for
+    the next flush; a `StoreError` is logged, not raised."""
+    pending = authenticator.drain_last_used()
+    if not pending:
+        return
+    try:
+        await store.touch_keys(pending)
+    except StoreError as exc:
+        authenticator.restore_last_used(pending)
+        log.warning("cannot record last-used times", extra={"error": str(exc)})
+    except BaseException:
+        authenticator.restore_last_used(pending)
+        raise
+
+
+async def run_last_used_flush(
+    store: Store,
+    authenticator: Authenticator,
+    *,
+    interval: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Flush last-used times every `interval` seconds, forever. When cancelled, one last flush
+    runs shielded, for at most `FINAL_FLUSH_TIMEOUT` seconds."""
+    task_status.started()
+    try:
+        while True:
+            await trio.sleep(interval)
+            await flush_last_used(store, authenticator)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_FLUSH_TIMEOUT):
+            await flush_last_used(store, authenticator)
