@@ -1,3 +1,3 @@
 from nzgw.cli import main
 
-main()
+main(prog_name="nzgw")
