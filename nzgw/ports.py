@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
+from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 
 
@@ -143,8 +144,115 @@ class UsageTotals:
     lifetime_tokens: int = 0
 
 
-class Store(Protocol):
-    """Tenants, keys and the usage ledger. Errors: the `StoreError` family above, nothing else.
+# --- Store: audit log, prompt logs, usage reports (DESIGN §9) ------------------------------------
+
+
+@attrs.frozen
+class ChainHead:
+    """The last row written of one audit chain (recorded with every batch)."""
+
+    chain_id: str
+    started_at: datetime
+    seq: int
+    hash: str
+    updated_at: datetime | None = None
+    recorded: bool = True  # False: rows of this chain exist, its head record does not
+
+
+@attrs.frozen
+class AuditQuery:
+    """Filters of an audit listing; every one optional. `since` inclusive, `until` exclusive;
+    statuses inclusive. Newest first, at most `limit` rows."""
+
+    tenant_id: int | None = None
+    key_prefix: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    status_min: int | None = None
+    status_max: int | None = None
+    limit: int = 50
+
+
+@attrs.frozen
+class PromptLog:
+    """A stored prompt log with the key prefix of its audit row."""
+
+    record: PromptRecord
+    key_prefix: str | None
+
+
+UsageGrouping = Literal["day", "month", "model"]
+
+
+@attrs.frozen
+class UsageQuery:
+    """A usage report: ledger days `since` (inclusive) to `until` (exclusive), grouped `by`."""
+
+    by: UsageGrouping = "day"
+    tenant_id: int | None = None
+    key_id: int | None = None
+    since: date | None = None
+    until: date | None = None
+
+
+@attrs.frozen
+class UsageReportRow:
+    """`group`: the day (YYYY-MM-DD), month (YYYY-MM) or model. Requests and tokens from the
+    usage ledger; refusals from the audit log (every refused request of a tenant's keys)."""
+
+    group: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    refusals: int
+
+
+class AuditStore(Protocol):
+    """The audit part of the Store (listed apart so services can ask for just this)."""
+
+    async def append_audit(
+        self,
+        rows: Sequence[AuditRow],
+        prompts: Sequence[PromptRecord] = (),
+        heads: Sequence[ChainHead] = (),
+    ) -> None:
+        """Write a batch in ONE transaction: the rows (a multi-row insert), their prompt logs,
+        the chains' new heads. Idempotent: a (chain_id, seq) already stored is skipped, and a
+        head never moves back, so a batch whose outcome was unknown can simply be written again.
+        """
+        ...
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditRow]:
+        """Rows matching `query`, newest first."""
+        ...
+
+    async def audit_chains(self) -> list[ChainHead]:
+        """Every chain, oldest first: the recorded heads, and for rows whose chain has no head
+        record, a `ChainHead` with `recorded=False` (seq 0, hash "")."""
+        ...
+
+    async def audit_chain_rows(
+        self, chain_id: str, *, after_seq: int, limit: int
+    ) -> list[AuditRow]:
+        """The chain's rows with seq > `after_seq`, in seq order, at most `limit`."""
+        ...
+
+    async def get_prompts(self, request_id: str, *, now: datetime) -> list[PromptLog]:
+        """The unexpired prompt logs of a request id (normally one)."""
+        ...
+
+    async def purge_prompts(self, now: datetime, *, limit: int) -> int:
+        """Delete at most `limit` prompt logs expired at `now` (one statement); return how many."""
+        ...
+
+    async def usage_report(self, query: UsageQuery) -> list[UsageReportRow]:
+        """Ledger totals and audit refusals per group, in group order."""
+        ...
+
+
+class Store(AuditStore, Protocol):
+    """Tenants, keys and the usage ledger; the audit log (`AuditStore`). Errors: the
+    `StoreError` family above, nothing else.
 
     Every change to a tenant or a key (create, update, revoke) bumps the revocation epoch in the
     same transaction, except an update that only replaces `key_hash` (rehash-on-verify).
