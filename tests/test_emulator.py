@@ -996,7 +996,7 @@ def test_cli_registers_the_command() -> None:
     from nzgw.cli import main
 
     assert isinstance(main, click.Group)
-    assert main.commands["emulate-ollama"] is emulate_ollama
+    assert main.get_command(click.Context(main), "emulate-ollama") is emulate_ollama
 
 
 async def test_cli_serves_until_sigterm() -> None:
