@@ -4,9 +4,12 @@ Resources open outermost-first and close in reverse (DESIGN §2):
 
     store → counters → backend clients → root nursery
         ├─ discovery          (started first: ready only after the first snapshot)
+        ├─ metrics listener   (NZGW_METRICS_BIND: /metrics on its own socket, also while draining)
         ├─ revocation watch   (keys revoked elsewhere stop working here within a second)
         ├─ usage flusher      (settled usage to the ledger; last flush shielded on the way out)
         ├─ last-used flusher
+        ├─ audit flusher      (audit rows in batches; last flush shielded, with a deadline)
+        ├─ prompt purge       (expired prompt logs, in bounded batches)
         └─ HTTP (hypercorn trio worker) until the shutdown trigger; then in-flight requests get
            `graceful_timeout` to finish and are cancelled after that
     then the service tasks are cancelled (their final flushes are shielded with a deadline).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -27,11 +31,15 @@ from nzgw.adapters.ollama import open_backends
 from nzgw.adapters.redis import open_redis_counters
 from nzgw.adapters.stores import open_store
 from nzgw.config import Config
+from nzgw.core.limits import budget_zone
 from nzgw.http.app import GatewayApp, create_app
+from nzgw.http.audit import audit_hook
 from nzgw.http.gateway import Gateway
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
+from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
 from nzgw.ports import Counters, Store
+from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
 from nzgw.services.discovery import run_discovery
 from nzgw.services.identity import Authenticator, run_last_used_flush, run_revocation_watch
 from nzgw.services.limiter import Limiter, run_usage_flusher
@@ -52,6 +60,7 @@ class Running:
     store: Store
     limiter: Limiter
     authenticator: Authenticator
+    metrics: Bound | None = None  # the /metrics listener, when NZGW_METRICS_BIND is set
 
     @property
     def url(self) -> str:
@@ -93,6 +102,7 @@ async def run_server(
     )
     try:
         async with open_store(config.database_url) as store:
+            store = METRICS.watch_store(store)  # failures counted
             if config.migrate_on_start:
                 applied = await store.migrate()
                 if applied:
@@ -106,6 +116,7 @@ async def run_server(
                 ) as backends,
                 trio.open_nursery() as services,
             ):
+                counters = METRICS.watch_counters(counters)
                 registry = Registry(backends)
                 authenticator = Authenticator.from_config(store, config)
                 limiter = Limiter(counters, store, timezone=config.budget_timezone)
@@ -119,6 +130,16 @@ async def run_server(
                         task_status=task_status,
                     )
                 )
+                live = LiveCollector(registry)  # read at scrape time
+                # TODO(limiter): a public `Limiter.pending_rows` instead of `_pending`.
+                live.track_backlog("usage", lambda: len(limiter._pending))
+                metrics_bound: Bound | None = None
+                if config.metrics_bind:
+                    metrics_bound = await services.start(
+                        lambda task_status: serve_metrics(
+                            config.metrics_bind, live=live, task_status=task_status
+                        )
+                    )
                 await services.start(
                     lambda task_status: run_revocation_watch(
                         store,
@@ -140,6 +161,17 @@ async def run_server(
                         task_status=task_status,
                     )
                 )
+                audit_zone = budget_zone(config.budget_timezone)
+                audit = AuditLog(queue_max=config.audit_queue_max, zone=audit_zone)
+                live.track_backlog("audit", lambda: audit.pending)
+                await services.start(
+                    lambda task_status: run_audit_flusher(
+                        audit, store, interval=config.flush_interval, task_status=task_status
+                    )
+                )
+                await services.start(
+                    lambda task_status: run_prompt_purge(store, task_status=task_status)
+                )
 
                 async def store_ready() -> bool:
                     await store.ping()
@@ -156,6 +188,10 @@ async def run_server(
                     readiness={"store": store_ready, "counters": counters_ready},
                     admitter=LimiterAdmitter(limiter, config),
                 )
+                gateway.finish_hooks.append(METRICS.observe_request)
+                gateway.audit = audit  # fail closed while its queue is full
+                gateway.finish_hooks.append(audit_hook(audit, zone=audit_zone))
+                gateway.readiness["audit"] = audit.ready
                 app = create_app(gateway)
                 # HTTP runs in a nursery of its own: leaving it means the drain is over, and
                 # only then are the service tasks stopped (their last flushes see every request).
@@ -169,8 +205,13 @@ async def run_server(
                             task_status=task_status,
                         )
                     )
-                    log.info("nzgw ready", extra={"bind": f"{bound.host}:{bound.port}"})
-                    task_status.started(Running(bound, app, gateway, store, limiter, authenticator))
+                    ready: dict[str, object] = {"bind": f"{bound.host}:{bound.port}"}
+                    if metrics_bound is not None:
+                        ready["metrics"] = f"{metrics_bound.host}:{metrics_bound.port}"
+                    log.info("nzgw ready", extra={**ready, "pid": os.getpid()})
+                    task_status.started(
+                        Running(bound, app, gateway, store, limiter, authenticator, metrics_bound)
+                    )
                 services.cancel_scope.cancel()
     finally:
         sock.close()

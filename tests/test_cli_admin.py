@@ -95,7 +95,7 @@ def _authenticate(url: str, key: str) -> Principal:
 
 
 def test_the_whole_workflow(cli: Cli) -> None:
-    assert cli.json("migrate") == {"applied": ["0001_init"]}
+    assert cli.json("migrate") == {"applied": ["0001_init", "0002_audit"]}
     assert "up to date" in cli("migrate").stdout
 
     tenant = cli.json(

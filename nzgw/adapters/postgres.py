@@ -26,15 +26,21 @@ import trio
 import trio_asyncio
 
 from nzgw.adapters import stores as q
+from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
+    AuditQuery,
+    ChainHead,
     ConflictError,
     KeyChanges,
     NewKey,
     NotFoundError,
+    PromptLog,
     StoreError,
     StoreUnavailableError,
     TenantChanges,
+    UsageQuery,
+    UsageReportRow,
     UsageRow,
     UsageTotals,
 )
@@ -465,6 +471,154 @@ class PostgresStore:
             return [tuple(r) for r in rows]
 
         return q.totals_from_rows(await self._run(work))
+
+    # --- audit log, prompt logs, usage reports ----------------------------------------------------
+
+    async def append_audit(
+        self,
+        rows: Sequence[AuditRow],
+        prompts: Sequence[PromptRecord] = (),
+        heads: Sequence[ChainHead] = (),
+    ) -> None:
+        if not rows and not prompts and not heads:
+            return
+        now = self._clock()
+        # Column-wise arrays: the whole batch is ONE statement, `INSERT … SELECT FROM unnest`.
+        row_columns = _columns([q.audit_row_values(r) for r in rows], len(q.AUDIT_COLUMNS))
+        prompt_columns = _columns([q.prompt_values(p) for p in prompts], len(q.PROMPT_COLUMNS))
+        head_params = sorted(tuple(q.head_values(h, now)) for h in heads)
+
+        async def work(conn: Connection) -> None:
+            async with conn.transaction():
+                if rows:
+                    await conn.execute(_INSERT_AUDIT, *row_columns)
+                if prompts:
+                    await conn.execute(_INSERT_PROMPTS, *prompt_columns)
+                if head_params:
+                    await conn.executemany(_pg(q.UPSERT_CHAIN_HEAD), head_params)
+
+        await self._run(work)
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditRow]:
+        sql, params = q.list_audit_sql(query)
+
+        async def work(conn: Connection) -> list[AuditRow]:
+            rows = await conn.fetch(_pg(sql), *params)
+            return [q.audit_row_from_row(r, _decode_time, _decode_day) for r in rows]
+
+        return await self._run(work)
+
+    async def audit_chains(self) -> list[ChainHead]:
+        async def work(conn: Connection) -> list[ChainHead]:
+            heads = [
+                ChainHead(r[0], r[1], int(r[2]), r[3], r[4])
+                for r in await conn.fetch(q.SELECT_CHAIN_HEADS)
+            ]
+            heads.extend(
+                ChainHead(r[0], r[1], 0, "", None, recorded=False)
+                for r in await conn.fetch(q.SELECT_HEADLESS_CHAINS)
+            )
+            return heads
+
+        return await self._run(work)
+
+    async def audit_chain_rows(
+        self, chain_id: str, *, after_seq: int, limit: int
+    ) -> list[AuditRow]:
+        async def work(conn: Connection) -> list[AuditRow]:
+            rows = await conn.fetch(_pg(q.SELECT_CHAIN_ROWS), chain_id, after_seq, limit)
+            return [q.audit_row_from_row(r, _decode_time, _decode_day) for r in rows]
+
+        return await self._run(work)
+
+    async def get_prompts(self, request_id: str, *, now: datetime) -> list[PromptLog]:
+        async def work(conn: Connection) -> list[PromptLog]:
+            rows = await conn.fetch(_pg(q.SELECT_PROMPTS), request_id, now)
+            return [q.prompt_from_row(r, _decode_time) for r in rows]
+
+        return await self._run(work)
+
+    async def purge_prompts(self, now: datetime, *, limit: int) -> int:
+        async def work(conn: Connection) -> int:
+            status: str = await conn.execute(_pg(q.PURGE_PROMPTS), now, limit)
+            return int(status.rsplit(" ", 1)[-1])  # "DELETE n"
+
+        return await self._run(work)
+
+    async def usage_report(self, query: UsageQuery) -> list[UsageReportRow]:
+        ledger_sql, refusals_sql, params = q.usage_report_sql(query, "to_char(day, 'YYYY-MM')")
+
+        async def work(conn: Connection) -> list[UsageReportRow]:
+            async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                ledger = await conn.fetch(_pg(ledger_sql), *params)
+                refusals = await conn.fetch(_pg(refusals_sql), *params)
+            return q.merge_usage([tuple(r) for r in ledger], [tuple(r) for r in refusals])
+
+        return await self._run(work)
+
+
+# --- audit statements (PostgreSQL only: one INSERT per batch from column arrays) ------------------
+
+_AUDIT_TYPES = {
+    "chain_id": "text",
+    "seq": "bigint",
+    "ts": "timestamptz",
+    "day": "date",
+    "request_id": "text",
+    "tenant_id": "bigint",
+    "key_id": "bigint",
+    "key_prefix": "text",
+    "client": "text",
+    "method": "text",
+    "surface": "text",
+    "path": "text",
+    "model": "text",
+    "status": "integer",
+    "outcome": "text",
+    "refusal": "text",
+    "prompt_tokens": "bigint",
+    "completion_tokens": "bigint",
+    "tokens_reported": "boolean",
+    "streamed": "boolean",
+    "ttfb_us": "bigint",
+    "latency_us": "bigint",
+    "backend": "text",
+    "prompt_logged": "boolean",
+    "requests": "bigint",
+    "note": "text",
+    "prev_hash": "text",
+    "hash": "text",
+    # prompt_logs
+    "created_at": "timestamptz",
+    "expires_at": "timestamptz",
+    "request_body": "text",
+    "response_text": "text",
+}
+
+
+def _unnest_insert(table: str, columns: tuple[str, ...]) -> str:
+    arrays = ", ".join(f"${i}::{_AUDIT_TYPES[c]}[]" for i, c in enumerate(columns, 1))
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (chain_id, seq) DO NOTHING"
+    )
+
+
+_INSERT_AUDIT = _unnest_insert("audit_log", q.AUDIT_COLUMNS)
+_INSERT_PROMPTS = _unnest_insert("prompt_logs", q.PROMPT_COLUMNS)
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows → one list per column (the arrays `unnest` takes)."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+def _decode_day(value: Any) -> date:
+    return value  # type: ignore[no-any-return]  # asyncpg gives datetime.date for date
 
 
 # --- helpers running on the asyncio side ----------------------------------------------------------

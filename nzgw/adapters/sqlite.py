@@ -14,6 +14,7 @@ processes are serialised. Needs SQLite >= 3.35 (RETURNING).
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -25,15 +26,21 @@ from urllib.parse import unquote
 import trio
 
 from nzgw.adapters import stores as q
+from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
+    AuditQuery,
+    ChainHead,
     ConflictError,
     KeyChanges,
     NewKey,
     NotFoundError,
+    PromptLog,
     StoreError,
     StoreUnavailableError,
     TenantChanges,
+    UsageQuery,
+    UsageReportRow,
     UsageRow,
     UsageTotals,
 )
@@ -405,8 +412,128 @@ class SqliteStore:
 
         return q.totals_from_rows(await self._run(work))
 
+    # --- audit log, prompt logs, usage reports ----------------------------------------------------
+
+    async def append_audit(
+        self,
+        rows: Sequence[AuditRow],
+        prompts: Sequence[PromptRecord] = (),
+        heads: Sequence[ChainHead] = (),
+    ) -> None:
+        if not rows and not prompts and not heads:
+            return
+        now = self._clock()
+        row_params = [_params(q.audit_row_values(r)) for r in rows]
+        prompt_params = [_params(q.prompt_values(p)) for p in prompts]
+        head_params = [_params(q.head_values(h, now)) for h in heads]
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                _insert_rows(conn, "audit_log", q.AUDIT_COLUMNS, row_params)
+                _insert_rows(conn, "prompt_logs", q.PROMPT_COLUMNS, prompt_params)
+                conn.executemany(q.UPSERT_CHAIN_HEAD, head_params)
+
+        await self._run(work)
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditRow]:
+        sql, params = q.list_audit_sql(query)
+        encoded = _params(params)
+
+        def work(conn: sqlite3.Connection) -> list[AuditRow]:
+            rows = conn.execute(sql, encoded).fetchall()
+            return [q.audit_row_from_row(r, _decode_time, _decode_day) for r in rows]
+
+        return await self._run(work)
+
+    async def audit_chains(self) -> list[ChainHead]:
+        def work(conn: sqlite3.Connection) -> list[ChainHead]:
+            heads = [
+                ChainHead(r[0], _aware(r[1]), int(r[2]), r[3], _decode_time(r[4]))
+                for r in conn.execute(q.SELECT_CHAIN_HEADS).fetchall()
+            ]
+            heads.extend(
+                ChainHead(r[0], _aware(r[1]), 0, "", None, recorded=False)
+                for r in conn.execute(q.SELECT_HEADLESS_CHAINS).fetchall()
+            )
+            return heads
+
+        return await self._run(work)
+
+    async def audit_chain_rows(
+        self, chain_id: str, *, after_seq: int, limit: int
+    ) -> list[AuditRow]:
+        def work(conn: sqlite3.Connection) -> list[AuditRow]:
+            rows = conn.execute(q.SELECT_CHAIN_ROWS, (chain_id, after_seq, limit)).fetchall()
+            return [q.audit_row_from_row(r, _decode_time, _decode_day) for r in rows]
+
+        return await self._run(work)
+
+    async def get_prompts(self, request_id: str, *, now: datetime) -> list[PromptLog]:
+        params = _params([request_id, now])
+
+        def work(conn: sqlite3.Connection) -> list[PromptLog]:
+            rows = conn.execute(q.SELECT_PROMPTS, params).fetchall()
+            return [q.prompt_from_row(r, _decode_time) for r in rows]
+
+        return await self._run(work)
+
+    async def purge_prompts(self, now: datetime, *, limit: int) -> int:
+        params = _params([now, limit])
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                return conn.execute(q.PURGE_PROMPTS, params).rowcount
+
+        return await self._run(work)
+
+    async def usage_report(self, query: UsageQuery) -> list[UsageReportRow]:
+        ledger_sql, refusals_sql, params = q.usage_report_sql(query, "substr(day, 1, 7)")
+        encoded = _params(params)
+
+        def work(conn: sqlite3.Connection) -> list[UsageReportRow]:
+            ledger = conn.execute(ledger_sql, encoded).fetchall()
+            refusals = conn.execute(refusals_sql, encoded).fetchall()
+            return q.merge_usage(ledger, refusals)
+
+        return await self._run(work)
+
 
 # --- helpers running in the worker thread --------------------------------------------------------
+
+# Rows per INSERT statement: a multi-row VALUES list, well under SQLite's default limit of
+# 32766 parameters (28 columns × 500 rows = 14000).
+ROWS_PER_INSERT = 500
+
+
+@functools.lru_cache(maxsize=32)
+def _insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
+    one = "(" + ", ".join("?" * len(columns)) + ")"
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+        + ", ".join([one] * count)
+        + " ON CONFLICT (chain_id, seq) DO NOTHING"
+    )
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: Sequence[list[Any]]
+) -> None:
+    """Insert `rows` with one multi-row statement per `ROWS_PER_INSERT` (idempotent per
+    (chain_id, seq))."""
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        conn.execute(_insert_sql(table, columns, len(chunk)), [v for r in chunk for v in r])
+
+
+def _decode_day(value: Any) -> date:
+    return date.fromisoformat(value)
+
+
+def _aware(value: Any) -> datetime:
+    decoded = _decode_time(value)
+    if decoded is None:
+        raise StoreError("a chain without a start time")
+    return decoded
 
 
 def _is_unique(exc: sqlite3.IntegrityError) -> bool:

@@ -17,14 +17,31 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from nzgw.core.audit import (
+    EVENT_FIELDS,
+    AuditRow,
+    PromptRecord,
+    event_from_values,
+    event_values,
+)
 from nzgw.core.models import ApiKey, Budgets, Limits, Status, Tenant
-from nzgw.ports import KeyChanges, Store, TenantChanges, UsageTotals
+from nzgw.ports import (
+    AuditQuery,
+    ChainHead,
+    KeyChanges,
+    PromptLog,
+    Store,
+    TenantChanges,
+    UsageQuery,
+    UsageReportRow,
+    UsageTotals,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
 _MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+")
@@ -351,3 +368,201 @@ def totals_from_rows(
         sum(t.lifetime_tokens for t in per_key.values()),
     )
     return tenant, per_key
+
+
+# --- audit log, prompt logs, usage reports (schema/0002_audit.sql) -------------------------------
+
+AUDIT_COLUMNS: tuple[str, ...] = ("chain_id", "seq", *EVENT_FIELDS, "prev_hash", "hash")
+AUDIT_SELECT = ", ".join(AUDIT_COLUMNS)
+PROMPT_COLUMNS: tuple[str, ...] = (
+    "chain_id",
+    "seq",
+    "request_id",
+    "tenant_id",
+    "key_id",
+    "created_at",
+    "expires_at",
+    "request_body",
+    "response_text",
+)
+
+# Parameters: chain_id, started_at, head_seq, head_hash, updated_at. Never moves a head back
+# (a batch written again after an unknown outcome, or an older batch arriving late).
+UPSERT_CHAIN_HEAD = (
+    "INSERT INTO audit_chains (chain_id, started_at, head_seq, head_hash, updated_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (chain_id) DO UPDATE SET "
+    "head_seq = excluded.head_seq, head_hash = excluded.head_hash, "
+    "updated_at = excluded.updated_at WHERE audit_chains.head_seq < excluded.head_seq"
+)
+SELECT_CHAIN_HEADS = (
+    "SELECT chain_id, started_at, head_seq, head_hash, updated_at FROM audit_chains "
+    "ORDER BY started_at, chain_id"
+)
+# Chains with rows but no head record (the head was deleted): found from the rows.
+SELECT_HEADLESS_CHAINS = (
+    "SELECT chain_id, MIN(ts) FROM audit_log WHERE chain_id NOT IN "
+    "(SELECT chain_id FROM audit_chains) GROUP BY chain_id ORDER BY MIN(ts), chain_id"
+)
+SELECT_CHAIN_ROWS = (
+    f"SELECT {AUDIT_SELECT} FROM audit_log WHERE chain_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+SELECT_PROMPTS = (
+    "SELECT "
+    + ", ".join(f"p.{c}" for c in PROMPT_COLUMNS)
+    + ", a.key_prefix FROM prompt_logs p LEFT JOIN audit_log a "
+    "ON a.chain_id = p.chain_id AND a.seq = p.seq "
+    "WHERE p.request_id = ? AND (p.expires_at IS NULL OR p.expires_at > ?) ORDER BY p.id"
+)
+# Parameters: now, limit. One bounded statement; the purge loops until fewer come back.
+PURGE_PROMPTS = (
+    "DELETE FROM prompt_logs WHERE id IN (SELECT id FROM prompt_logs "
+    "WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?)"
+)
+
+
+def audit_row_values(row: AuditRow) -> list[Any]:
+    """A row's column values in `AUDIT_COLUMNS` order (Python types; adapters encode)."""
+    return [row.chain_id, row.seq, *event_values(row.event), row.prev_hash, row.hash]
+
+
+def prompt_values(record: PromptRecord) -> list[Any]:
+    return [getattr(record, c) for c in PROMPT_COLUMNS]
+
+
+def head_values(head: ChainHead, now: datetime) -> list[Any]:
+    return [head.chain_id, head.started_at, head.seq, head.hash, head.updated_at or now]
+
+
+DecodeValue = Callable[[Any], Any]
+
+
+def audit_row_from_row(row: Row, decode_time: DecodeValue, decode_day: DecodeValue) -> AuditRow:
+    """A stored row → `AuditRow`, every value back in the type the hash was computed over
+    (SQLite gives booleans as 0/1 and times as text)."""
+    values: list[Any] = []
+    for name in EVENT_FIELDS:
+        value = row[name]
+        if name == "ts":
+            value = decode_time(value)
+        elif name == "day":
+            value = decode_day(value)
+        elif name in _BOOL_FIELDS:
+            value = bool(value)
+        elif value is not None and name in _INT_FIELDS:
+            value = int(value)
+        values.append(value)
+    return AuditRow(
+        chain_id=row["chain_id"],
+        seq=int(row["seq"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+        event=event_from_values(values),
+    )
+
+
+_BOOL_FIELDS = frozenset({"tokens_reported", "streamed", "prompt_logged"})
+_INT_FIELDS = frozenset(
+    {
+        "tenant_id",
+        "key_id",
+        "status",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttfb_us",
+        "latency_us",
+        "requests",
+    }
+)
+
+
+def prompt_from_row(row: Row, decode_time: DecodeValue) -> PromptLog:
+    record = PromptRecord(
+        chain_id=row["chain_id"],
+        seq=int(row["seq"]),
+        request_id=row["request_id"],
+        tenant_id=int(row["tenant_id"]),
+        key_id=int(row["key_id"]),
+        created_at=decode_time(row["created_at"]),
+        expires_at=decode_time(row["expires_at"]),
+        request_body=row["request_body"],
+        response_text=row["response_text"],
+    )
+    return PromptLog(record, row["key_prefix"])
+
+
+def list_audit_sql(query: AuditQuery) -> tuple[str, list[Any]]:
+    """The listing statement for `query` (`?` parameters) and its parameters."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, op, value in (
+        ("tenant_id", "=", query.tenant_id),
+        ("key_prefix", "=", query.key_prefix),
+        ("ts", ">=", query.since),
+        ("ts", "<", query.until),
+        ("status", ">=", query.status_min),
+        ("status", "<=", query.status_max),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    params.append(max(0, query.limit))
+    sql = (
+        f"SELECT {AUDIT_SELECT} FROM audit_log{clause} "
+        "ORDER BY ts DESC, chain_id DESC, seq DESC LIMIT ?"
+    )
+    return sql, params
+
+
+def usage_report_sql(query: UsageQuery, month_of_day: str) -> tuple[str, str, list[Any]]:
+    """(ledger statement, audit refusals statement, their common parameters) for `query`.
+
+    `month_of_day`: the dialect's expression for the YYYY-MM of the `day` column. Sums of BIGINT
+    are NUMERIC on PostgreSQL: cast back. Refusals count audit rows with a tenant only (a request
+    without a valid key belongs to no one's usage)."""
+    group = {"day": "day", "month": month_of_day, "model": "model"}[query.by]
+    where: list[str] = []
+    params: list[Any] = []
+    for column, op, value in (
+        ("tenant_id", "=", query.tenant_id),
+        ("key_id", "=", query.key_id),
+        ("day", ">=", query.since),
+        ("day", "<", query.until),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
+    ledger_where = f" WHERE {' AND '.join(where)}" if where else ""
+    audit_where = " AND ".join(["outcome = 'refused'", "tenant_id IS NOT NULL", *where])
+    ledger = (
+        f"SELECT {group} AS grp, CAST(SUM(requests) AS BIGINT), "
+        "CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT) "
+        f"FROM usage_ledger{ledger_where} GROUP BY {group}"
+    )
+    refusals = (
+        f"SELECT {group} AS grp, CAST(SUM(requests) AS BIGINT) "
+        f"FROM audit_log WHERE {audit_where} GROUP BY {group}"
+    )
+    return ledger, refusals, params
+
+
+def merge_usage(
+    ledger: Sequence[Sequence[Any]], refusals: Sequence[Sequence[Any]]
+) -> list[UsageReportRow]:
+    """Ledger (group, requests, prompt, completion) and audit (group, refusals) rows → report
+    rows in group order (a group is a day, a month or a model; no model: "-")."""
+
+    def name(group: Any) -> str:
+        if group is None:
+            return "-"
+        return group.isoformat() if isinstance(group, date) else str(group)
+
+    merged: dict[str, list[int]] = {}
+    for group, requests, prompt, completion in ledger:
+        entry = merged.setdefault(name(group), [0, 0, 0, 0])
+        entry[0] += int(requests or 0)
+        entry[1] += int(prompt or 0)
+        entry[2] += int(completion or 0)
+    for group, refused in refusals:
+        merged.setdefault(name(group), [0, 0, 0, 0])[3] += int(refused or 0)
+    return [UsageReportRow(g, *merged[g]) for g in sorted(merged)]

@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "revoke-key": ("nzgw.cli.admin:revoke_key", "Revoke a key (final, within a second)."),
     "probe-ollama": ("nzgw.cli.backends:probe_ollama", "Check every configured backend."),
     "list-models": ("nzgw.cli.backends:list_models", "List models by backend, then the union."),
+    "audit": ("nzgw.cli.audit:audit", "Show audit rows (newest first); `audit verify`."),
+    "usage": ("nzgw.cli.audit:usage", "Requests, tokens and refusals per day, month or model."),
+    "prompts": ("nzgw.cli.audit:prompts", "Show or purge prompt logs of opted-in keys."),
 }
 
 

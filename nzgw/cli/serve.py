@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ import click
 import trio
 
 from nzgw.cli._common import load_config_or_exit
-from nzgw.cli.workers import WORKER_ENV, run_workers
+from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
 from nzgw.core.keys import generate_key, parse_key
+from nzgw.http.metrics import METRICS
 from nzgw.logs import setup_logging
 from nzgw.ports import ConflictError, NewKey, NotFoundError, Store
 from nzgw.server import Running, run_server
@@ -31,9 +33,15 @@ def serve() -> None:
     """Run the gateway (configuration from the environment, .env and NZGW_CONFIG)."""
     config = load_config_or_exit()
     setup_logging(config.log_format, config.log_level)
-    if config.workers > 1 and not os.environ.get(WORKER_ENV):
-        sys.exit(run_workers(config.workers))
-    trio.run(run_server, config)
+    worker = current_worker()
+    if worker is not None:
+        METRICS.set_worker(worker.index)
+        config = worker.configure(config)
+        trio.run(functools.partial(run_server, shutdown_trigger=worker.shutdown_trigger), config)
+    elif config.workers > 1:
+        sys.exit(run_workers(config.workers, graceful_timeout=config.graceful_timeout))
+    else:
+        trio.run(run_server, config)
 
 
 def _backend_configured(config: Config) -> bool:

@@ -68,6 +68,7 @@ class RequestInfo:
     outcome: str = "ok"  # ok | cancelled | upstream_failed | upstream_truncated | refused
     request_body: bytes | None = None  # kept only for keys that opted in to prompt logging
     response_text: str | None = None
+    target: bytes = b""  # the raw request target (the audit keeps a cleaned prefix for 404/405)
 
     @property
     def log_path(self) -> str:
@@ -121,6 +122,12 @@ class Admitter(Protocol):
         ...
 
 
+class AuditGate(Protocol):
+    """The audit log as the request path sees it: `refusing` while its queue is full."""
+
+    refusing: bool
+
+
 ReadinessCheck = Callable[[], Awaitable[bool]]
 FinishHook = Callable[[RequestInfo], Awaitable[None]]
 
@@ -134,6 +141,7 @@ class Gateway:
     admitter: Admitter | None = None
     finish_hooks: list[FinishHook] = attrs.Factory(list)
     readiness_timeout: float = 2.0
+    audit: AuditGate | None = None  # fail closed: new requests get 503 while it is refusing
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""

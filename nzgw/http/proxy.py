@@ -22,6 +22,7 @@ import trio
 from quart import Response, request
 
 from nzgw.core import framing, paths
+from nzgw.core.audit import PROMPT_LOG_MAX_BYTES
 from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
@@ -29,6 +30,7 @@ from nzgw.core.reserve import reserve
 from nzgw.core.surfaces import Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
+from nzgw.http.metrics import METRICS
 from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
 from nzgw.services.identity import AuthenticationError, AuthThrottledError
 
@@ -259,6 +261,8 @@ async def _model_request(
         kind = _STREAM_KIND[route.route]
         watcher = StreamWatcher(kind, strip_usage=strip_usage)
         relay = Relay(upstream.response, upstream.first, watcher, info, kind)
+        METRICS.streams_in_flight.inc()  # until the connection is done with the request
+        request_cleanup().callback(METRICS.streams_in_flight.dec)
         response = Response(relay, 200, content_type=_content_type(upstream.response))
         cache_control = upstream.response.header(b"cache-control")
         if cache_control:
@@ -315,21 +319,29 @@ async def _open_with_failover(
                         await response.aclose()
                         if response.status == 404:
                             not_found += 1  # a stale snapshot, not a sick backend
+                            METRICS.backend_failed(backend.name, "not_found")
                         else:
                             registry.record_failure(backend.name)
+                            METRICS.backend_failed(backend.name, "http_5xx")
                         continue
                     return _Opened(_Replayed(response, error_body), b"")
                 first = await response.receive_some() if stream and response.status == 200 else b""
                 if stream and response.status == 200 and not first:
                     await response.aclose()
                     registry.record_failure(backend.name)
+                    METRICS.backend_failed(backend.name, "empty")
                     continue
-        except (UpstreamError, trio.TooSlowError):
+        except (UpstreamError, trio.TooSlowError) as exc:
             if response is not None:
                 await response.aclose()
             registry.record_failure(backend.name)
+            METRICS.backend_failed(
+                backend.name, "timeout" if isinstance(exc, trio.TooSlowError) else "transport"
+            )
             continue
         registry.record_success(backend.name)
+        if attempts > 1:
+            METRICS.failovers.inc()
         info.backend = backend.name
         info.first_byte = trio.current_time()
         return _Opened(response, first)
@@ -392,7 +404,7 @@ class Relay:
     cleanup stack; this object only decides what the client sees.
     """
 
-    __slots__ = ("_done", "_first", "_info", "_kind", "_upstream", "_watcher")
+    __slots__ = ("_done", "_first", "_info", "_kept", "_kind", "_upstream", "_watcher")
 
     def __init__(
         self,
@@ -410,6 +422,12 @@ class Relay:
         self._done = False
         # Until the stream ends: a stream the client left, or shutdown cut, stays "cancelled".
         info.outcome = "cancelled"
+        # Prompt logging (the key opted in): the bytes relayed, as relayed (frames, not text),
+        # up to a bound; handed to the audit by the request's cleanup, before settlement.
+        self._kept: bytearray | None = None
+        if info.request_body is not None:
+            self._kept = bytearray()
+            request_cleanup().callback(self._keep_response)
 
     def __aiter__(self) -> Relay:
         return self
@@ -430,6 +448,8 @@ class Relay:
             out = self._watcher.feed(data)
             self._info.usage = self._watcher.usage()
             if out:
+                if self._kept is not None:
+                    self._kept += out[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
                 return out
 
     def _end(self) -> bytes:
@@ -446,7 +466,13 @@ class Relay:
         info.usage = watcher.usage() or Usage(0, watcher.frames, reported=False)
         if not tail:
             raise StopAsyncIteration
+        if self._kept is not None:
+            self._kept += tail[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
         return tail
+
+    def _keep_response(self) -> None:
+        if self._kept is not None:
+            self._info.response_text = self._kept.decode("utf-8", "replace")
 
     async def aclose(self) -> None:
         """Called by Quart when the body is done or abandoned; the stack closes upstream."""

@@ -1,0 +1,303 @@
+"""Gateway benchmark: added latency and server CPU per request and per relayed chunk.
+
+    bin/nzgw --help >/dev/null   # (sync the venv once)
+    .venv/bin/python bench/gateway_bench.py [--requests 2000] [--out bench/results/latest.md]
+
+Three servers run as separate processes, each measured on its own:
+  * the Ollama emulator (the upstream), `nzgw emulate-ollama`;
+  * nzgw in front of it (`nzgw serve`, SQLite store, in-process counters, one key);
+  * the floor: a trivial quart-trio POST endpoint on hypercorn's trio worker, i.e. what the
+    framework alone costs per request.
+The load generator is this process: keep-alive HTTP/1.1 clients on raw Trio sockets (cheaper
+than httpx, so the client is not what is measured). Server CPU comes from each process's own
+CPU time (/proc/PID/stat), read before and after each run, divided by the requests (or
+chunks). Not a test: numbers depend on the machine; run it on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+FLOOR_APP = """
+import sys, trio, hypercorn.config, hypercorn.trio
+from quart import request
+from quart_trio import QuartTrio
+app = QuartTrio("floor")
+@app.post("/api/chat")
+async def chat():
+    body = await request.get_data()
+    return b'{"model":"m","message":{"role":"assistant","content":"ok"},"done":true}', 200, {
+        "content-type": "application/json; charset=utf-8"}
+config = hypercorn.config.Config()
+config.bind = [sys.argv[1]]
+config.accesslog = None
+trio.run(hypercorn.trio.serve, app, config)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection; answers are read to the end (chunked or not)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buffer += data
+
+    async def request(self, raw: bytes) -> tuple[float, float, int]:
+        """Send `raw`; return (time to first body byte, total time, body chunks seen)."""
+        start = time.perf_counter()
+        await self.stream.send_all(raw)
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {head!r} {self.buffer[:200]!r}")
+        headers = head.lower()
+        chunks = 0
+        first = 0.0
+        if b"transfer-encoding: chunked" in headers:
+            while True:
+                while b"\r\n" not in self.buffer:
+                    await self._fill()
+                size_line, _, rest = self.buffer.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                if not first and size:
+                    first = time.perf_counter() - start
+                while len(rest) < size + 2:
+                    await self._fill()
+                    size_line, _, rest = self.buffer.partition(b"\r\n")
+                self.buffer = rest[size + 2 :]
+                if size == 0:
+                    break
+                chunks += 1
+        else:
+            length = int(headers.split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(self.buffer) < length:
+                await self._fill()
+            first = time.perf_counter() - start
+            self.buffer = self.buffer[length:]
+            chunks = 1
+        return first, time.perf_counter() - start, chunks
+
+
+def post(path: str, body: dict[str, object], key: str | None = None) -> bytes:
+    payload = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+
+async def run_load(
+    port: int, raw: bytes, *, requests: int, concurrency: int
+) -> tuple[list[float], list[float], int]:
+    ttfb: list[float] = []
+    total: list[float] = []
+    chunks = 0
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining, chunks
+        client = await Client.connect(port)
+        async with client.stream:
+            while remaining > 0:
+                remaining -= 1
+                first, whole, seen = await client.request(raw)
+                ttfb.append(first)
+                total.append(whole)
+                chunks += seen
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return ttfb, total, chunks
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def wait_port(port: int) -> None:
+    with trio.fail_after(30):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+Measure = Callable[[], Awaitable[tuple[list[float], list[float], int]]]
+
+
+async def measured(pid: int, run: Measure) -> tuple[list[float], list[float], int, float]:
+    before = cpu_seconds(pid)
+    ttfb, total, chunks = await run()
+    return ttfb, total, chunks, cpu_seconds(pid) - before
+
+
+def nzgw(*args: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "nzgw", *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    return result.stdout
+
+
+def start_servers(work: Path) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, int], str]:
+    """The emulator, the floor and nzgw as processes; returns them, their ports and a key."""
+    ports = {"emulator": free_port(), "nzgw": free_port(), "floor": free_port()}
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{work}/bench.db",
+        "NZGW_LOG_LEVEL": "warning",
+        "OLLAMA_BASE_URL": f"http://127.0.0.1:{ports['emulator']}",
+        "NZGW_BIND": f"127.0.0.1:{ports['nzgw']}",
+        "NZGW_DISCOVERY_INTERVAL": "30",
+    }
+    (work / "floor_app.py").write_text(FLOOR_APP)
+    quiet = subprocess.DEVNULL
+    procs = {
+        "emulator": subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nzgw",
+                "emulate-ollama",
+                "--port",
+                str(ports["emulator"]),
+                "--tokens",
+                "200",
+            ],
+            env=env,
+            stderr=quiet,
+        ),
+        "floor": subprocess.Popen(
+            [sys.executable, str(work / "floor_app.py"), f"127.0.0.1:{ports['floor']}"],
+            cwd=work,
+            env=env,
+            stderr=quiet,
+        ),
+    }
+    nzgw("migrate", env=env)
+    nzgw("create-tenant", "--name", "bench", env=env)
+    created = nzgw("create-key", "--tenant", "bench", "--name", "bench", "--json", env=env)
+    procs["nzgw"] = subprocess.Popen(
+        [sys.executable, "-m", "nzgw", "serve"], env=env, cwd=work, stderr=quiet
+    )
+    return procs, ports, json.loads(created)["key"]
+
+
+HEADER = (
+    "| what | conc. | requests | p50 ms | p99 ms | TTFB p50 ms | req/s | server CPU ms/req "
+    "| server CPU µs/chunk |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+async def measure_all(pids: dict[str, int], ports: dict[str, int], key: str, n: int) -> list[str]:
+    for port in ports.values():
+        await wait_port(port)
+    chat = {
+        "model": "llama3",
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "stream": False,
+        "options": {"num_predict": 8},
+    }
+    stream = {**chat, "stream": True, "options": {"num_predict": 200}}
+    lines: list[str] = []
+
+    async def row(name: str, server: str, raw: bytes, conc: int, count: int) -> None:
+        pid, port = pids[server], ports[server]
+        await run_load(port, raw, requests=min(count, 50), concurrency=conc)  # warm up
+        ttfb, total, chunks, cpu = await measured(
+            pid, lambda: run_load(port, raw, requests=count, concurrency=conc)
+        )
+        per_chunk = f"{cpu / chunks * 1e6:.1f}" if chunks > count else "-"
+        lines.append(
+            f"| {name} | {conc} | {count} | {pct(total, 0.5):.2f} | {pct(total, 0.99):.2f} | "
+            f"{pct(ttfb, 0.5):.2f} | {count / sum(total) * conc:.0f} | "
+            f"{cpu / count * 1000:.3f} | {per_chunk} |"
+        )
+        print(lines[-1], flush=True)
+
+    print(HEADER)
+    for conc in (1, 32):
+        await row("floor: quart-trio POST", "floor", post("/api/chat", chat), conc, n)
+        await row("emulator direct, whole", "emulator", post("/api/chat", chat), conc, n)
+        await row("nzgw → emulator, whole", "nzgw", post("/api/chat", chat, key), conc, n)
+        await row(
+            "emulator direct, stream 200", "emulator", post("/api/chat", stream), conc, n // 10
+        )
+        await row(
+            "nzgw → emulator, stream 200", "nzgw", post("/api/chat", stream, key), conc, n // 10
+        )
+    return lines
+
+
+def main(requests: int, out: Path | None) -> None:
+    work = Path(tempfile.mkdtemp(prefix="nzgw-bench-"))
+    procs, ports, key = start_servers(work)
+    try:
+        pids = {name: proc.pid for name, proc in procs.items()}
+        lines = trio.run(measure_all, pids, ports, key, requests)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+    if out is not None:
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        report = "\n".join([HEADER, *lines])
+        out.write_text(f"# gateway_bench, {stamp}, {os.cpu_count()} cores\n\n{report}\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    main(args.requests, args.out)

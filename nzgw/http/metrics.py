@@ -1,0 +1,438 @@
+"""Prometheus metrics: what one gateway process counts, and the listener that serves them.
+
+Two kinds of numbers:
+
+* **Counted as they happen** by `METRICS` (one `GatewayMetrics` per process, with its own
+  `CollectorRegistry`, never prometheus_client's global one): requests by surface, route,
+  status and refusal reason; latency to the upstream's first byte and in total; tokens by
+  tenant; streams in flight; backend attempt failures and failovers; store and counter-store
+  errors. The request figures come from one finish hook (`observe_request`) that runs in the
+  request's shielded settlement, after the last byte; the data plane itself only touches the
+  streams gauge and, when a backend fails, the failure counters. Each is a dict lookup and an
+  increment under prometheus_client's lock: a few microseconds per request.
+* **Read at scrape time** by the listener's `LiveCollector`: backend health from the routing
+  registry's current snapshot, and the flushers' backlogs (rows waiting to be written).
+
+The listener (`serve_metrics`) is a deliberately small HTTP/1.1 server on its own socket
+(`NZGW_METRICS_BIND`), never the public port: one `GET /metrics` per connection, then close.
+It runs in the root nursery beside the other services, so it answers during a drain too.
+
+With `NZGW_WORKERS=N` every worker is its own process with its own numbers: worker *i* listens
+on the metrics port + *i* (see `nzgw.cli.workers`), and `nzgw_worker_info` names its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar, cast
+
+import h11
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nzgw import __version__
+from nzgw.core import paths
+from nzgw.http.gateway import RequestInfo
+from nzgw.http.listen import Bound
+from nzgw.ports import ConflictError, CountersUnavailableError, NotFoundError, StoreError
+from nzgw.services.registry import Snapshot
+
+log = logging.getLogger("nzgw.metrics")
+
+T = TypeVar("T")
+
+# Seconds. Generations run for minutes; health checks and refusals take milliseconds.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Seconds to the first upstream byte: a loaded model answers in well under a second, a cold
+# one may take the whole NZGW_UPSTREAM_FIRST_BYTE_TIMEOUT (300 s by default) to load.
+FIRST_BYTE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# A scrape that has not sent its request and read the answer in this time is dropped.
+SCRAPE_TIMEOUT = 10.0
+_MAX_REQUEST_HEAD = 16 * 1024
+
+
+class GatewayMetrics:
+    """Everything one gateway process counts. Use the process-wide `METRICS`."""
+
+    def __init__(self, *, pid: int | None = None) -> None:
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "nzgw_requests",
+            "Requests answered, by API surface, route, status and refusal reason "
+            "('' when the request was not refused)",
+            ["surface", "route", "status", "refusal"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "nzgw_request_duration_seconds",
+            "Time from the request's arrival to its last byte (or the client's disconnect)",
+            ["surface", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.first_byte = Histogram(
+            "nzgw_upstream_first_byte_seconds",
+            "Time from the request's arrival to the first byte from the backend that answered "
+            "(authentication, admission and failover included)",
+            ["surface", "route"],
+            buckets=FIRST_BYTE_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "nzgw_tokens",
+            "Tokens of answered requests by tenant, as the backend reported them (or as "
+            "estimated when it did not); kind is prompt or completion",
+            ["tenant", "kind"],
+            registry=registry,
+        )
+        self.streams_in_flight = Gauge(
+            "nzgw_streams_in_flight",
+            "Streamed answers being relayed to clients now",
+            registry=registry,
+        )
+        self.backend_failures = Counter(
+            "nzgw_backend_failures",
+            "Backend attempts that failed before the first byte (the request moved on to the "
+            "next backend, if any); reason: transport, timeout, http_5xx, not_found, empty",
+            ["backend", "reason"],
+            registry=registry,
+        )
+        self.failovers = Counter(
+            "nzgw_failovers",
+            "Requests answered by a backend other than the first one tried",
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "nzgw_store_errors",
+            "Store (database) operations that failed, by operation",
+            ["operation"],
+            registry=registry,
+        )
+        self.counters_errors = Counter(
+            "nzgw_counters_errors",
+            "Counter-store (Redis or in-process) operations that failed, by operation",
+            ["operation"],
+            registry=registry,
+        )
+        info = Gauge(
+            "nzgw_worker_info",
+            "Always 1; the labels identify the process these numbers come from",
+            ["pid", "worker", "version"],
+            registry=registry,
+        )
+        self._info = info
+        self.set_worker(None, pid=pid)
+        ProcessCollector(registry=registry)
+
+    def set_worker(self, worker: int | None, *, pid: int | None = None) -> None:
+        """Name this process in `nzgw_worker_info` (its index under NZGW_WORKERS, if any)."""
+        self._info.clear()
+        label = "" if worker is None else str(worker)
+        self._info.labels(str(pid or os.getpid()), label, __version__).set(1)
+
+    # --- request path -------------------------------------------------------------------------
+
+    async def observe_request(self, info: RequestInfo) -> None:
+        """The finish hook: one finished request's figures (runs shielded, after the last byte)."""
+        decision = info.decision
+        surface = decision.surface.value
+        route = (
+            decision.route.value
+            if isinstance(decision, paths.Route | paths.MethodNotAllowed)
+            else "-"
+        )
+        self.requests.labels(surface, route, str(info.status), info.refusal or "").inc()
+        if info.finished is not None:
+            self.request_duration.labels(surface, route).observe(info.finished - info.started)
+        if info.first_byte is not None:
+            self.first_byte.labels(surface, route).observe(info.first_byte - info.started)
+        usage = info.usage
+        tenant = info.tenant_name
+        if usage is not None and tenant is not None:
+            if usage.prompt_tokens:
+                self.tokens.labels(tenant, "prompt").inc(usage.prompt_tokens)
+            if usage.completion_tokens:
+                self.tokens.labels(tenant, "completion").inc(usage.completion_tokens)
+
+    def backend_failed(self, backend: str, reason: str) -> None:
+        """A backend attempt failed before its first byte (data plane, failover loop)."""
+        self.backend_failures.labels(backend, reason).inc()
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def watch_store(self, store: T) -> T:
+        """`store`, with every failed operation counted (not-found and conflict answers are
+        answers, not failures)."""
+        return _count_failures(
+            store, self.store_errors, StoreError, ignore=(NotFoundError, ConflictError)
+        )
+
+    def watch_counters(self, counters: T) -> T:
+        """`counters`, with every operation that raised `CountersUnavailableError` counted."""
+        return _count_failures(counters, self.counters_errors, CountersUnavailableError)
+
+
+# `*_created` series (a timestamp per counter child) only double the scrape for nzgw's uses.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+METRICS = GatewayMetrics()
+"""This process's metrics. A module-level value on purpose: prometheus numbers describe the
+process, and the data plane reaches them without any object having to carry them."""
+
+
+def _count_failures(
+    target: T,
+    counter: Counter,
+    counted: type[BaseException],
+    *,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    return cast(T, _FailureCounting(target, counter, counted, ignore))
+
+
+class _FailureCounting:
+    """Delegates every attribute to `target`; its coroutine methods count their failures.
+
+    The wrapped method is cached on the instance at first use, so after that an attribute
+    lookup costs what it costs on the target, and a call one extra coroutine frame.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        counter: Counter,
+        counted: type[BaseException],
+        ignore: tuple[type[BaseException], ...],
+    ) -> None:
+        self._target = target
+        self._counter = counter
+        self._counted = counted
+        self._ignore = ignore
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(value):
+            return value
+        child = self._counter.labels(name)
+        counted, ignore = self._counted, self._ignore
+        method = cast(Callable[..., Awaitable[Any]], value)
+
+        @functools.wraps(method)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except counted as exc:
+                if not isinstance(exc, ignore):
+                    child.inc()
+                raise
+
+        self.__dict__[name] = call
+        return call
+
+    def __repr__(self) -> str:
+        return f"<failures counted: {self._target!r}>"
+
+
+# --- read at scrape time --------------------------------------------------------------------------
+
+
+class BackendHealth(Protocol):
+    """What the scrape reads of the routing registry (`nzgw.services.registry.Registry`)."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    def in_rotation(self, backend_name: str) -> bool: ...
+
+
+class LiveCollector:
+    """Gauges computed when scraped: backend health and the flushers' backlogs."""
+
+    def __init__(
+        self,
+        backends: BackendHealth | None = None,
+        backlog: Mapping[str, Callable[[], int]] | None = None,
+    ) -> None:
+        self._backends = backends
+        self._backlog = dict(backlog or {})
+
+    def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
+        """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
+        self._backlog[queue] = size
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._backends is not None:
+            yield from self._backend_families(self._backends)
+        backlog = GaugeMetricFamily(
+            "nzgw_flush_backlog",
+            "Rows waiting to be written to the store, by queue (usage aggregate, audit rows)",
+            labels=["queue"],
+        )
+        for name, size in self._backlog.items():
+            try:
+                backlog.add_metric([name], size())
+            except Exception:  # a scrape must not fail because one gauge could not be read
+                log.exception("reading the %s backlog failed", name)
+        yield backlog
+
+    @staticmethod
+    def _backend_families(health: BackendHealth) -> Iterator[GaugeMetricFamily]:
+        snapshot = health.snapshot
+        up = GaugeMetricFamily(
+            "nzgw_backend_up",
+            "1 when the backend is in rotation (its last discovery poll was healthy and its "
+            "circuit breaker is closed), else 0",
+            labels=["backend"],
+        )
+        healthy = GaugeMetricFamily(
+            "nzgw_backend_healthy",
+            "1 when the backend's last discovery poll succeeded, else 0",
+            labels=["backend"],
+        )
+        models = GaugeMetricFamily(
+            "nzgw_backend_models",
+            "Models the backend hosts, as of its last successful poll",
+            labels=["backend"],
+        )
+        latency = GaugeMetricFamily(
+            "nzgw_backend_poll_seconds",
+            "How long the backend's last successful discovery poll took",
+            labels=["backend"],
+        )
+        for state in snapshot.backends:
+            up.add_metric([state.name], 1.0 if health.in_rotation(state.name) else 0.0)
+            healthy.add_metric([state.name], 1.0 if state.healthy else 0.0)
+            models.add_metric([state.name], len(state.models))
+            if state.latency is not None:
+                latency.add_metric([state.name], state.latency)
+        yield from (up, healthy, models, latency)
+
+
+class _Exposition:
+    """The process's counted metrics followed by the listener's live gauges."""
+
+    def __init__(self, *collectors: Collector) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterator[Any]:
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
+def render(metrics: GatewayMetrics, live: LiveCollector | None = None) -> bytes:
+    """The text exposition format of everything, as a scrape returns it."""
+    collectors: list[Collector] = [metrics.registry]
+    if live is not None:
+        collectors.append(live)
+    return generate_latest(_Exposition(*collectors))
+
+
+# --- the listener -----------------------------------------------------------------------------
+
+
+async def serve_metrics(
+    bind: str,
+    *,
+    metrics: GatewayMetrics = METRICS,
+    live: LiveCollector | None = None,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `GET /metrics` on `bind` (host:port) until cancelled; never returns.
+
+    `task_status.started(Bound)` once the socket listens (port 0 → the port chosen). Each
+    connection gets one answer and is closed; a client that does not complete its scrape in
+    `SCRAPE_TIMEOUT` seconds is dropped. Cancellation closes the listener and every connection.
+    """
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    listeners = await trio.open_tcp_listeners(int(port), host=host)
+    sockname = listeners[0].socket.getsockname()
+    handler = functools.partial(_serve_connection, metrics, live)
+    log.info("metrics listening", extra={"metrics_bind": f"{sockname[0]}:{sockname[1]}"})
+    task_status.started(Bound(sockname[0], sockname[1]))
+    await trio.serve_listeners(handler, listeners)
+
+
+async def _serve_connection(
+    metrics: GatewayMetrics, live: LiveCollector | None, stream: trio.SocketStream
+) -> None:
+    async with stream:
+        with trio.move_on_after(SCRAPE_TIMEOUT):
+            with contextlib.suppress(
+                h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await _answer(metrics, live, stream)
+
+
+async def _answer(
+    metrics: GatewayMetrics, live: LiveCollector | None, stream: trio.abc.Stream
+) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(_MAX_REQUEST_HEAD)
+            if not data:
+                return  # the client left before sending a whole request
+            conn.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            break
+        return
+    target = event.target.split(b"?", 1)[0]
+    if event.method not in (b"GET", b"HEAD"):
+        status, body, content_type = 405, b"method not allowed\n", "text/plain; charset=utf-8"
+    elif target != b"/metrics":
+        status, body, content_type = 404, b"not found: try /metrics\n", "text/plain; charset=utf-8"
+    else:
+        status, body, content_type = 200, render(metrics, live), CONTENT_TYPE_LATEST
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    payload = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    if event.method != b"HEAD":
+        payload += conn.send(h11.Data(data=body)) or b""
+    payload += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(payload)
+
+
+def parse_exposition(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Samples of a scrape as {(name, labels): value}; for tests and tools."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def sample_sum(
+    samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+    **labels: str,
+) -> float:
+    """The sum of the samples named `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(
+        value for (sample, have), value in samples.items() if sample == name and wanted <= have
+    )
