@@ -119,7 +119,14 @@ async def run_server(
                 counters = METRICS.watch_counters(counters)
                 registry = Registry(backends)
                 authenticator = Authenticator.from_config(store, config)
-                limiter = Limiter(counters, store, timezone=config.budget_timezone)
+                # A lease outlives the longest wait for a first byte; streams extend it as they
+                # go. It only matters after a crash: that is how long a dead slot stays taken.
+                limiter = Limiter(
+                    counters,
+                    store,
+                    timezone=config.budget_timezone,
+                    lease_ttl=max(60.0, config.upstream_first_byte_timeout + 60.0),
+                )
                 poll_timeout = max(0.5, min(config.discovery_interval, 5.0))
                 await services.start(
                     lambda task_status: run_discovery(

@@ -110,6 +110,11 @@ class Ticket(Protocol):
     """An admitted request's reservation. `settle` runs once, shielded, at the very end."""
 
     headers: dict[str, str]
+    refresh_every: float  # seconds; a long stream extends its lease this often
+
+    async def refresh(self) -> None:
+        """Extend the concurrency lease (best effort, bounded, never raises)."""
+        ...
 
     async def settle(self, info: RequestInfo) -> None: ...
 

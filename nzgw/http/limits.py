@@ -90,7 +90,7 @@ def _refusal(result: AdmissionResult, headers: dict[str, str]) -> Refused:
 
 
 class _Ticket:
-    __slots__ = ("_lease", "_limiter", "_model", "_timeout", "headers")
+    __slots__ = ("_lease", "_limiter", "_model", "_timeout", "headers", "refresh_every")
 
     def __init__(
         self, limiter: Limiter, lease: Lease, model: str, headers: dict[str, str], timeout: float
@@ -100,6 +100,14 @@ class _Ticket:
         self._model = model
         self.headers = headers
         self._timeout = timeout
+        self.refresh_every = limiter.lease_ttl / 3
+
+    async def refresh(self) -> None:
+        with trio.move_on_after(self._timeout):
+            try:
+                await self._limiter.refresh(self._lease)
+            except CountersUnavailableError:
+                log.warning("lease refresh failed; retried at the next interval")
 
     async def settle(self, info: RequestInfo) -> None:
         """Release the slot and charge what was used; shielded, bounded, never raises."""

@@ -15,7 +15,9 @@ Ownership on the request path (who closes what, also on cancellation):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -29,12 +31,18 @@ from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_mode
 from nzgw.core.reserve import reserve
 from nzgw.core.surfaces import Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
-from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
+from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
 from nzgw.services.identity import AuthenticationError, AuthThrottledError
 
 R = paths.RouteId
+
+# Frames a stream may carry beyond its output cap: role, finish, usage, done, and the
+# structure events of /v1/responses and /v1/messages.
+FRAME_SLACK = 32
+
+TRUNCATED = "the model server ended the stream unexpectedly"
 
 # One message for "unknown", "not on any backend" and "not allowed": no existence disclosure.
 FORBIDDEN_MODEL = "model not available for this key"
@@ -249,6 +257,7 @@ async def _model_request(
         body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     headers: dict[str, str] = {}
+    ticket: Ticket | None = None
     if gateway.admitter is not None:
         ticket = await gateway.admitter.admit(
             principal, model=name, reserve_tokens=reservation.tokens, info=info
@@ -260,7 +269,16 @@ async def _model_request(
     if stream and upstream.response.status == 200:
         kind = _STREAM_KIND[route.route]
         watcher = StreamWatcher(kind, strip_usage=strip_usage)
-        relay = Relay(upstream.response, upstream.first, watcher, info, kind)
+        relay = Relay(
+            upstream.response,
+            upstream.first,
+            watcher,
+            info,
+            kind,
+            ticket=ticket,
+            max_frames=reservation.output_cap + FRAME_SLACK if ticket else None,
+            stall_timeout=gateway.config.upstream_first_byte_timeout,
+        )
         METRICS.streams_in_flight.inc()  # until the connection is done with the request
         request_cleanup().callback(METRICS.streams_in_flight.dec)
         response = Response(relay, 200, content_type=_content_type(upstream.response))
@@ -404,7 +422,19 @@ class Relay:
     cleanup stack; this object only decides what the client sees.
     """
 
-    __slots__ = ("_done", "_first", "_info", "_kept", "_kind", "_upstream", "_watcher")
+    __slots__ = (
+        "_done",
+        "_first",
+        "_info",
+        "_kept",
+        "_kind",
+        "_max_frames",
+        "_next_refresh",
+        "_stall_timeout",
+        "_ticket",
+        "_upstream",
+        "_watcher",
+    )
 
     def __init__(
         self,
@@ -413,8 +443,16 @@ class Relay:
         watcher: StreamWatcher,
         info: RequestInfo,
         kind: StreamKind,
+        *,
+        ticket: Ticket | None = None,
+        max_frames: int | None = None,
+        stall_timeout: float = 300.0,
     ) -> None:
         self._upstream = upstream
+        self._ticket = ticket
+        self._max_frames = max_frames
+        self._stall_timeout = stall_timeout
+        self._next_refresh = trio.current_time() + ticket.refresh_every if ticket else math.inf
         self._first: bytes | None = first
         self._watcher = watcher
         self._info = info
@@ -439,29 +477,42 @@ class Relay:
             elif self._done:
                 raise StopAsyncIteration
             else:
-                try:
+                data = b""
+                with trio.move_on_after(self._stall_timeout) as stall, suppress(UpstreamError):
                     data = await self._upstream.receive_some()
-                except UpstreamError:
-                    data = b""
+                if stall.cancelled_caught:
+                    return self._end("the model server stopped sending")
                 if not data:
                     return self._end()
+                if trio.current_time() >= self._next_refresh and self._ticket is not None:
+                    await self._ticket.refresh()
+                    self._next_refresh = trio.current_time() + self._ticket.refresh_every
             out = self._watcher.feed(data)
             self._info.usage = self._watcher.usage()
+            if self._max_frames is not None and self._watcher.frames > self._max_frames:
+                # The backend ignored the output cap: stop at the reservation, charge what came.
+                self._info.outcome = "reservation_exhausted"
+                return out + self._end("this request used up its token reservation")
             if out:
                 if self._kept is not None:
                     self._kept += out[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
                 return out
 
-    def _end(self) -> bytes:
+    def _end(self, cut: str | None = None) -> bytes:
+        """The last bytes for the client: what the watcher held back, and an error frame when
+        the stream did not end properly (or `cut` says why nzgw ends it)."""
         self._done = True
         watcher = self._watcher
         tail = watcher.flush()
         info = self._info
-        if watcher.completed and watcher.upstream_error is None:
+        if cut is None and watcher.completed and watcher.upstream_error is None:
             info.outcome = "ok"
         else:
-            info.outcome = "upstream_truncated"
-            message = watcher.upstream_error or "the model server ended the stream unexpectedly"
+            if info.outcome != "reservation_exhausted":
+                info.outcome = "upstream_truncated"
+            message = (
+                cut or watcher.upstream_error or "the model server ended the stream unexpectedly"
+            )
             tail += stream_error_frame(self._kind, message)
         info.usage = watcher.usage() or Usage(0, watcher.frames, reported=False)
         if not tail:
