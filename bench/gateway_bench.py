@@ -78,8 +78,8 @@ class Client:
             raise ConnectionError("server closed the connection")
         self.buffer += data
 
-    async def request(self, raw: bytes) -> tuple[float, float, int]:
-        """Send `raw`; return (time to first body byte, total time, body chunks seen)."""
+    async def request(self, raw: bytes) -> tuple[float, float, int, int]:
+        """Send `raw`; return (time to first body byte, total time, body chunks, NDJSON frames)."""
         start = time.perf_counter()
         await self.stream.send_all(raw)
         while b"\r\n\r\n" not in self.buffer:
@@ -89,7 +89,7 @@ class Client:
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {head!r} {self.buffer[:200]!r}")
         headers = head.lower()
-        chunks = 0
+        chunks = frames = 0
         first = 0.0
         if b"transfer-encoding: chunked" in headers:
             while True:
@@ -102,6 +102,7 @@ class Client:
                 while len(rest) < size + 2:
                     await self._fill()
                     size_line, _, rest = self.buffer.partition(b"\r\n")
+                frames += rest[:size].count(b"\n")
                 self.buffer = rest[size + 2 :]
                 if size == 0:
                     break
@@ -112,8 +113,8 @@ class Client:
                 await self._fill()
             first = time.perf_counter() - start
             self.buffer = self.buffer[length:]
-            chunks = 1
-        return first, time.perf_counter() - start, chunks
+            chunks = frames = 1
+        return first, time.perf_counter() - start, chunks, frames
 
 
 def post(path: str, body: dict[str, object], key: str | None = None) -> bytes:
@@ -127,27 +128,36 @@ def post(path: str, body: dict[str, object], key: str | None = None) -> bytes:
 
 async def run_load(
     port: int, raw: bytes, *, requests: int, concurrency: int
-) -> tuple[list[float], list[float], int]:
+) -> tuple[list[float], list[float], int, int]:
     ttfb: list[float] = []
     total: list[float] = []
-    chunks = 0
+    chunks = frames = 0
     remaining = requests
 
     async def worker() -> None:
-        nonlocal remaining, chunks
+        nonlocal remaining, chunks, frames
         client = await Client.connect(port)
-        async with client.stream:
+        try:
             while remaining > 0:
                 remaining -= 1
-                first, whole, seen = await client.request(raw)
+                try:
+                    first, whole, seen, lines = await client.request(raw)
+                except ConnectionError:
+                    # hypercorn closes a keep-alive connection after 1000 requests: reconnect.
+                    await client.stream.aclose()
+                    client = await Client.connect(port)
+                    first, whole, seen, lines = await client.request(raw)
                 ttfb.append(first)
                 total.append(whole)
                 chunks += seen
+                frames += lines
+        finally:
+            await client.stream.aclose()
 
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
-    return ttfb, total, chunks
+    return ttfb, total, chunks, frames
 
 
 def pct(values: list[float], q: float) -> float:
@@ -167,13 +177,13 @@ async def wait_port(port: int) -> None:
             return
 
 
-Measure = Callable[[], Awaitable[tuple[list[float], list[float], int]]]
+Measure = Callable[[], Awaitable[tuple[list[float], list[float], int, int]]]
 
 
-async def measured(pid: int, run: Measure) -> tuple[list[float], list[float], int, float]:
+async def measured(pid: int, run: Measure) -> tuple[list[float], list[float], int, int, float]:
     before = cpu_seconds(pid)
-    ttfb, total, chunks = await run()
-    return ttfb, total, chunks, cpu_seconds(pid) - before
+    ttfb, total, chunks, frames = await run()
+    return ttfb, total, chunks, frames, cpu_seconds(pid) - before
 
 
 def nzgw(*args: str, env: dict[str, str]) -> str:
@@ -234,7 +244,7 @@ def start_servers(work: Path) -> tuple[dict[str, subprocess.Popen[bytes]], dict[
 
 HEADER = (
     "| what | conc. | requests | p50 ms | p99 ms | TTFB p50 ms | req/s | server CPU ms/req "
-    "| server CPU µs/chunk |\n|---|---|---|---|---|---|---|---|---|"
+    "| server CPU µs per relayed chunk / per frame |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -253,10 +263,11 @@ async def measure_all(pids: dict[str, int], ports: dict[str, int], key: str, n: 
     async def row(name: str, server: str, raw: bytes, conc: int, count: int) -> None:
         pid, port = pids[server], ports[server]
         await run_load(port, raw, requests=min(count, 50), concurrency=conc)  # warm up
-        ttfb, total, chunks, cpu = await measured(
+        ttfb, total, chunks, frames, cpu = await measured(
             pid, lambda: run_load(port, raw, requests=count, concurrency=conc)
         )
-        per_chunk = f"{cpu / chunks * 1e6:.1f}" if chunks > count else "-"
+        streamed = frames > count
+        per_chunk = f"{cpu / chunks * 1e6:.1f} / {cpu / frames * 1e6:.1f}" if streamed else "-"
         lines.append(
             f"| {name} | {conc} | {count} | {pct(total, 0.5):.2f} | {pct(total, 0.99):.2f} | "
             f"{pct(ttfb, 0.5):.2f} | {count / sum(total) * conc:.0f} | "

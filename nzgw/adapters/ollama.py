@@ -1,9 +1,10 @@
-"""HTTP client for one Ollama backend: httpcore's connection pool, used directly.
+"""HTTP clients for one Ollama backend.
 
-httpx costs ~1.4 ms of CPU per proxied request on this stack against ~1 ms for httpcore alone
-(STACK-NOTES), so the data plane speaks to httpcore and relays whatever one socket read returns.
-Every httpcore exception is translated into `UpstreamError` here; nothing above this module
-sees an httpcore type.
+Two pools per backend: the data plane (`open`: inference requests, relayed as they come) runs
+on `h11pool.H11Pool`, a lean h11 client measured at well under half of httpcore's CPU per
+request; the control plane (`get_json`: discovery and probes, a few requests per tick) uses
+httpcore's connection pool directly. Every library exception is translated into
+`UpstreamError` here; nothing above this module sees an httpcore or h11 type.
 
 Timeouts: the connect timeout is part of the pool's configuration (like a driver setting);
 time to first byte and stalls are the caller's business (`trio.fail_after` around calls).
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import httpcore
 import trio
 
+from nzgw.adapters.h11pool import H11Pool, H11Response
 from nzgw.config import BackendConfig
 from nzgw.ports import UpstreamError
 
@@ -138,6 +140,14 @@ class OllamaBackend:
                 (b"authorization", b"Bearer " + config.auth_token.encode("latin-1"))
             )
         self._extensions: dict[str, Any] = {"timeout": {"connect": connect_timeout}}
+        parts = urlsplit(config.url)
+        self._data_plane = H11Pool(
+            parts.hostname or "localhost",
+            parts.port or (443 if parts.scheme == "https" else 80),
+            tls=parts.scheme == "https",
+            size=pool_size,
+            connect_timeout=connect_timeout,
+        )
         self._pool = httpcore.AsyncConnectionPool(
             max_connections=pool_size,
             keepalive_expiry=keepalive_expiry,
@@ -151,30 +161,27 @@ class OllamaBackend:
         *,
         body: bytes = b"",
         headers: Sequence[tuple[bytes, bytes]] = (),
-    ) -> UpstreamResponse:
-        """Send a request; return once the status line and headers arrived.
-
-        Raises `UpstreamError` on any transport failure. On cancellation nothing is left open.
-        """
+    ) -> H11Response:
+        """Send a request on the data plane's pool; return once the status line and headers
+        arrived. Raises `UpstreamError` on any transport failure. On cancellation nothing is
+        left open."""
         request_headers = [*self._base_headers, *headers]
         if body or method == b"POST":
             request_headers.append((b"content-length", str(len(body)).encode()))
-        request = httpcore.Request(
-            method,
-            self._base + path,
-            headers=request_headers,
-            content=body,
-            extensions=self._extensions,
-        )
-        try:
-            response = await self._pool.handle_async_request(request)
-        except _HTTPCORE_ERRORS as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        return UpstreamResponse(response)
+        return await self._data_plane.open(method, path, request_headers, body)
 
     async def get_json(self, path: str, *, limit: int = 16 * 1024 * 1024) -> Any:
         """GET a JSON document (discovery, probes). Raises `UpstreamError` on any failure."""
-        response = await self.open(b"GET", path.encode("ascii"))
+        request = httpcore.Request(
+            b"GET",
+            self._base + path.encode("ascii"),
+            headers=self._base_headers,
+            extensions=self._extensions,
+        )
+        try:
+            response = UpstreamResponse(await self._pool.handle_async_request(request))
+        except _HTTPCORE_ERRORS as exc:
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
         try:
             body = await response.read_all(limit)
         finally:
@@ -189,6 +196,7 @@ class OllamaBackend:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self._pool.aclose()
+            await self._data_plane.aclose()
 
 
 @asynccontextmanager
