@@ -12,6 +12,7 @@ import attrs
 import click
 import trio
 
+from nzgw.adapters.stores import open_store
 from nzgw.cli._common import load_config_or_exit
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
@@ -67,18 +68,21 @@ def dev(emulator: bool | None) -> None:
 
 
 async def _dev_main(config: Config, emulator: bool) -> None:
+    config = attrs.evolve(config, migrate_on_start=True)
+    # The key exists before the server answers: whoever sees /healthz can read var/dev-key.
+    async with open_store(config.database_url) as store:
+        await store.migrate()
+        key = await _ensure_dev_key(store, config)
     async with trio.open_nursery() as nursery:
         if emulator:
             url = await nursery.start(_run_emulator)
             config = attrs.evolve(config, ollama_base_url=url, backends=())
-        config = attrs.evolve(config, migrate_on_start=True)
 
         async def server(task_status: trio.TaskStatus[Running]) -> None:
             await run_server(config, task_status=task_status)
             nursery.cancel_scope.cancel()  # drained after a signal: the emulator goes too
 
         running: Running = await nursery.start(server)
-        key = await _ensure_dev_key(running.store, config)
         _print_welcome(running.url, key, emulator)
 
 

@@ -1,0 +1,124 @@
+"""The two ways people start nzgw, as real processes: `nzgw dev` on an empty directory and
+`nzgw serve`; both stop cleanly (exit 0) on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+
+from nzgw.testing import open_emulator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_answer(url: str, proc: trio.Process) -> None:
+    """Poll `url` until it answers 200 (a separate process: there is no event to wait on)."""
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(30):
+            while True:
+                assert proc.returncode is None, "the server exited"
+                try:
+                    if (await client.get(url)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("NZGW_", "OLLAMA_"))}
+    keep.pop("DATABASE_URL", None)
+    keep.pop("REDIS_URL", None)
+    return {**keep, "NZGW_ENV_FILE": str(tmp_path / "none.env"), **extra}
+
+
+async def run_dev(tmp_path: Path, port: int) -> tuple[str, int]:
+    """Start `nzgw dev` in tmp_path, list models with its key, stop it; (key, exit code)."""
+    env = env_for(tmp_path, NZGW_BIND=f"127.0.0.1:{port}")
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-m", "nzgw", "dev"],
+                cwd=tmp_path,
+                env=env,
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        url = f"http://127.0.0.1:{port}"
+        await wait_answer(f"{url}/healthz", proc)
+        key_file = tmp_path / "var" / "dev-key"
+        key = key_file.read_text().strip()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        await wait_answer(f"{url}/readyz", proc)
+        async with httpx.AsyncClient() as client:
+            tags = await client.get(f"{url}/api/tags", headers={"Authorization": f"Bearer {key}"})
+            assert tags.status_code == 200 and tags.json()["models"]
+            chat = await client.post(
+                f"{url}/api/chat",
+                headers={"Authorization": f"Bearer {key}"},
+                json={
+                    "model": "llama3",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert chat.status_code == 200 and chat.json()["done"] is True
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await proc.wait()
+    assert proc.returncode is not None
+    return key, proc.returncode
+
+
+async def test_dev_needs_nothing_but_python_and_keeps_its_key(tmp_path: Path) -> None:
+    first_key, code = await run_dev(tmp_path, free_port())
+    assert code == 0
+    assert (tmp_path / "var" / "nzgw.db").exists()
+    second_key, code = await run_dev(tmp_path, free_port())
+    assert code == 0 and second_key == first_key  # the same dev key on every start
+
+
+async def test_serve_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    async with open_emulator() as emu:
+        env = env_for(
+            tmp_path,
+            NZGW_BIND=f"127.0.0.1:{port}",
+            OLLAMA_BASE_URL=emu.url,
+            DATABASE_URL=f"sqlite:///{tmp_path}/s.db",
+            NZGW_MIGRATE_ON_START="true",
+        )
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "nzgw", "serve"],
+                    cwd=tmp_path,
+                    env=env,
+                    check=False,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            await wait_answer(f"http://127.0.0.1:{port}/readyz", proc)
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                await proc.wait()
+        assert proc.returncode == 0
