@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import attrs
 import trio
@@ -129,56 +130,44 @@ async def run_server(
                 )
                 poll_timeout = max(0.5, min(config.discovery_interval, 5.0))
                 await services.start(
-                    lambda task_status: run_discovery(
+                    partial(
+                        run_discovery,
                         registry,
                         backends,
                         interval=config.discovery_interval,
                         poll_timeout=poll_timeout,
-                        task_status=task_status,
                     )
                 )
                 live = LiveCollector(registry)  # read at scrape time
-                # TODO(limiter): a public `Limiter.pending_rows` instead of `_pending`.
-                live.track_backlog("usage", lambda: len(limiter._pending))
+                live.track_backlog("usage", lambda: limiter.pending_rows)
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(
-                        lambda task_status: serve_metrics(
-                            config.metrics_bind, live=live, task_status=task_status
-                        )
+                        partial(serve_metrics, config.metrics_bind, live=live)
                     )
                 await services.start(
-                    lambda task_status: run_revocation_watch(
+                    partial(
+                        run_revocation_watch,
                         store,
                         authenticator,
                         interval=config.revocation_poll_interval,
-                        task_status=task_status,
                     )
                 )
                 await services.start(
-                    lambda task_status: run_usage_flusher(
-                        limiter, store, interval=config.flush_interval, task_status=task_status
-                    )
+                    partial(run_usage_flusher, limiter, store, interval=config.flush_interval)
                 )
                 await services.start(
-                    lambda task_status: run_last_used_flush(
-                        store,
-                        authenticator,
-                        interval=config.flush_interval,
-                        task_status=task_status,
+                    partial(
+                        run_last_used_flush, store, authenticator, interval=config.flush_interval
                     )
                 )
                 audit_zone = budget_zone(config.budget_timezone)
                 audit = AuditLog(queue_max=config.audit_queue_max, zone=audit_zone)
                 live.track_backlog("audit", lambda: audit.pending)
                 await services.start(
-                    lambda task_status: run_audit_flusher(
-                        audit, store, interval=config.flush_interval, task_status=task_status
-                    )
+                    partial(run_audit_flusher, audit, store, interval=config.flush_interval)
                 )
-                await services.start(
-                    lambda task_status: run_prompt_purge(store, task_status=task_status)
-                )
+                await services.start(partial(run_prompt_purge, store))
 
                 async def store_ready() -> bool:
                     await store.ping()
@@ -204,13 +193,7 @@ async def run_server(
                 # only then are the service tasks stopped (their last flushes see every request).
                 async with trio.open_nursery() as http:
                     bound = await http.start(
-                        lambda task_status: serve_http(
-                            app,
-                            config,
-                            sock,
-                            shutdown_trigger=shutdown_trigger,
-                            task_status=task_status,
-                        )
+                        partial(serve_http, app, config, sock, shutdown_trigger=shutdown_trigger)
                     )
                     ready: dict[str, object] = {"bind": f"{bound.host}:{bound.port}"}
                     if metrics_bound is not None:

@@ -136,6 +136,11 @@ class Limiter:
     def lease_ttl(self) -> float:
         return self._lease_ttl_ms / 1000
 
+    @property
+    def pending_rows(self) -> int:
+        """Usage aggregates settled but not yet written to the ledger (a metrics backlog)."""
+        return len(self._pending)
+
     def _clock(self) -> tuple[int, Periods]:
         now = self._now()
         now_ms = epoch_ms(now)
