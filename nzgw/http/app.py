@@ -25,11 +25,9 @@ from nzgw.core.audit import AUDIT_QUEUE_FULL
 from nzgw.core.surfaces import Surface, error_response
 from nzgw.http.asgi import GatewayHTTPConnection, request_cleanup
 from nzgw.http.gateway import Gateway, RequestInfo
-from nzgw.http.proxy import handle_route
+from nzgw.http.proxy import error, handle_route
 
 log = logging.getLogger("nzgw.access")
-
-JSON_UTF8 = "application/json; charset=utf-8"
 
 
 class GatewayApp(QuartTrio):
@@ -100,7 +98,7 @@ async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
     if gateway.audit is not None and gateway.audit.refusing and not _is_probe(decision):
         # Fail closed: no room to audit this request. Probes still answer (readyz says 503).
         info.refusal, info.outcome = AUDIT_QUEUE_FULL, "refused"
-        return error(decision.surface, 503, "service unavailable, try again", Retry_After="1")
+        return error(decision.surface, 503, "service unavailable, try again", {"Retry-After": "1"})
     if isinstance(decision, paths.Blocked):
         info.refusal = "blocked_endpoint"
         return error(decision.surface, 403, "this endpoint is disabled on this gateway")
@@ -134,14 +132,6 @@ async def _readyz(gateway: Gateway) -> Response:
         body = json.dumps({"status": "unavailable", "missing": missing}).encode()
         return Response(body, 503, content_type="application/json")
     return Response(b'{"status":"ready"}', 200, content_type="application/json")
-
-
-def error(surface: Surface, status: int, message: str, **headers: str) -> Response:
-    body, content_type = error_response(surface, status, message)
-    response = Response(body, status, content_type=content_type)
-    for name, value in headers.items():
-        response.headers[name.replace("_", "-")] = value
-    return response
 
 
 async def _finish(gateway: Gateway, info: RequestInfo) -> None:

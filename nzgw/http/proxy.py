@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -29,7 +30,7 @@ from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
 from nzgw.core.reserve import reserve
-from nzgw.core.surfaces import Surface, error_response, stream_error_frame
+from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
@@ -46,11 +47,6 @@ TRUNCATED = "the model server ended the stream unexpectedly"
 
 # One message for "unknown", "not on any backend" and "not allowed": no existence disclosure.
 FORBIDDEN_MODEL = "model not available for this key"
-
-JSON_UTF8 = "application/json; charset=utf-8"
-
-# Upstream response headers a client may see. Nothing else passes (no server, no backend hints).
-_PASS_HEADERS = frozenset({b"content-type", b"cache-control"})
 
 _STREAM_KIND: dict[R, StreamKind] = {
     R.GENERATE: StreamKind.NDJSON,
@@ -169,8 +165,6 @@ def _listing(
 
 
 def _openai_model(model_id: str, entry: dict[str, Any]) -> dict[str, Any]:
-    from datetime import datetime
-
     created = 0
     modified = entry.get("modified_at")
     if isinstance(modified, str):
