@@ -31,6 +31,7 @@ from nzgw.core.limits import (
     Scope,
     WindowEntry,
     WindowUsage,
+    in_window,
     retry_after_ms,
 )
 from nzgw.ports import BudgetSeed, SeedNeeded
@@ -67,7 +68,8 @@ class _ScopeState:
     def usage(self, now_ms: int) -> WindowUsage:
         if not self.window:
             return WindowUsage(0, 0, 0)
-        return WindowUsage(len(self.window), self.tokens, self.window[0].at_ms + WINDOW_MS - now_ms)
+        reset = in_window(self.window[0].at_ms + WINDOW_MS - now_ms)
+        return WindowUsage(len(self.window), self.tokens, reset)
 
     def used(self, limit: Limit, request: AdmissionRequest) -> int:
         if limit is Limit.REQUESTS_PER_MINUTE:

@@ -116,6 +116,15 @@ end
 
 local scopes = {load(2), load(8)}
 
+-- Callers stamp their own clocks, so an entry can be a little newer than this call's `now`
+-- (another process read its clock later but reached Redis first): never report a wait longer
+-- than the window itself, nor a negative one.
+local function in_window(ms)
+  if ms > window then return window end
+  if ms < 0 then return 0 end
+  return ms
+end
+
 local function windows(extra_requests, extra_tokens)
   local out = {}
   for s = 1, 2 do
@@ -124,7 +133,7 @@ local function windows(extra_requests, extra_tokens)
     if not oldest and extra_requests > 0 then oldest = now end
     out[#out + 1] = st.used[1] + extra_requests
     out[#out + 1] = st.used[2] + extra_tokens
-    out[#out + 1] = oldest and (oldest + window - now) or 0
+    out[#out + 1] = oldest and in_window(oldest + window - now) or 0
   end
   return out
 end
@@ -133,14 +142,16 @@ local function retry_after(kind, st, allowed, need, used)
   if kind == 0 then
     if allowed <= 0 then return -1 end
     local e = redis.call('ZRANGE', KEYS[st.base], used - allowed, used - allowed, 'WITHSCORES')
-    return tonumber(e[2]) + window - now
+    return in_window(tonumber(e[2]) + window - now)
   elseif kind == 1 then
     if need > allowed then return -1 end
     local es = redis.call('ZRANGE', KEYS[st.base], 0, scan - 1, 'WITHSCORES')
     local freed = 0
     for i = 1, #es, 2 do
       freed = freed + tokens_of(es[i])
-      if used - freed + need <= allowed then return tonumber(es[i + 1]) + window - now end
+      if used - freed + need <= allowed then
+        return in_window(tonumber(es[i + 1]) + window - now)
+      end
     end
     return window
   elseif kind == 2 then return tonumber(ARGV[10])

@@ -289,6 +289,13 @@ class WindowEntry:
     tokens: int
 
 
+def in_window(ms: int) -> int:
+    """A wait clamped to [0, window]. Callers stamp entries with their own clocks, so an entry
+    can be slightly newer than a later caller's `now` (another process read its clock after
+    but reached the store first); no per-minute wait is ever reported as longer than a minute."""
+    return min(max(ms, 0), WINDOW_MS)
+
+
 def retry_after_ms(
     limit: Limit,
     *,
@@ -308,7 +315,7 @@ def retry_after_ms(
     if limit is Limit.REQUESTS_PER_MINUTE:
         if allowed <= 0:
             return None
-        return window[used - allowed].at_ms + WINDOW_MS - now_ms
+        return in_window(window[used - allowed].at_ms + WINDOW_MS - now_ms)
     if limit is Limit.TOKENS_PER_MINUTE:
         if requested > allowed:
             return None
@@ -316,7 +323,7 @@ def retry_after_ms(
         for entry in islice(window, TPM_RETRY_SCAN):
             freed += entry.tokens
             if used - freed + requested <= allowed:
-                return entry.at_ms + WINDOW_MS - now_ms
+                return in_window(entry.at_ms + WINDOW_MS - now_ms)
         return WINDOW_MS
     if limit is Limit.CONCURRENT_REQUESTS:
         return CONCURRENCY_RETRY_MS

@@ -152,6 +152,19 @@ async def test_the_window_slides_exactly(backend: Backend) -> None:
         assert (await admit(c, admission(who, at_ms=70_000))).admitted
 
 
+async def test_a_wait_is_never_longer_than_the_window(backend: Backend) -> None:
+    """Two processes: one reads its clock later (5 ms) but reaches the store first."""
+    who = principal(key_limits=Limits(requests_per_minute=1, tokens_per_minute=10))
+    async with backend.open() as c:
+        await seeded(c)
+        await lease_of(c, admission(who, at_ms=5, reserve=10))
+        late = await admit(c, admission(who, at_ms=0, reserve=10))
+        assert late.refusal is not None and late.refusal.retry_after_ms is not None
+        assert 0 < late.refusal.retry_after_ms <= 60_000
+        assert 0 < late.key.reset_ms <= 60_000
+        assert dict(ratelimit_headers(late))["retry-after"] == "60"
+
+
 async def test_a_refused_request_reserves_nothing(backend: Backend) -> None:
     tenant, own = Limits(requests_per_minute=2), Limits(requests_per_minute=100)
     a = principal(key_id=10, tenant_limits=tenant, key_limits=own)
