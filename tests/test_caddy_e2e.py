@@ -43,6 +43,9 @@ TOKENS = 8
 TOKEN_DELAY = 0.1
 
 
+READY_MESSAGES = {"certificate obtained successfully", "serving initial configuration"}
+
+
 @pytest.fixture(scope="module")
 def caddy() -> str:
     path = shutil.which("caddy")
@@ -113,14 +116,18 @@ async def running_caddy(binary: str, tmp_path: Path, upstream_port: int) -> Asyn
     try:
         buffer = b""
         with trio.fail_after(20):
-            while not any(e.get("msg") == "certificate obtained successfully" for e in log):
+            # Ready: its certificate exists AND its servers listen (the two log lines come in
+            # either order; waiting for the certificate alone raced the listener).
+            while not {e.get("msg") for e in log} >= READY_MESSAGES:
                 chunk = await process.stderr.receive_some()
                 assert chunk, f"caddy exited before it was ready: {log or buffer!r}"
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 log.extend(json.loads(line) for line in lines if line.startswith(b"{"))
         root_ca = tmp_path / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
-        yield Caddy(f"https://127.0.0.1:{https_port}", root_ca, log)
+        ready = Caddy(f"https://127.0.0.1:{https_port}", root_ca, log)
+        await _handshake_succeeds(ready)
+        yield ready
     finally:
         with trio.CancelScope(shield=True):
             process.terminate()
@@ -130,6 +137,27 @@ async def running_caddy(binary: str, tmp_path: Path, upstream_port: int) -> Asyn
                 process.kill()
                 await process.wait()
             await process.stderr.aclose()
+
+
+async def _handshake_succeeds(caddy: Caddy) -> None:
+    """Caddy logs its certificate a moment before its TLS cache serves it: a bounded poll of
+    TLS handshakes (another process: there is no event to wait on)."""
+    context = ssl.create_default_context(cafile=str(caddy.root_ca))
+    port = int(caddy.url.rsplit(":", 1)[1])
+    with trio.fail_after(10):
+        while True:
+            try:
+                stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            try:
+                await stream.do_handshake()
+                return
+            except trio.BrokenResourceError:
+                await trio.sleep(0.05)
+            finally:
+                await trio.aclose_forcefully(stream)
 
 
 def https_client(caddy: Caddy) -> httpx.AsyncClient:
