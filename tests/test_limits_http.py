@@ -70,6 +70,7 @@ from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 from tests.counters.conftest import REDIS_SERVER, OwnedRedis
 from tests.harness import FAST_ARGON2, Harness, open_harness
+from tests.process_log import ProcessLog
 
 PROCESSES = 3
 PER_PROCESS = 100
@@ -182,37 +183,14 @@ def _seconds_to_midnight_utc() -> float:
 # --- real gateway processes -----------------------------------------------------------------------
 
 
-@attrs.define(eq=False)
-class GatewayProcess:
+@attrs.define(eq=False, kw_only=True)
+class GatewayProcess(ProcessLog):
     """One `python -m nzgw serve` and the JSON log lines it wrote so far."""
 
-    process: trio.Process
-    lines: list[dict[str, Any]] = attrs.Factory(list)
-    eof: trio.Event = attrs.Factory(trio.Event)
     url: str = ""
-    _changed: trio.Event = attrs.Factory(trio.Event)
-
-    async def read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        while chunk := await self.process.stderr.receive_some():
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    self.lines.append({"msg": line.decode(errors="replace")})
-            self._changed.set()
-            self._changed = trio.Event()
-        self.eof.set()
-        self._changed.set()
 
     async def wait_ready(self) -> None:
-        while not (ready := [line for line in self.lines if line.get("msg") == "nzgw ready"]):
-            if self.eof.is_set():
-                raise AssertionError(f"gateway exited before it was ready: {self.lines}")
-            await self._changed.wait()
+        ready = await self.wait_logged("nzgw ready")
         self.url = f"http://{ready[0]['bind']}"
 
 
@@ -253,7 +231,7 @@ async def open_gateways(
                     cwd=tmp_path,
                     stderr=subprocess.PIPE,
                 )
-                gateway = GatewayProcess(process)
+                gateway = GatewayProcess(process=process)
                 gateways.append(gateway)
                 nursery.start_soon(gateway.read_stderr)
             with trio.fail_after(30):

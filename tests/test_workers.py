@@ -18,7 +18,6 @@ Rules of this module:
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import socket
@@ -27,7 +26,6 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -45,6 +43,7 @@ from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 from tests.harness import FAST_ARGON2
+from tests.process_log import ProcessLog
 
 REDIS_DB = 11
 RPM = 30
@@ -85,41 +84,12 @@ def _free_port() -> int:
         return port
 
 
-@attrs.define(eq=False)
-class Supervised:
+@attrs.define(eq=False, kw_only=True)
+class Supervised(ProcessLog):
     """A running `nzgw serve` supervisor and what its processes logged so far."""
 
-    process: trio.Process
     port: int
     key: str
-    lines: list[dict[str, Any]] = attrs.Factory(list)
-    eof: trio.Event = attrs.Factory(trio.Event)
-    _changed: trio.Event = attrs.Factory(trio.Event)
-
-    async def read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        while chunk := await self.process.stderr.receive_some():
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    self.lines.append({"msg": line.decode(errors="replace")})
-            self._changed.set()
-            self._changed = trio.Event()
-        self.eof.set()
-
-    def logged(self, msg: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("msg") == msg]
-
-    async def wait_logged(self, msg: str, count: int) -> list[dict[str, Any]]:
-        while len(self.logged(msg)) < count:
-            if self.eof.is_set():
-                raise AssertionError(f"exited before logging {msg!r}: {self.lines}")
-            await self._changed.wait()
-        return self.logged(msg)
 
 
 @asynccontextmanager
@@ -155,7 +125,7 @@ async def supervised(tmp_path: Path, redis_url: str, **extra: str) -> AsyncItera
             cwd=tmp_path,
             stderr=subprocess.PIPE,
         )
-        running = Supervised(process, port, key)
+        running = Supervised(process=process, port=port, key=key)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(running.read_stderr)

@@ -1,0 +1,48 @@
+"""A child process's JSON log lines on stderr, collected as they come, with waits on them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import trio
+
+
+@attrs.define(eq=False, kw_only=True)
+class ProcessLog:
+    process: trio.Process
+    lines: list[dict[str, Any]] = attrs.Factory(list)
+    eof: trio.Event = attrs.Factory(trio.Event)
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def read_stderr(self) -> None:
+        """Collect stderr until the process closes it (run it in a nursery)."""
+        assert self.process.stderr is not None
+        buffer = b""
+        while chunk := await self.process.stderr.receive_some():
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    self.lines.append({"msg": line.decode(errors="replace")})
+            self._notify()
+        self.eof.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def logged(self, msg: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("msg") == msg]
+
+    async def wait_logged(self, msg: str, count: int = 1) -> list[dict[str, Any]]:
+        """The lines with this message, once there are `count`; fails if the process ends first."""
+        while len(self.logged(msg)) < count:
+            if self.eof.is_set():
+                raise AssertionError(f"exited before logging {msg!r}: {self.lines[-10:]}")
+            await self._changed.wait()
+        return self.logged(msg)
