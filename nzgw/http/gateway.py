@@ -73,7 +73,8 @@ class RequestInfo:
     @property
     def log_path(self) -> str:
         decision = self.decision
-        return decision.path if isinstance(decision, paths.Route) else "-"
+        # Routes and blocked endpoints have canonical names; raw unknown paths are not logged.
+        return decision.path if isinstance(decision, paths.Route | paths.Blocked) else "-"
 
     @property
     def tenant_name(self) -> str | None:
