@@ -20,11 +20,11 @@ from nzgw.testing._emu_handling import (
     bind_openai,
     chat_model_checks,
     embed_core,
+    generate_model,
     listed_models,
     load_generation,
     new_generation,
     openai_middleware_error,
-    parse_ref,
     schedule,
 )
 from nzgw.testing._emu_render import (
@@ -203,14 +203,7 @@ def completions(request: Request, context: Context) -> Reply:
                     )
                 )
     error = _openai_handler_error
-    ref = parse_ref(name)
-    if ref is None:
-        if name:
-            raise Rejected(error(400, "invalid model name"))
-        raise Rejected(error(404, f"model '{name}' not found"))
-    model = context.settings.find_model(name)
-    if model is None:
-        raise Rejected(error(404, f"model '{name}' not found"))
+    model = generate_model(context, name, error)
     if "completion" not in model.capabilities:
         raise Rejected(error(400, f"{go_quote(name)} does not support generate"))
     if suffix and "insert" not in model.capabilities:

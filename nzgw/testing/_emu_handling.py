@@ -303,6 +303,19 @@ def parse_ref(name: str) -> ModelRef | None:
     return parse_model_name(name) if name else None
 
 
+def generate_model(context: Context, name: str, error: ErrorFn) -> EmulatedModel:
+    """GenerateHandler's model lookup (shared by /v1/completions): a missing or unknown name
+    is a 404 `model '<name>' not found`, a malformed one a 400."""
+    if parse_ref(name) is None:
+        if name:
+            raise Rejected(error(400, "invalid model name"))
+        raise Rejected(error(404, f"model '{name}' not found"))
+    model = context.settings.find_model(name)
+    if model is None:
+        raise Rejected(error(404, f"model '{name}' not found"))
+    return model
+
+
 @attrs.frozen
 class ChatInput:
     """A chat request reduced to what the emulator needs from it."""

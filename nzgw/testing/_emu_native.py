@@ -17,6 +17,7 @@ from nzgw.testing._emu_handling import (
     chat_model_checks,
     check_options,
     embed_core,
+    generate_model,
     keep_alive_is_zero,
     listed_models,
     new_generation,
@@ -171,14 +172,7 @@ def generate(request: Request, context: Context) -> Reply:
     top_logprobs = body.integer("top_logprobs") or 0
     if not 0 <= top_logprobs <= 20:
         raise Rejected(error(400, "top_logprobs must be between 0 and 20"))
-    ref = parse_ref(name)
-    if ref is None:
-        if name:
-            raise Rejected(error(400, "invalid model name"))
-        raise Rejected(error(404, f"model '{name}' not found"))
-    model = context.settings.find_model(name)
-    if model is None:
-        raise Rejected(error(404, f"model '{name}' not found"))
+    model = generate_model(context, name, error)
     if not prompt and keep_alive_is_zero(body.raw("keep_alive")):
         return native_load_reply(name, "unload", context.clock, chat=False)
     if raw and (template or system or token_context):
