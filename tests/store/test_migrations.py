@@ -110,8 +110,14 @@ def test_concurrent_migrate_processes_apply_each_migration_once(
         for _ in range(4)
     ]
     applied: list[str] = []
-    for process in processes:
-        out, err = process.communicate(timeout=60)
-        assert process.returncode == 0, err
-        applied.extend(json.loads(out)["applied"])
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=60)
+            assert process.returncode == 0, err
+            applied.extend(json.loads(out)["applied"])
+    finally:
+        for process in processes:  # reap them all, also when one failed
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
     assert sorted(applied) == ALL
