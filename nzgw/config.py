@@ -57,6 +57,10 @@ class Config:
     keep_alive_timeout: float
     client_stall_timeout: float
     max_body_bytes: int
+    body_timeout: float
+    max_body_uploads_per_key: int
+    max_body_uploads_per_client: int
+    http2: bool
     trusted_proxies: tuple[str, ...]
     metrics_bind: str
     # Upstream
@@ -311,6 +315,35 @@ SETTINGS: tuple[Setting, ...] = (
         _int(1024),
         "33554432",
         "Largest accepted request body (413 beyond)",
+    ),
+    Setting(
+        "NZGW_BODY_TIMEOUT",
+        "body_timeout",
+        _seconds,
+        "30",
+        "Seconds a request body may take to arrive whole (408 beyond; 0: no limit)",
+    ),
+    Setting(
+        "NZGW_MAX_BODY_UPLOADS_PER_KEY",
+        "max_body_uploads_per_key",
+        _int(0),
+        "16",
+        "Requests of one key still sending their body at once (429 beyond; 0: no limit)",
+    ),
+    Setting(
+        "NZGW_MAX_BODY_UPLOADS_PER_CLIENT",
+        "max_body_uploads_per_client",
+        _int(0),
+        "64",
+        "Requests from one client address still sending their body at once "
+        "(429 beyond; 0: no limit)",
+    ),
+    Setting(
+        "NZGW_HTTP2",
+        "http2",
+        _bool,
+        "false",
+        "Also serve HTTP/2 (prior knowledge, h2c) on the public listener; see README Security",
     ),
     Setting(
         "NZGW_TRUSTED_PROXIES",

@@ -22,12 +22,15 @@ from quart_trio import QuartTrio
 from nzgw import __version__
 from nzgw.core import paths
 from nzgw.core.audit import AUDIT_QUEUE_FULL
+from nzgw.core.edge import check_request
 from nzgw.core.surfaces import Surface, error_response
-from nzgw.http.asgi import GatewayHTTPConnection, request_cleanup
+from nzgw.http.asgi import GatewayHTTPConnection, name_request, request_cleanup
 from nzgw.http.gateway import Gateway, RequestInfo
 from nzgw.http.proxy import error, handle_route
 
 log = logging.getLogger("nzgw.access")
+
+INTERNAL_ERROR = "internal_error"  # the audit's refusal reason for a contained failure
 
 
 class GatewayApp(QuartTrio):
@@ -87,7 +90,16 @@ async def _dispatch(gateway: Gateway) -> Response:
     )
     stack = request_cleanup()
     stack.push_async_callback(_finish, gateway, info)
-    response = await _respond(gateway, info)
+    name_request(request_id)
+    try:
+        response = await _respond(gateway, info)
+    except Exception:
+        # Contained: this request gets a 500 in its surface's shape; the connection, the
+        # process and every other request carry on (README "Security", "The edge").
+        log.exception("request failed", extra={"request_id": request_id})
+        info.refusal, info.outcome = INTERNAL_ERROR, "error"
+        response = error(decision.surface, 500, "internal error", request_id=request_id)
+        response.headers["Connection"] = "close"
     info.status = response.status_code
     response.headers["X-Request-Id"] = request_id
     return response
@@ -95,6 +107,15 @@ async def _dispatch(gateway: Gateway) -> Response:
 
 async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
     decision = info.decision
+    refused = check_request(request.scope.get("http_version", ""), request.scope["headers"])
+    if refused is not None:
+        info.refusal, info.outcome = refused.refusal, "refused"
+        response = error(
+            decision.surface, refused.status, refused.message, request_id=info.request_id
+        )
+        if refused.close:
+            response.headers["Connection"] = "close"
+        return response
     if gateway.audit is not None and gateway.audit.refusing and not _is_probe(decision):
         # Fail closed: no room to audit this request. Probes still answer (readyz says 503).
         info.refusal, info.outcome = AUDIT_QUEUE_FULL, "refused"

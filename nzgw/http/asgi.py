@@ -39,6 +39,28 @@ def request_cleanup() -> contextlib.AsyncExitStack:
     return _request_stack.get()
 
 
+# The request id, for the one log line of a failure that escapes the handler (a response body
+# that raises mid-stream). A mutable cell set before the request nursery starts, so the
+# handler task can fill it in and the connection can read it.
+_request_name: contextvars.ContextVar[list[str]] = contextvars.ContextVar("nzgw_request_name")
+
+
+def split_errors(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """(the errors to contain, what must propagate: cancellation, KeyboardInterrupt, ...)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(Exception)
+    if isinstance(exc, Exception):
+        return exc, None
+    return None, exc
+
+
+def name_request(request_id: str) -> None:
+    """Record the current request's id for the connection's failure log."""
+    cell = _request_name.get(None)
+    if cell is not None:
+        cell[:] = [request_id]
+
+
 class GatewayHTTPConnection(TrioASGIHTTPConnection):
     async def __call__(self, receive: Any, send: Any) -> None:
         async def shielded_send(message: Any) -> None:
@@ -48,10 +70,25 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
         stack = contextlib.AsyncExitStack()
         # Set before the request nursery starts, so both of its tasks inherit it.
         token = _request_stack.set(stack)
+        name: list[str] = []
+        name_token = _request_name.set(name)
         try:
             await super().__call__(receive, shielded_send)
+        except (Exception, BaseExceptionGroup) as exc:
+            # Contained: a body that raised mid-stream ends this request (hypercorn closes the
+            # connection, the answer is incomplete); never the server. Logged once, here.
+            errors, rest = split_errors(exc)
+            if errors is not None:
+                log.error(
+                    "request failed",
+                    exc_info=errors,
+                    extra={"request_id": name[0] if name else None},
+                )
+            if rest is not None:
+                raise rest from None
         finally:
             _request_stack.reset(token)
+            _request_name.reset(name_token)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLEANUP_DEADLINE
                 try:

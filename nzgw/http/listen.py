@@ -18,10 +18,10 @@ from typing import Any
 
 import attrs
 import hypercorn.config
-import hypercorn.trio
 import trio
 
 from nzgw.config import Config
+from nzgw.http.edge import serve_edge
 
 
 @attrs.frozen
@@ -52,10 +52,8 @@ def bind_socket(bind: str, *, stall_timeout: float, reuse_port: bool = False) ->
     return sock
 
 
-def hypercorn_config(config: Config, sock: socket.socket) -> hypercorn.config.Config:
+def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
-    # hypercorn wraps the descriptor in its own socket object, which then owns it.
-    hc.bind = [f"fd://{sock.detach()}"]
     hc.graceful_timeout = config.graceful_timeout
     hc.keep_alive_timeout = config.keep_alive_timeout
     hc.include_server_header = False
@@ -78,11 +76,17 @@ async def serve_http(
     """Serve `app` on `sock` until `shutdown_trigger` returns; then drain in-flight requests
     for `graceful_timeout` seconds and cancel what is left. Returns when all is done."""
     host, port = sock.getsockname()[:2]
-    hc = hypercorn_config(config, sock)
+    hc = hypercorn_config(config)
 
-    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn.trio.serve(
-            app, hc, shutdown_trigger=shutdown_trigger, task_status=task_status
+    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # The edge owns `sock` from here (nzgw/http/edge.py: HTTP/1.1 only, contained).
+        await serve_edge(
+            app,
+            hc,
+            sock,
+            http2=config.http2,
+            shutdown_trigger=shutdown_trigger,
+            task_status=task_status,
         )
 
     async with trio.open_nursery() as nursery:

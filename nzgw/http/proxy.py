@@ -34,6 +34,7 @@ from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
+from nzgw.http.uploads import UploadsBusyError
 from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
 from nzgw.services.identity import AuthenticationError, AuthThrottledError
 
@@ -44,6 +45,11 @@ R = paths.RouteId
 FRAME_SLACK = 32
 
 TRUNCATED = "the model server ended the stream unexpectedly"
+
+UPLOADS_BUSY = "too many request bodies in progress, try again"
+BODY_TIMEOUT = "the request body did not arrive in time"
+RETRY_SOON = {"Retry-After": "1"}
+CLOSE = {"Connection": "close"}
 
 # One message for "unknown", "not on any backend" and "not allowed": no existence disclosure.
 FORBIDDEN_MODEL = "model not available for this key"
@@ -192,17 +198,32 @@ def _checked_model(
     return name
 
 
-async def _read_body(limit: int) -> bytes:
+async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
+    """The whole body: at most NZGW_MAX_BODY_BYTES, within NZGW_BODY_TIMEOUT, and only while the
+    key and the client address are under their bound of bodies in progress (http/uploads.py)."""
+    config = gateway.config
+    limit = config.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.body:
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
-        parts.append(chunk)
+    try:
+        with (
+            gateway.uploads.receiving(info.key_prefix or "", info.client),
+            trio.move_on_after(config.body_timeout or math.inf) as deadline,
+        ):
+            async for chunk in request.body:
+                size += len(chunk)
+                if size > limit:
+                    raise Refused(
+                        413, f"request body larger than {limit} bytes", refusal="too_large"
+                    )
+                parts.append(chunk)
+    except UploadsBusyError:
+        raise Refused(429, UPLOADS_BUSY, refusal="body_uploads", headers=RETRY_SOON) from None
+    if deadline.cancelled_caught:
+        raise Refused(408, BODY_TIMEOUT, refusal="body_timeout", headers=CLOSE)
     return b"".join(parts)
 
 
@@ -216,7 +237,7 @@ def _wants_stream(route: R, doc: dict[str, Any]) -> bool:
 async def _model_request(
     gateway: Gateway, info: RequestInfo, route: paths.Route, principal: Principal
 ) -> Response:
-    body = await _read_body(gateway.config.max_body_bytes)
+    body = await _read_body(gateway, info)
     if not body.strip():
         raise Refused(400, "missing request body", refusal="bad_request")
     try:

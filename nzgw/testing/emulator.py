@@ -224,9 +224,11 @@ class Emulator:
         self._announce()
         try:
             await self._converse(connection)
-        except trio.BrokenResourceError:
+        # `except*`: a reset met while a reply is paced arrives from `_watching_peer`'s nursery,
+        # wrapped in an ExceptionGroup (a bare `except` let it crash the emulator).
+        except* trio.BrokenResourceError:
             connection.peer_left = True
-        except trio.ClosedResourceError:
+        except* trio.ClosedResourceError:
             pass  # closed under us by REFUSE
         finally:
             # Synchronous close: it happens even when this task is being cancelled.

@@ -1,0 +1,262 @@
+"""The public listener's connections: HTTP/1.1 only, and nothing one connection does escapes it.
+
+hypercorn's trio worker (`hypercorn.trio.run.worker_serve`) is reproduced here, narrowed to
+what nzgw uses (plain sockets we bound ourselves, no TLS, no QUIC), for two changes that its
+configuration cannot express:
+
+1. **HTTP/1.1 only** (unless `NZGW_HTTP2=true`). Stock hypercorn switches a plain connection to
+   HTTP/2 on a prior-knowledge preface (`PRI * HTTP/2.0`) or an `Upgrade: h2c` request, and its
+   HTTP/2 path raised out of the connection task on a non-ASCII `:path`. `EdgeH11Protocol`
+   never switches: `Upgrade` is ignored (the request is answered as HTTP/1.1), WebSocket
+   requests are plain HTTP requests that the application refuses, and a `PRI` preface is a
+   request with version 2.0 that the application refuses with 505 (`nzgw.core.edge`).
+   Requests that `nzgw.core.edge.check_request` says must close the connection (the preface,
+   `Content-Length` with `Transfer-Encoding`) get `Connection: close` on their answer here,
+   whatever the application sends.
+2. **Containment.** hypercorn runs every connection in the server nursery: an exception from
+   one connection's protocol code cancelled the whole server and left `run_server`.
+   `EdgeTCPServer.run` catches whatever a connection raises (not cancellation), answers 500 if
+   the connection can still carry an answer, logs it once and closes only that connection.
+   Exceptions of a request handler are caught earlier, in the application (500 in the
+   caller's shape, with the request id: `nzgw.http.app`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import h11
+import hypercorn.config
+import trio
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Request, Response
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, wrap_app
+
+from nzgw.core.edge import check_request
+from nzgw.core.surfaces import Surface, error_response
+from nzgw.http.asgi import split_errors
+
+log = logging.getLogger("nzgw.http")
+
+_CLOSE = (b"connection", b"close")
+
+
+class EdgeH11Protocol(H11Protocol):
+    """hypercorn's HTTP/1 protocol without its protocol switches (module docstring, 1)."""
+
+    _must_close = False
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        # Stock hypercorn raises here to switch to HTTP/2 (h2c upgrade, prior knowledge).
+        verdict = check_request(event.http_version, event.headers)
+        self._must_close = verdict is not None and verdict.close
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        # Every request is an HTTP request: no WebSocket stream, whatever its headers say.
+        self.stream = HTTPStream(
+            self.app,
+            self.config,
+            self.context,
+            self.task_group,
+            self.ssl,
+            self.client,
+            self.server,
+            self.stream_send,
+            STREAM_ID,
+        )
+        headers = (
+            request.headers.raw_items()
+            if self.config.h11_pass_raw_headers
+            else list(request.headers)
+        )
+        await self.stream.handle(
+            Request(
+                stream_id=STREAM_ID,
+                headers=headers,
+                http_version=request.http_version.decode(),
+                method=request.method.decode("ascii").upper(),
+                raw_path=request.target,
+                state=self.connection_state,
+            )
+        )
+        self.keep_alive_requests += 1
+        await self.context.mark_request()
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if (
+            self._must_close
+            and isinstance(event, Response)
+            and event.status_code >= 200
+            and _CLOSE not in event.headers
+        ):
+            event = Response(
+                stream_id=event.stream_id,
+                headers=[*event.headers, _CLOSE],
+                status_code=event.status_code,
+            )
+        await super().stream_send(event)
+
+
+class EdgeProtocol(ProtocolWrapper):
+    """A connection that speaks HTTP/1 only, whatever the client asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol = EdgeH11Protocol(
+            self.app,
+            self.config,
+            self.context,
+            self.task_group,
+            self.state,
+            self.ssl,
+            self.client,
+            self.server,
+            self.send,
+        )
+
+    async def handle(self, event: Any) -> None:
+        await self.protocol.handle(event)
+
+
+class EdgeTCPServer(TCPServer):
+    """One accepted connection (plain TCP), contained (module docstring, 2)."""
+
+    def __init__(self, *args: Any, http2: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._protocol_class: type[ProtocolWrapper] = ProtocolWrapper if http2 else EdgeProtocol
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+        except OSError:
+            pass
+        except (Exception, BaseExceptionGroup) as exc:
+            errors, rest = split_errors(exc)
+            if errors is not None:
+                await self._contain(errors)
+            if rest is not None:
+                raise rest from None
+        finally:
+            await self._close()
+
+    async def _serve(self) -> None:
+        # TCPServer.run for a plain socket, with our protocol.
+        sock = self.stream.socket
+        client = parse_socket_addr(sock.family, sock.getpeername())
+        server = parse_socket_addr(sock.family, sock.getsockname())
+        async with TaskGroup() as task_group:
+            self._task_group = task_group
+            self.protocol = self._protocol_class(
+                self.app,
+                self.config,
+                self.context,
+                task_group,
+                ConnectionState(self.state),
+                False,
+                client,
+                server,
+                self.protocol_send,
+                "http/1.1",
+            )
+            await self.protocol.initiate()
+            await self.idle_task.restart(self._task_group, self._idle_timeout)
+            await self._read_data()
+
+    async def _contain(self, error: BaseException) -> None:
+        connection_id = os.urandom(8).hex()
+        log.error(
+            "connection failed; closed it",
+            exc_info=error,
+            extra={"connection_id": connection_id},
+        )
+        inner = getattr(getattr(self, "protocol", None), "protocol", None)
+        if not (
+            isinstance(inner, H11Protocol)
+            and isinstance(inner.connection, h11.Connection)
+            and inner.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}
+        ):
+            return  # HTTP/2, or an answer already started: closing is all that is left
+        body, content_type = error_response(Surface.GATEWAY, 500, "internal error")
+        head = (
+            f"HTTP/1.1 500 Internal Server Error\r\ncontent-type: {content_type}\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {connection_id}\r\n"
+            "connection: close\r\n\r\n"
+        ).encode()
+        # Shielded (we may be here because of a cancellation elsewhere) and bounded.
+        with (
+            trio.CancelScope(shield=True, deadline=trio.current_time() + 1),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await self.stream.send_all(head + body)
+
+
+async def serve_edge(
+    app: Any,
+    config: hypercorn.config.Config,
+    sock: socket.socket,
+    *,
+    http2: bool,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on the listening `sock` until `shutdown_trigger` returns; then give in-flight
+    requests `config.graceful_timeout` seconds and cancel what is left.
+
+    hypercorn's `worker_serve`, narrowed: one plain socket, the lifespan protocol around it,
+    and `EdgeTCPServer` for every connection.
+    """
+    wrapped: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sock.listen(config.backlog)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            handler = partial(
+                EdgeTCPServer,
+                wrapped,
+                config,
+                context,
+                ConnectionState(lifespan_state.copy()),
+                http2=http2,
+            )
+            task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            handler,
+                            [listener],
+                            handler_nursery=server_nursery,
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, others = error.split(ShutdownError)
+                if others is not None:
+                    raise others from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()

@@ -1,0 +1,61 @@
+"""The body phase: how long a request body may take, and how many may be arriving at once.
+
+A client that trickles a body holds a connection (and a file descriptor) for as long as it
+likes; the concurrency limit cannot see it, because admission happens after the body is read.
+So, around the body read (README "Security", "The edge"):
+
+* the whole body must arrive within `NZGW_BODY_TIMEOUT` seconds (408, the connection closes);
+* at most `NZGW_MAX_BODY_UPLOADS_PER_KEY` requests of one key and
+  `NZGW_MAX_BODY_UPLOADS_PER_CLIENT` requests from one client address may be in their body
+  phase at the same time in one process (429 with `Retry-After: 1`, before any byte of the
+  body is read; the connection closes because its body was not read).
+
+The counts are per process: with `NZGW_WORKERS=N` a client can hold N times as many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+import attrs
+
+
+class UploadsBusyError(Exception):
+    """The key or the client address already has its bound of bodies in progress."""
+
+
+@attrs.define(eq=False)
+class UploadGate:
+    """Counts requests in their body phase, per key and per client address."""
+
+    per_key: int  # 0: no bound
+    per_client: int
+    _keys: Counter[str] = attrs.field(factory=Counter, init=False)
+    _clients: Counter[str] = attrs.field(factory=Counter, init=False)
+
+    @contextlib.contextmanager
+    def receiving(self, key: str, client: str) -> Iterator[None]:
+        """Hold one body slot of `key` and of `client` for the block; `UploadsBusyError` when
+        either is full. Synchronous bookkeeping: released on any exit, cancellation included."""
+        if (self.per_key and self._keys[key] >= self.per_key) or (
+            self.per_client and self._clients[client] >= self.per_client
+        ):
+            raise UploadsBusyError
+        self._keys[key] += 1
+        self._clients[client] += 1
+        try:
+            yield
+        finally:
+            _release(self._keys, key)
+            _release(self._clients, client)
+
+    def in_progress(self, *, key: str | None = None, client: str | None = None) -> int:
+        return self._keys[key] if key is not None else self._clients[client or ""]
+
+
+def _release(counts: Counter[str], name: str) -> None:
+    counts[name] -= 1
+    if counts[name] <= 0:
+        del counts[name]
