@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import attrs
+import trio
 
 
 class UploadsBusyError(Exception):
@@ -34,6 +35,7 @@ class UploadGate:
     per_client: int
     _keys: Counter[str] = attrs.field(factory=Counter, init=False)
     _clients: Counter[str] = attrs.field(factory=Counter, init=False)
+    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     @contextlib.contextmanager
     def receiving(self, key: str, client: str) -> Iterator[None]:
@@ -45,14 +47,24 @@ class UploadGate:
             raise UploadsBusyError
         self._keys[key] += 1
         self._clients[client] += 1
+        self._announce()
         try:
             yield
         finally:
             _release(self._keys, key)
             _release(self._clients, client)
+            self._announce()
 
     def in_progress(self, *, key: str | None = None, client: str | None = None) -> int:
         return self._keys[key] if key is not None else self._clients[client or ""]
+
+    async def wait_changed(self) -> None:
+        """Return after the next change of any count (no timeout: wrap it)."""
+        await self._changed.wait()
+
+    def _announce(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
 
 def _release(counts: Counter[str], name: str) -> None:
