@@ -33,7 +33,7 @@ import httpx
 import pytest
 import trio
 
-from nzgw.testing import EmulatorSettings
+from nzgw.testing import EmulatorSettings, open_emulator
 from tests.harness import Harness, open_harness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,3 +250,27 @@ async def test_the_client_trusts_only_caddys_ca(caddy: str, tmp_path: Path) -> N
             answer = await client.get("/healthz")
         assert answer.status_code == 200 and answer.json() == {"status": "ok"}
         assert answer.url.scheme == "https"
+
+
+async def test_caddy_forwards_no_upgrade_to_nzgw(caddy: str, tmp_path: Path) -> None:
+    """Defence in depth (README "Security"): nzgw ignores `Upgrade: h2c` and refuses every
+    other upgrade, and Caddy does not forward the header in the first place."""
+    async with (
+        open_emulator() as emu,
+        running_caddy(caddy, tmp_path, emu.port) as proxy,
+        https_client(proxy) as client,
+    ):
+        for upgrade in ("h2c", "websocket"):
+            headers = {
+                "Connection": "Upgrade, HTTP2-Settings",
+                "Upgrade": upgrade,
+                "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            }
+            answer = await client.get("/api/version", headers=headers)
+            assert answer.status_code == 200, upgrade
+            (received,) = [r for r in emu.requests if r.path == "/api/version"][-1:]
+            names = {name.lower() for name, _ in received.headers}
+            assert "upgrade" not in names, (upgrade, received.headers)
+            assert "http2-settings" not in names, (upgrade, received.headers)

@@ -463,6 +463,8 @@ def test_the_caddyfile_proxies_without_buffering_to_nzgw(tmp_path: Path) -> None
     assert proxy["upstreams"] == [{"dial": "nzgw:8080"}]
     assert proxy["transport"]["dial_timeout"] > 0
     assert "response_header_timeout" not in proxy["transport"]  # model loads take minutes
+    # No protocol upgrade (h2c, WebSocket) is forwarded to nzgw (README "Security").
+    assert {"Upgrade", "Http2-Settings", "Connection"} <= set(proxy["headers"]["request"]["delete"])
     kinds = {h["handler"] for h in _handlers(server)}
     assert "encode" not in kinds  # compression would buffer streams
     (headers,) = [h for h in _handlers(server) if h["handler"] == "headers"]
