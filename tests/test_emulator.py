@@ -18,6 +18,7 @@ import math
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -896,6 +897,32 @@ async def test_peer_leaving_before_the_first_token_is_noticed_at_once(emulator: 
     with trio.fail_after(1):
         record = await emulator.wait_connection_closed(emulator.connections[0].id)
     assert record.closed_at is not None and record.closed_at - left_at < 0.05
+
+
+async def test_a_peer_reset_mid_pace_never_crashes_the_emulator(emulator: Emulator) -> None:
+    # Paced (the peer watcher runs beside the sender), no delay after the first token, and a
+    # reply far larger than the socket buffers: when the reset comes the sender is blocked in
+    # `send_all`, and the reset wakes it and the watcher together, in either order. Sender
+    # first used to raise ExceptionGroup[BrokenResourceError] out of the emulator.
+    emulator.settings.first_token_delay = 0.001
+    emulator.settings.token_delay = 0
+    emulator.settings.tokens_per_reply = 200_000
+    for attempt in range(12):
+        stream = await trio.open_tcp_stream("127.0.0.1", emulator.port)
+        await stream.send_all(CHAT_REQUEST)
+        received = b""
+        with trio.fail_after(10):
+            while b'"tok0 "' not in received:
+                received += await stream.receive_some()
+        # An abortive close: RST, not FIN (SO_LINGER on, timeout 0).
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        with trio.fail_after(10):
+            record = await emulator.wait_connection_closed(emulator.connections[attempt].id)
+        assert record.closed_by_peer, attempt
+    emulator.settings.tokens_per_reply = 2
+    async with httpx.AsyncClient(base_url=emulator.url, timeout=10) as client:
+        assert (await client.get("/api/version")).status_code == 200
 
 
 async def test_keep_alive_and_chunked_request_bodies(
