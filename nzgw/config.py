@@ -60,7 +60,6 @@ class Config:
     body_timeout: float
     max_body_uploads_per_key: int
     max_body_uploads_per_client: int
-    http2: bool
     trusted_proxies: tuple[str, ...]
     metrics_bind: str
     # Upstream
@@ -337,13 +336,6 @@ SETTINGS: tuple[Setting, ...] = (
         "64",
         "Requests from one client address still sending their body at once "
         "(429 beyond; 0: no limit)",
-    ),
-    Setting(
-        "NZGW_HTTP2",
-        "http2",
-        _bool,
-        "false",
-        "Also serve HTTP/2 (prior knowledge, h2c) on the public listener; see README Security",
     ),
     Setting(
         "NZGW_TRUSTED_PROXIES",

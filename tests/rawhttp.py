@@ -33,10 +33,15 @@ class Exchange:
 
 
 async def exchange(
-    port: int, data: bytes, *, host: str = "127.0.0.1", expect_close: bool = True
+    port: int,
+    data: bytes,
+    *,
+    host: str = "127.0.0.1",
+    expect_close: bool = True,
+    min_bytes: int = 0,
 ) -> Exchange:
     """Send `data`, then read until the server closes (or, with expect_close=False, until one
-    complete answer arrived). Hang-guarded; the server's keep-alive timeout ends the rest."""
+    complete answer or `min_bytes` bytes arrived). Hang-guarded."""
     with trio.fail_after(30):
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
@@ -52,7 +57,9 @@ async def exchange(
                     closed = True
                     break
                 received += chunk
-                if not expect_close and _parse(received)[0]:
+                if not expect_close and (
+                    _parse(received)[0] or (min_bytes and len(received) >= min_bytes)
+                ):
                     break
     responses, rest = _parse(received)
     return Exchange(responses, closed, rest)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from nzgw.http.edge import EdgeH11Protocol
 from nzgw.http.gateway import RequestInfo
 from tests.harness import Harness, open_harness
 from tests.rawhttp import BAD_PATH, exchange, h2_client_bytes, h2c_upgrade
@@ -157,6 +158,28 @@ async def test_a_stream_body_that_raises_ends_only_its_connection(
             await record(h, request_id)
         failures = [r for r in caplog.records if getattr(r, "request_id", None) == request_id]
         assert [r.getMessage() for r in failures] == ["request failed"]
+        monkeypatch.undo()
+        await still_serving(h)
+
+
+async def test_a_connection_whose_protocol_code_raises_ends_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the HTTP/2 path did with a non-ASCII :path: an exception in the connection's own
+    # code, outside any request. Now it ends that connection (500 when one can still be sent).
+    async def explode(self: EdgeH11Protocol, event: Any) -> None:
+        raise UnicodeDecodeError("ascii", b"\xff", 0, 1, "a bug below the application")
+
+    async with open_harness(tmp_path) as h:
+        monkeypatch.setattr(EdgeH11Protocol, "_check_protocol", explode)
+        with caplog.at_level(logging.ERROR):
+            got = await exchange(h.running.bound.port, raw_request("GET", b"/healthz", []))
+        (answer,) = got.responses
+        assert answer.status == 500 and got.closed
+        assert answer.json() == {"error": "internal error"}
+        failures = [r for r in caplog.records if r.getMessage() == "connection failed; closed it"]
+        assert len(failures) == 1 and failures[0].exc_info is not None
+        assert getattr(failures[0], "connection_id", None) == answer.headers["x-request-id"]
         monkeypatch.undo()
         await still_serving(h)
 

@@ -125,7 +125,7 @@ async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_pa
                 assert [r.status for r in got.responses] == [400] and got.closed
 
                 # The process is alive and serves every tenant as before.
-                assert proc.returncode is None
+                assert proc.poll() is None
                 async with httpx.AsyncClient(base_url=base, timeout=30) as client:
                     health = await client.get("/healthz")
                     chat = await client.post(

@@ -4,12 +4,14 @@ hypercorn's trio worker (`hypercorn.trio.run.worker_serve`) is reproduced here, 
 what nzgw uses (plain sockets we bound ourselves, no TLS, no QUIC), for two changes that its
 configuration cannot express:
 
-1. **HTTP/1.1 only** (unless `NZGW_HTTP2=true`). Stock hypercorn switches a plain connection to
-   HTTP/2 on a prior-knowledge preface (`PRI * HTTP/2.0`) or an `Upgrade: h2c` request, and its
-   HTTP/2 path raised out of the connection task on a non-ASCII `:path`. `EdgeH11Protocol`
-   never switches: `Upgrade` is ignored (the request is answered as HTTP/1.1), WebSocket
-   requests are plain HTTP requests that the application refuses, and a `PRI` preface is a
-   request with version 2.0 that the application refuses with 505 (`nzgw.core.edge`).
+1. **HTTP/1.1 only**, with no setting to turn HTTP/2 back on. Stock hypercorn switches a plain
+   connection to HTTP/2 on a prior-knowledge preface (`PRI * HTTP/2.0`) or an `Upgrade: h2c`
+   request, and its HTTP/2 path raised out of the connection task on a non-ASCII `:path`.
+   HTTP/2 towards clients is the TLS proxy's job (Caddy talks HTTP/1.1 to nzgw).
+   `EdgeH11Protocol` never switches: `Upgrade` is ignored (the request is answered as
+   HTTP/1.1), WebSocket requests are plain HTTP requests that the application refuses, and a
+   `PRI` preface is a request with version 2.0 that the application refuses with 505
+   (`nzgw.core.edge`).
    Requests that `nzgw.core.edge.check_request` says must close the connection (the preface,
    `Content-Length` with `Transfer-Encoding`) get `Connection: close` on their answer here,
    whatever the application sends.
@@ -135,10 +137,6 @@ class EdgeProtocol(ProtocolWrapper):
 class EdgeTCPServer(TCPServer):
     """One accepted connection (plain TCP), contained (module docstring, 2)."""
 
-    def __init__(self, *args: Any, http2: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._protocol_class: type[ProtocolWrapper] = ProtocolWrapper if http2 else EdgeProtocol
-
     async def run(self) -> None:
         try:
             await self._serve()
@@ -160,7 +158,7 @@ class EdgeTCPServer(TCPServer):
         server = parse_socket_addr(sock.family, sock.getsockname())
         async with TaskGroup() as task_group:
             self._task_group = task_group
-            self.protocol = self._protocol_class(
+            self.protocol = EdgeProtocol(
                 self.app,
                 self.config,
                 self.context,
@@ -189,7 +187,7 @@ class EdgeTCPServer(TCPServer):
             and isinstance(inner.connection, h11.Connection)
             and inner.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}
         ):
-            return  # HTTP/2, or an answer already started: closing is all that is left
+            return  # an answer already started: closing is all that is left
         body, content_type = error_response(Surface.GATEWAY, 500, "internal error")
         head = (
             f"HTTP/1.1 500 Internal Server Error\r\ncontent-type: {content_type}\r\n"
@@ -209,7 +207,6 @@ async def serve_edge(
     config: hypercorn.config.Config,
     sock: socket.socket,
     *,
-    http2: bool,
     shutdown_trigger: Callable[[], Awaitable[None]],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -235,7 +232,6 @@ async def serve_edge(
                 config,
                 context,
                 ConnectionState(lifespan_state.copy()),
-                http2=http2,
             )
             task_status.started()
             try:

@@ -84,7 +84,6 @@ async def serve_http(
             app,
             hc,
             sock,
-            http2=config.http2,
             shutdown_trigger=shutdown_trigger,
             task_status=task_status,
         )
