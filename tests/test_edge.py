@@ -355,3 +355,12 @@ async def test_bodies_in_progress_are_bounded_per_key_and_per_client(tmp_path: P
             while gate.in_progress(client="127.0.0.1"):  # the trickling clients left
                 await gate.wait_changed()
         await still_serving(h)
+
+
+async def test_headers_that_never_complete_are_cut_by_the_keep_alive_timeout(
+    tmp_path: Path,
+) -> None:
+    async with open_harness(tmp_path, keep_alive_timeout=0.5) as h:
+        got = await exchange(h.running.bound.port, b"POST /api/chat HTTP/1.1\r\nHost: gateway\r\n")
+        assert got.closed and not got.responses
+        await still_serving(h)
