@@ -133,3 +133,12 @@ def h2c_upgrade(path: str, headers: dict[str, str] | None = None) -> bytes:
         *(f"{name}: {value}" for name, value in (headers or {}).items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def raw_request(
+    method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
+) -> bytes:
+    """An HTTP/1.1 request head (with `Host`) and `body`, byte for byte as given."""
+    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: gateway"]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -20,7 +20,7 @@ import trio
 from nzgw.http.edge import EdgeH11Protocol
 from nzgw.http.gateway import RequestInfo
 from tests.harness import Harness, open_harness
-from tests.rawhttp import BAD_PATH, exchange, h2_client_bytes, h2c_upgrade
+from tests.rawhttp import BAD_PATH, exchange, h2_client_bytes, h2c_upgrade, raw_request
 
 CHAT = {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
 FORGED = "198.51.100.66"
@@ -42,14 +42,6 @@ async def record(h: Harness, request_id: str) -> RequestInfo:
             if found:
                 return found[0]
             await h.wait_finished(len(h.finished) + 1)
-
-
-def raw_request(
-    method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
-) -> bytes:
-    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: gateway"]
-    lines += [name + b": " + value for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def auth(h: Harness) -> tuple[bytes, bytes]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,15 @@ import httpx
 import trio
 
 from nzgw.testing import open_emulator
-from tests.rawhttp import BAD_PATH, RawResponse, exchange, h2_client_bytes, h2c_upgrade
-from tests.test_processes import env_for, free_port, wait_answer
+from tests.rawhttp import (
+    BAD_PATH,
+    RawResponse,
+    exchange,
+    h2_client_bytes,
+    h2c_upgrade,
+    raw_request,
+)
+from tests.test_processes import free_port, serve_env, start_nzgw, wait_answer
 
 CHAT = {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
 FAST_ARGON2 = {"NZGW_ARGON2_TIME_COST": "1", "NZGW_ARGON2_MEMORY_KIB": "64"}
@@ -30,22 +35,13 @@ async def nzgw(env: dict[str, str], cwd: Path, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def request(
-    method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b""
-) -> bytes:
-    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: gateway"]
-    lines += [name + b": " + value for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
 async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_path: Path) -> None:
     port = free_port()
     async with open_emulator() as emu:
-        env = env_for(
+        env = serve_env(
             tmp_path,
-            NZGW_BIND=f"127.0.0.1:{port}",
-            OLLAMA_BASE_URL=emu.url,
-            DATABASE_URL=f"sqlite:///{tmp_path}/edge.db",
+            port,
+            emu.url,
             NZGW_BODY_TIMEOUT="1",
             NZGW_FLUSH_INTERVAL="0.2",
             **FAST_ARGON2,
@@ -57,17 +53,7 @@ async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_pa
         log_path = tmp_path / "serve.log"
         with log_path.open("wb") as log_file:
             async with trio.open_nursery() as nursery:
-                proc: trio.Process = await nursery.start(
-                    partial(
-                        trio.run_process,
-                        [sys.executable, "-m", "nzgw", "serve"],
-                        cwd=tmp_path,
-                        env=env,
-                        check=False,
-                        stdout=subprocess.DEVNULL,
-                        stderr=log_file,
-                    )
-                )
+                proc = await start_nzgw(nursery, "serve", cwd=tmp_path, env=env, stderr=log_file)
                 base = f"http://127.0.0.1:{port}"
                 await wait_answer(f"{base}/readyz", proc)
                 expected: dict[str, int] = {}  # request id -> the status the client got
@@ -86,11 +72,11 @@ async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_pa
                 answered(first, 200)
                 answered(second, 505)
                 # 3. Content-Length and Transfer-Encoding, a second request hidden in the body.
-                hidden = b"0\r\n\r\n" + request("GET", b"/api/tags", [bearer])
+                hidden = b"0\r\n\r\n" + raw_request("GET", b"/api/tags", [bearer])
                 length = (b"Content-Length", str(len(hidden)).encode())
                 chunked = (b"Transfer-Encoding", b"chunked")
                 got = await exchange(
-                    port, request("POST", b"/api/chat", [bearer, length, chunked], hidden)
+                    port, raw_request("POST", b"/api/chat", [bearer, length, chunked], hidden)
                 )
                 (answer,) = got.responses
                 answered(answer, 400)
@@ -102,7 +88,7 @@ async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_pa
                     (b"Sec-WebSocket-Version", b"13"),
                     (b"Connection", b"close"),
                 ]
-                (answer,) = (await exchange(port, request("GET", b"/api/chat", ws))).responses
+                (answer,) = (await exchange(port, raw_request("GET", b"/api/chat", ws))).responses
                 answered(answer, 404)
                 # 5. Invalid UTF-8 in headers and in an escaped target.
                 bad = [
@@ -111,17 +97,17 @@ async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_pa
                     (b"Accept", b"\xed\xa0\x80"),
                     (b"Connection", b"close"),
                 ]
-                (answer,) = (await exchange(port, request("GET", b"/api/tags", bad))).responses
+                (answer,) = (await exchange(port, raw_request("GET", b"/api/tags", bad))).responses
                 answered(answer, 200)
-                target = request("GET", b"/api/%ff%fe", [bearer, (b"Connection", b"close")])
+                target = raw_request("GET", b"/api/%ff%fe", [bearer, (b"Connection", b"close")])
                 (answer,) = (await exchange(port, target)).responses
                 answered(answer, 404)
                 # 6. A body that trickles and never completes.
-                trickle = request("POST", b"/api/chat", [bearer, (b"Content-Length", b"1000")])
+                trickle = raw_request("POST", b"/api/chat", [bearer, (b"Content-Length", b"1000")])
                 (answer,) = (await exchange(port, trickle + b'{"model":')).responses
                 answered(answer, 408)
                 # 7. Framing errors below the application: answered 400 and closed.
-                got = await exchange(port, request("GET", b"/api/\xff", [bearer]))
+                got = await exchange(port, raw_request("GET", b"/api/\xff", [bearer]))
                 assert [r.status for r in got.responses] == [400] and got.closed
 
                 # The process is alive and serves every tenant as before.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import IO
 
 import httpx
 import trio
@@ -39,6 +40,28 @@ async def wait_answer(url: str, proc: trio.Process) -> None:
                 await trio.sleep(0.1)
 
 
+async def start_nzgw(
+    nursery: trio.Nursery,
+    *args: str,
+    cwd: Path,
+    env: dict[str, str],
+    stderr: int | IO[bytes] = subprocess.DEVNULL,
+) -> trio.Process:
+    """`python -m nzgw ARGS` as a child of `nursery` (which waits for it to exit)."""
+    proc: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [sys.executable, "-m", "nzgw", *args],
+            cwd=cwd,
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    )
+    return proc
+
+
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("NZGW_", "OLLAMA_"))}
     keep.pop("DATABASE_URL", None)
@@ -46,21 +69,22 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**keep, "NZGW_ENV_FILE": str(tmp_path / "none.env"), **extra}
 
 
+def serve_env(tmp_path: Path, port: int, backend_url: str, **extra: str) -> dict[str, str]:
+    """`env_for` a `serve` on 127.0.0.1:`port` in front of `backend_url`, SQLite in tmp_path."""
+    return env_for(
+        tmp_path,
+        NZGW_BIND=f"127.0.0.1:{port}",
+        OLLAMA_BASE_URL=backend_url,
+        DATABASE_URL=f"sqlite:///{tmp_path}/nzgw.db",
+        **extra,
+    )
+
+
 async def run_dev(tmp_path: Path, port: int) -> tuple[str, int]:
     """Start `nzgw dev` in tmp_path, list models with its key, stop it; (key, exit code)."""
     env = env_for(tmp_path, NZGW_BIND=f"127.0.0.1:{port}")
     async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-m", "nzgw", "dev"],
-                cwd=tmp_path,
-                env=env,
-                check=False,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        proc = await start_nzgw(nursery, "dev", cwd=tmp_path, env=env)
         url = f"http://127.0.0.1:{port}"
         await wait_answer(f"{url}/healthz", proc)
         key_file = tmp_path / "var" / "dev-key"
@@ -98,25 +122,9 @@ async def test_dev_needs_nothing_but_python_and_keeps_its_key(tmp_path: Path) ->
 async def test_serve_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     async with open_emulator() as emu:
-        env = env_for(
-            tmp_path,
-            NZGW_BIND=f"127.0.0.1:{port}",
-            OLLAMA_BASE_URL=emu.url,
-            DATABASE_URL=f"sqlite:///{tmp_path}/s.db",
-            NZGW_MIGRATE_ON_START="true",
-        )
+        env = serve_env(tmp_path, port, emu.url, NZGW_MIGRATE_ON_START="true")
         async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [sys.executable, "-m", "nzgw", "serve"],
-                    cwd=tmp_path,
-                    env=env,
-                    check=False,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            proc = await start_nzgw(nursery, "serve", cwd=tmp_path, env=env)
             await wait_answer(f"http://127.0.0.1:{port}/readyz", proc)
             proc.send_signal(signal.SIGTERM)
             with trio.fail_after(30):
