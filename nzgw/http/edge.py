@@ -140,11 +140,9 @@ class EdgeTCPServer(TCPServer):
     async def run(self) -> None:
         try:
             await self._serve()
-        except OSError:
-            pass
         except (Exception, BaseExceptionGroup) as exc:
             errors, rest = split_errors(exc)
-            if errors is not None:
+            if errors is not None and not _socket_errors_only(errors):
                 await self._contain(errors)
             if rest is not None:
                 raise rest from None
@@ -200,6 +198,13 @@ class EdgeTCPServer(TCPServer):
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
         ):
             await self.stream.send_all(head + body)
+
+
+def _socket_errors_only(error: BaseException) -> bool:
+    """The peer went away (hypercorn's own `except OSError: pass`, also inside a group)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(OSError)[1] is None
+    return isinstance(error, OSError)
 
 
 async def serve_edge(
