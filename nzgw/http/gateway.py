@@ -148,6 +148,8 @@ class Gateway:
     finish_hooks: list[FinishHook] = attrs.Factory(list)
     readiness_timeout: float = 2.0
     audit: AuditGate | None = None  # fail closed: new requests get 503 while it is refusing
+    # Worker threads that decode big request bodies at once (nzgw.http.bodies).
+    body_workers: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""

@@ -29,9 +29,9 @@ from nzgw.core.audit import PROMPT_LOG_MAX_BYTES
 from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
-from nzgw.core.reserve import reserve
 from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
+from nzgw.http.bodies import prepare_body
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
@@ -56,7 +56,6 @@ _STREAM_KIND: dict[R, StreamKind] = {
     R.V1_RESPONSES: StreamKind.SSE_EVENTS,
     R.V1_MESSAGES: StreamKind.SSE_EVENTS,
 }
-_NATIVE_STREAM_DEFAULT = frozenset({R.GENERATE, R.CHAT})
 _MODEL_ROUTES = frozenset({*_STREAM_KIND, R.EMBED, R.EMBEDDINGS, R.V1_EMBEDDINGS, R.SHOW})
 
 
@@ -206,49 +205,20 @@ async def _read_body(limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _wants_stream(route: R, doc: dict[str, Any]) -> bool:
-    stream = doc.get("stream")
-    if route in _NATIVE_STREAM_DEFAULT:
-        return stream is not False
-    return route in _STREAM_KIND and stream is True
-
-
 async def _model_request(
     gateway: Gateway, info: RequestInfo, route: paths.Route, principal: Principal
 ) -> Response:
     body = await _read_body(gateway.config.max_body_bytes)
-    if not body.strip():
-        raise Refused(400, "missing request body", refusal="bad_request")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise Refused(400, "invalid JSON in request body", refusal="bad_request") from None
-    if not isinstance(doc, dict):
-        raise Refused(400, "request body must be a JSON object", refusal="bad_request")
-    model = doc.get("model")
-    if route.route is R.SHOW and model is None:
-        model = doc.get("name")
-    name = _checked_model(gateway, info, model, _allowed(principal))
+    prepared = await prepare_body(gateway, route.route, body, principal)
+    name = _checked_model(gateway, info, prepared.model, _allowed(principal))
     if principal.key.log_prompts:
         info.request_body = body
-
-    stream = _wants_stream(route.route, doc)
+    stream = prepared.stream
     info.streamed = stream
-    reservation = reserve(route.route, body, doc, default_cap=gateway.config.default_max_tokens)
+    reservation = prepared.reservation
     info.prompt_estimate = reservation.prompt_estimate
-    modified = reservation.modified
-    strip_usage = False
-    if stream and route.route in (R.V1_CHAT, R.V1_COMPLETIONS):
-        options = doc.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            # Ask the backend for usage on the client's behalf; the watcher removes it again.
-            doc["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-            strip_usage = modified = True
-    if modified:
-        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    strip_usage = prepared.strip_usage
+    body = prepared.body
 
     headers: dict[str, str] = {}
     ticket: Ticket | None = None
