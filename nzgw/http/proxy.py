@@ -21,14 +21,17 @@ from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
+import attrs
 import trio
 from quart import Response, request
 
 from nzgw.core import framing, paths
 from nzgw.core.audit import PROMPT_LOG_MAX_BYTES
+from nzgw.core.disclosure import trim_ps_entry, trim_show_body
 from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
+from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.bodies import prepare_body
@@ -150,7 +153,10 @@ def _listing(
     if route.route is R.TAGS:
         return _json({"models": registry.list_models(allowed)})
     if route.route is R.PS:
-        return _json({"models": registry.list_loaded(allowed)})
+        loaded = registry.list_loaded(allowed)
+        if principal.key.allowed_models or principal.tenant.allowed_models:
+            loaded = [trim_ps_entry(entry) for entry in loaded]  # not theirs: no timing
+        return _json({"models": loaded})
     if route.route is R.V1_MODELS:
         data = [_openai_model(m["name"], m) for m in registry.list_models(allowed)]
         return _json({"object": "list", "data": data or None})
@@ -250,7 +256,7 @@ async def _model_request(
         if cache_control:
             response.headers["Cache-Control"] = cache_control.decode("latin-1")
     else:
-        response = await _buffered(gateway, info, route, upstream)
+        response = await _buffered(gateway, info, route, upstream, prepared)
     for key, value in headers.items():
         response.headers[key] = value
     return response
@@ -365,14 +371,26 @@ def _content_type(response: UpstreamResponse) -> str:
 
 
 async def _buffered(
-    gateway: Gateway, info: RequestInfo, route: paths.Route, upstream: _Opened
+    gateway: Gateway, info: RequestInfo, route: paths.Route, upstream: _Opened, prepared: Prepared
 ) -> Response:
-    """A whole (non-streaming or error) answer: read it, account for it, pass it on."""
+    """A whole (non-streaming or error) answer: read it, account for it, pass it on.
+
+    Held to the reservation like a stream: an answer with more output tokens than the cap
+    nzgw reserved and forwarded (a backend that ignored it) is withheld, and charged the cap."""
     response = upstream.response
     body = upstream.first + await response.read_all(gateway.config.max_body_bytes * 4)
     await response.aclose()
     if response.status == 200:
-        info.usage = framing.usage_from_body(route.route, body)
+        usage = info.usage = framing.usage_from_body(route.route, body)
+        cap = prepared.reservation.output_cap
+        if cap and usage is not None and usage.completion_tokens > cap:
+            info.usage = attrs.evolve(usage, completion_tokens=cap)
+            info.outcome = "reservation_exhausted"
+            raise Refused(
+                502, "this request used up its token reservation", refusal="reservation_exhausted"
+            )
+        if route.route is R.SHOW:
+            body = trim_show_body(body, prepared.model)
     if info.request_body is not None:
         info.response_text = body.decode("utf-8", "replace")
     return Response(body, response.status, content_type=_content_type(response))
