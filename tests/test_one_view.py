@@ -167,7 +167,7 @@ async def test_a_fractional_cap_gets_the_default_cap_not_no_limit(tmp_path: Path
 
 
 CAPS: list[Any] = [0.5, 0, -1, None, 1e30, 2**40, 3, 50, 7.9, "absent"]
-SURFACES = [
+SURFACES: list[tuple[str, dict[str, Any], str]] = [
     ("/api/generate", {"prompt": "tell me"}, "options.num_predict"),
     ("/api/chat", {"messages": USER}, "options.num_predict"),
     ("/v1/chat/completions", {"messages": USER}, "max_tokens"),
