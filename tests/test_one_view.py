@@ -318,3 +318,23 @@ async def test_openai_sdk_completions_with_a_prompt_list_is_a_clear_400(tmp_path
                 lambda: client.completions.create(model="llama3", prompt="a")
             )
             assert done.choices[0].text
+
+
+async def test_the_emulator_binds_bodies_like_go(tmp_path: Path) -> None:
+    """So that the tests above see what Ollama would: folded keys bind, the last one wins,
+    `num_predict` is truncated to an int64 and `<= 0` means no limit."""
+    async with open_harness(tmp_path) as h, httpx.AsyncClient(base_url=h.emulator.url) as direct:
+        with trio.fail_after(30):
+            body = (
+                '{"model":"qwen3","MODEL":"llama3","stream":true,"\u017ftream":false,'
+                '"options":{"num_predict":0.5},"prompt":"x"}'
+            )
+            response = await direct.post("/api/generate", content=body.encode())
+            assert response.status_code == 200
+            answer = response.json()  # one object: the folded `ſtream` (false) won
+            assert answer["model"] == "llama3"
+            assert answer["eval_count"] == 8  # int64(0.5) == 0: no limit
+            doc = {"model": "llama3", "prompt": "x", "stream": False}
+            doc["options"] = {"num_predict": 3.9}
+            capped = await direct.post("/api/generate", json=doc)
+            assert capped.json()["eval_count"] == 3
