@@ -23,8 +23,10 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 
 from nzgw.core.models import Budgets, Limits
+from nzgw.http.bodies import THREAD_THRESHOLD
 from nzgw.testing import EmulatorSettings
 from tests.harness import Harness, open_harness
 from tests.test_audit import flushed_rows
@@ -338,3 +340,31 @@ async def test_the_emulator_binds_bodies_like_go(tmp_path: Path) -> None:
             doc["options"] = {"num_predict": 3.9}
             capped = await direct.post("/api/generate", json=doc)
             assert capped.json()["eval_count"] == 3
+
+
+async def test_big_bodies_are_prepared_in_a_bounded_worker_thread(tmp_path: Path) -> None:
+    """Causality, not timing: with the body workers' only token held, a big body waits for it
+    while a small one (prepared inline) is answered; releasing the token lets the big one on."""
+    async with open_harness(tmp_path) as h:
+        limiter = trio.CapacityLimiter(1)
+        h.running.gateway.body_workers = limiter
+        holder = object()
+        await limiter.acquire_on_behalf_of(holder)
+        big = {"model": "llama3", "prompt": "a" * (THREAD_THRESHOLD + 1), "stream": False}
+        big["options"] = {"num_predict": 2}
+        small = {"model": "llama3", "prompt": "hi", "stream": False}
+        answers: dict[str, httpx.Response] = {}
+
+        async def send_big() -> None:
+            answers["big"] = await h.client.post("/api/generate", json=big, headers=h.auth)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_big)
+                while limiter.statistics().tasks_waiting == 0:
+                    await trio.testing.wait_all_tasks_blocked()
+                answers["small"] = await h.client.post("/api/generate", json=small, headers=h.auth)
+                assert answers["small"].status_code == 200
+                assert "big" not in answers
+                limiter.release_on_behalf_of(holder)
+        assert answers["big"].status_code == 200 and answers["big"].json()["eval_count"] == 2
