@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 
 from nzgw.core.paths import RouteId
 from nzgw.core.requests import LOAD_OPTIONS, BadRequestError, prepare
+from tests.system_tools import require_tool
 
 R = RouteId
 DEFAULT_CAP = 100
@@ -63,12 +63,7 @@ class GoDecoder:
 
 @pytest.fixture(scope="session")
 def go_decoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoDecoder]:
-    go = shutil.which("go")
-    if go is None:
-        reason = "go not found (Debian: apt-get install golang-go)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true: the Go differential test must run")
-        pytest.skip(reason)
+    go = require_tool("go", "golang-go", "the Go differential test")
     work = tmp_path_factory.mktemp("go")
     binary = work / "decode"
     env = {

@@ -45,6 +45,20 @@ class BadRequestError(ValueError):
 
 
 _NATIVE_COMMON = ("model", "stream", "format", "options", "keep_alive", "think")
+# What /v1/chat/completions and /v1/completions share.
+_OPENAI_COMMON = (
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+)
 _NATIVE_TAIL = ("truncate", "shift", "logprobs", "top_logprobs")
 
 FIELDS: dict[RouteId, frozenset[str]] = {
@@ -67,43 +81,17 @@ FIELDS: dict[RouteId, frozenset[str]] = {
     R.SHOW: frozenset({"model", "name", "verbose", "system", "options"}),
     R.V1_CHAT: frozenset(
         {
-            "model",
+            *_OPENAI_COMMON,
             "messages",
-            "stream",
-            "stream_options",
-            "max_tokens",
             "max_completion_tokens",  # folded into max_tokens by reserve(), never forwarded
-            "temperature",
-            "top_p",
-            "seed",
-            "stop",
-            "frequency_penalty",
-            "presence_penalty",
             "response_format",
             "tools",
-            "logprobs",
             "top_logprobs",
             "reasoning_effort",
             "reasoning",
         }
     ),
-    R.V1_COMPLETIONS: frozenset(
-        {
-            "model",
-            "prompt",
-            "suffix",
-            "max_tokens",
-            "temperature",
-            "top_p",
-            "seed",
-            "stop",
-            "frequency_penalty",
-            "presence_penalty",
-            "stream",
-            "stream_options",
-            "logprobs",
-        }
-    ),
+    R.V1_COMPLETIONS: frozenset({*_OPENAI_COMMON, "prompt", "suffix"}),
     R.V1_EMBEDDINGS: frozenset({"model", "input", "dimensions", "encoding_format"}),
     R.V1_RESPONSES: frozenset(
         {
