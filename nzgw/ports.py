@@ -88,6 +88,7 @@ class TenantChanges:
     limits: Limits | None = None
     budgets: Budgets | None = None
     allowed_models: tuple[str, ...] | None = None
+    allow_model_controls: bool | None = None
 
 
 @attrs.frozen

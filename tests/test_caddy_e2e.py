@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -35,6 +34,7 @@ import trio
 
 from nzgw.testing import EmulatorSettings, open_emulator
 from tests.harness import Harness, open_harness
+from tests.system_tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 CADDYFILE = ROOT / "conf" / "Caddyfile"
@@ -48,13 +48,7 @@ READY_MESSAGES = {"certificate obtained successfully", "serving initial configur
 
 @pytest.fixture(scope="module")
 def caddy() -> str:
-    path = shutil.which("caddy")
-    if path is None:
-        reason = "caddy not found (Debian: apt-get install caddy)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true: the TLS end-to-end test must run")
-        pytest.skip(reason)
-    return path
+    return require_tool("caddy", "caddy", "the TLS end-to-end test")
 
 
 def proxy_snippet(text: str) -> str:

@@ -146,6 +146,7 @@ TENANT_COLUMNS = (
     *BUDGET_COLUMNS,
     "allowed_models",
     "created_at",
+    "allow_model_controls",
 )
 KEY_COLUMNS = (
     "id",
@@ -261,6 +262,8 @@ def tenant_assignments(changes: TenantChanges) -> dict[str, Any]:
         columns.update(zip(BUDGET_COLUMNS, budgets_values(changes.budgets), strict=True))
     if changes.allowed_models is not None:
         columns["allowed_models"] = encode_models(changes.allowed_models)
+    if changes.allow_model_controls is not None:
+        columns["allow_model_controls"] = changes.allow_model_controls
     return columns
 
 
@@ -332,6 +335,7 @@ def tenant_from_row(row: Row, decode_time: Decode, prefix: str = "") -> Tenant:
         budgets=Budgets(*(col(c) for c in BUDGET_COLUMNS)),
         allowed_models=tuple(json.loads(col("allowed_models"))),
         created_at=decode_time(col("created_at")),
+        allow_model_controls=bool(col("allow_model_controls")),
     )
 
 

@@ -294,6 +294,7 @@ def _tenant_row(t: Tenant) -> list[Any]:
         t.budgets.monthly_tokens,
         t.budgets.lifetime_tokens,
         t.allowed_models,
+        "allowed" if t.allow_model_controls else "stripped",
         t.created_at,
     ]
 
@@ -330,7 +331,10 @@ def _echo_tenants(tenants: list[Tenant], as_json: bool) -> None:
     if as_json:
         echo_json([tenant_json(t) for t in tenants])
     else:
-        echo_table((*_TENANT_HEADERS, "MODELS", "CREATED"), [_tenant_row(t) for t in tenants])
+        echo_table(
+            (*_TENANT_HEADERS, "MODELS", "MODEL CONTROLS", "CREATED"),
+            [_tenant_row(t) for t in tenants],
+        )
 
 
 def _echo_keys(keys: list[tuple[ApiKey, str]], as_json: bool) -> None:
@@ -361,22 +365,41 @@ def migrate(as_json: bool) -> None:
         click.echo("the schema is up to date")
 
 
+_model_controls_option = click.option(
+    "--model-controls/--no-model-controls",
+    "model_controls",
+    default=None,
+    help="Let the tenant's requests set keep_alive and load-time options on shared models "
+    "(default: stripped).",
+)
+
+
 @click.command("create-tenant")
 @click.option("--name", required=True, help="Unique tenant name.")
 @_limit_options(clearable=False)
+@_model_controls_option
 @_json_option
-def create_tenant(name: str, as_json: bool, models: tuple[str, ...] | None, **opts: Any) -> None:
+def create_tenant(
+    name: str,
+    as_json: bool,
+    models: tuple[str, ...] | None,
+    model_controls: bool | None,
+    **opts: Any,
+) -> None:
     """Create a tenant with its limits, budgets and allowed models."""
     config = load_config_or_exit()
     _tenant_name(name)
 
     async def work(store: Store) -> Tenant:
         try:
-            return await store.create_tenant(
+            tenant = await store.create_tenant(
                 name, limits=_limits(opts), budgets=_budgets(opts), allowed_models=models or ()
             )
         except ConflictError:
             raise CliError(f"a tenant named {name!r} exists already") from None
+        if model_controls:
+            tenant = await store.update_tenant(tenant.id, TenantChanges(allow_model_controls=True))
+        return tenant
 
     _echo_tenants([run_with_store(config, work)], as_json)
 
@@ -393,9 +416,15 @@ def list_tenants(as_json: bool) -> None:
 @click.argument("name")
 @click.option("--rename", help="A new unique name.")
 @_limit_options(clearable=True)
+@_model_controls_option
 @_json_option
 def update_tenant(
-    name: str, rename: str | None, as_json: bool, models: tuple[str, ...] | None, **opts: Any
+    name: str,
+    rename: str | None,
+    as_json: bool,
+    models: tuple[str, ...] | None,
+    model_controls: bool | None,
+    **opts: Any,
 ) -> None:
     """Change a tenant's name, limits, budgets or allowed models."""
     config = load_config_or_exit()
@@ -409,6 +438,7 @@ def update_tenant(
             limits=_changed_limits(opts, current.limits),
             budgets=_changed_budgets(opts, current.budgets),
             allowed_models=models,
+            allow_model_controls=model_controls,
         )
         try:
             return await store.update_tenant(current.id, changes)

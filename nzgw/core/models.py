@@ -60,6 +60,8 @@ class Tenant:
     budgets: Budgets = Budgets()
     allowed_models: tuple[str, ...] = ()  # glob patterns over normalised names; empty: all
     created_at: datetime | None = None
+    # keep_alive and load-time options reach the (shared) backend only when True
+    allow_model_controls: bool = False
 
 
 @attrs.frozen

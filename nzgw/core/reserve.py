@@ -1,26 +1,40 @@
-"""How many tokens an admission reserves, and the output cap that makes it a true bound.
+"""How many tokens an admission reserves, and the output cap that makes it a true bound. Sans-IO.
 
-The reservation is `prompt estimate + output cap`. The prompt estimate is the request body's
-size in bytes / 4 (`framing.estimate_tokens`), minus inline images: base64 image data says
-nothing about its token cost and would reserve thousands of phantom tokens. The output cap is
-the request's own (`options.num_predict`, `max_tokens`, `max_output_tokens`); when the client
-set none (or an unlimited one), nzgw sets the configured default on the upstream request, so
-the model can never generate more than was reserved.
+The reservation is `prompt estimate + output cap`:
+
+* The prompt estimate is the forwarded body's size in bytes / 4, minus inline image data (base64
+  says nothing about its token cost). Only the fields that carry images on the route count as
+  images (`images` of `/api/generate` and of `/api/chat` messages, `image_url` parts of
+  `/v1/chat/completions`, `input_image` parts of `/v1/responses`, base64 `image` sources of
+  `/v1/messages`), and only strings that are base64, which the backend decodes as an image or
+  refuses: a long prompt that merely starts with `data:` is a prompt.
+* The output cap is read the way the backend reads it. Ollama turns `options.num_predict` into
+  an int64 by truncation and treats `<= 0` as "no limit"; the OpenAI/Anthropic adapters copy
+  `max_tokens`/`max_output_tokens` into it. So any cap that is absent, null, not a whole number,
+  zero, negative or absurd (above `MAX_CAP`) is replaced, in the forwarded document, by the
+  configured default cap; a valid cap is written back as a plain integer. The backend can never
+  generate more than was reserved.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
 
 from nzgw.core.paths import RouteId
 
+__all__ = ["MAX_CAP", "CapTypeError", "Reservation", "image_bytes", "normalise_cap", "reserve"]
+
 R = RouteId
 
-# Which field caps the output, per route. Embeddings and show generate nothing.
+# Beyond this a cap is absurd (the runner's counters are 32-bit): the default applies.
+MAX_CAP = 2**31 - 1
+
+# Which field caps the output, per route (native: inside "options"). Others generate nothing.
 _CAP_FIELD: dict[RouteId, str] = {
-    R.GENERATE: "num_predict",  # inside "options"
+    R.GENERATE: "num_predict",
     R.CHAT: "num_predict",
     R.V1_CHAT: "max_tokens",
     R.V1_COMPLETIONS: "max_tokens",
@@ -28,73 +42,114 @@ _CAP_FIELD: dict[RouteId, str] = {
     R.V1_MESSAGES: "max_tokens",
 }
 
-# Bodies smaller than this are not searched for images (none of consequence fits).
-_IMAGE_SCAN_MIN = 16 * 1024
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s_-]*")
+_DATA_URL = re.compile(r"data:[^,;]{0,100}(?:;[^,;]{0,100}){0,4};base64,")
 
 
 @attrs.frozen
 class Reservation:
     prompt_estimate: int
     output_cap: int
-    modified: bool  # the request document was changed (re-encode it before forwarding)
 
     @property
     def tokens(self) -> int:
         return self.prompt_estimate + self.output_cap
 
 
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+class CapTypeError(ValueError):
+    """A cap field holds something that is not a number (the backend would refuse it too)."""
+
+
+def normalise_cap(value: Any, field: str) -> int | None:
+    """The cap the backend would honour, or None where it would generate without limit."""
+    if value is None:
         return None
-    return int(value) if value > 0 else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CapTypeError(f"{field} must be a number")
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    cap = int(value)
+    return cap if 0 < cap <= MAX_CAP else None
 
 
-def _image_bytes(node: Any) -> int:
-    """Total length of inline image data in a request document (all surfaces' spellings)."""
-    total = 0
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key == "images" and isinstance(value, list):
-                    total += sum(len(v) for v in value if isinstance(v, str))
-                elif isinstance(value, str):
-                    if value.startswith("data:") or (
-                        key == "data" and item.get("type") == "base64"
-                    ):
-                        total += len(value)
-                elif isinstance(value, dict | list):
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, dict | list))
-    return total
-
-
-def reserve(route: RouteId, body: bytes, doc: dict[str, Any], *, default_cap: int) -> Reservation:
-    """The reservation for a request; sets the default cap in `doc` when it has none."""
-    size = len(body)
-    if size >= _IMAGE_SCAN_MIN:
-        size -= _image_bytes(doc)
-    prompt = (max(size, 0) + 3) // 4  # framing.estimate_tokens, net of images
+def reserve(route: RouteId, doc: dict[str, Any], *, default_cap: int) -> tuple[int, int]:
+    """Normalise the output cap in `doc` (writing the default where needed); returns
+    `(output cap, inline image bytes)`. `CapTypeError` for a cap that is not a number."""
+    images = image_bytes(route, doc)
     field = _CAP_FIELD.get(route)
     if field is None:
-        return Reservation(prompt, 0, modified=False)
+        return 0, images
     if route in (R.GENERATE, R.CHAT):
         options = doc.get("options")
-        cap = _positive_int(options.get(field)) if isinstance(options, dict) else None
-        if cap is not None:
-            return Reservation(prompt, cap, modified=False)
-        doc["options"] = {**(options if isinstance(options, dict) else {}), field: default_cap}
-        return Reservation(prompt, default_cap, modified=True)
-    cap = _positive_int(doc.get(field))
-    if cap is None and route is R.V1_CHAT:
+        options = dict(options) if isinstance(options, dict) else {}
+        cap = normalise_cap(options.get(field), f"options.{field}") or default_cap
+        options[field] = cap
+        doc["options"] = options
+        return cap, images
+    value = doc.get(field)
+    extra = doc.pop("max_completion_tokens", None) if route is R.V1_CHAT else None
+    if value is None and extra is not None:
         # Ollama ignores `max_completion_tokens` (newer SDKs send only that): honour it.
-        cap = _positive_int(doc.get("max_completion_tokens"))
-        if cap is not None:
-            doc[field] = cap
-            return Reservation(prompt, cap, modified=True)
-    if cap is not None:
-        return Reservation(prompt, cap, modified=False)
-    doc[field] = default_cap
-    return Reservation(prompt, default_cap, modified=True)
+        value = extra
+        field_name = "max_completion_tokens"
+    else:
+        field_name = field
+    cap = normalise_cap(value, field_name) or default_cap
+    doc[field] = cap
+    return cap, images
+
+
+def _base64_len(value: Any) -> int:
+    if isinstance(value, str) and _BASE64.fullmatch(value):
+        return len(value)
+    return 0
+
+
+def _data_url_len(value: Any) -> int:
+    if not isinstance(value, str):
+        return 0
+    head = _DATA_URL.match(value)
+    if head is None or not _BASE64.fullmatch(value, head.end()):
+        return 0
+    return len(value)
+
+
+def _image_list_len(value: Any) -> int:
+    return sum(_base64_len(v) for v in value) if isinstance(value, list) else 0
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def image_bytes(route: RouteId, doc: dict[str, Any]) -> int:
+    """Bytes of inline image data, counted only where the route carries images."""
+    if route is R.GENERATE:
+        return _image_list_len(doc.get("images"))
+    total = 0
+    if route is R.CHAT:
+        for message in _dicts(doc.get("messages")):
+            total += _image_list_len(message.get("images"))
+    elif route is R.V1_CHAT:
+        for message in _dicts(doc.get("messages")):
+            for part in _dicts(message.get("content")):
+                if part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    total += _data_url_len(url)
+    elif route is R.V1_RESPONSES:
+        for item in _dicts(doc.get("input")):
+            for part in _dicts(item.get("content")):
+                if part.get("type") == "input_image":
+                    total += _data_url_len(part.get("image_url"))
+    elif route is R.V1_MESSAGES:
+        for message in _dicts(doc.get("messages")):
+            for block in _dicts(message.get("content")):
+                source = block.get("source")
+                if (
+                    block.get("type") == "image"
+                    and isinstance(source, dict)
+                    and source.get("type") == "base64"
+                ):
+                    total += _base64_len(source.get("data"))
+    return total

@@ -155,6 +155,8 @@ class Gateway:
         ),
         takes_self=True,
     )
+    # Worker threads that decode big request bodies at once (nzgw.http.bodies).
+    body_workers: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""

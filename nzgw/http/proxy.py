@@ -21,17 +21,20 @@ from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
+import attrs
 import trio
 from quart import Response, request
 
 from nzgw.core import framing, paths
 from nzgw.core.audit import PROMPT_LOG_MAX_BYTES
+from nzgw.core.disclosure import trim_ps_entry, trim_show_body
 from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
-from nzgw.core.reserve import reserve
+from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
+from nzgw.http.bodies import prepare_body
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.http.uploads import UploadsBusyError
@@ -62,7 +65,6 @@ _STREAM_KIND: dict[R, StreamKind] = {
     R.V1_RESPONSES: StreamKind.SSE_EVENTS,
     R.V1_MESSAGES: StreamKind.SSE_EVENTS,
 }
-_NATIVE_STREAM_DEFAULT = frozenset({R.GENERATE, R.CHAT})
 _MODEL_ROUTES = frozenset({*_STREAM_KIND, R.EMBED, R.EMBEDDINGS, R.V1_EMBEDDINGS, R.SHOW})
 
 
@@ -157,7 +159,10 @@ def _listing(
     if route.route is R.TAGS:
         return _json({"models": registry.list_models(allowed)})
     if route.route is R.PS:
-        return _json({"models": registry.list_loaded(allowed)})
+        loaded = registry.list_loaded(allowed)
+        if principal.key.allowed_models or principal.tenant.allowed_models:
+            loaded = [trim_ps_entry(entry) for entry in loaded]  # not theirs: no timing
+        return _json({"models": loaded})
     if route.route is R.V1_MODELS:
         data = [_openai_model(m["name"], m) for m in registry.list_models(allowed)]
         return _json({"object": "list", "data": data or None})
@@ -227,49 +232,20 @@ async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
     return b"".join(parts)
 
 
-def _wants_stream(route: R, doc: dict[str, Any]) -> bool:
-    stream = doc.get("stream")
-    if route in _NATIVE_STREAM_DEFAULT:
-        return stream is not False
-    return route in _STREAM_KIND and stream is True
-
-
 async def _model_request(
     gateway: Gateway, info: RequestInfo, route: paths.Route, principal: Principal
 ) -> Response:
     body = await _read_body(gateway, info)
-    if not body.strip():
-        raise Refused(400, "missing request body", refusal="bad_request")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise Refused(400, "invalid JSON in request body", refusal="bad_request") from None
-    if not isinstance(doc, dict):
-        raise Refused(400, "request body must be a JSON object", refusal="bad_request")
-    model = doc.get("model")
-    if route.route is R.SHOW and model is None:
-        model = doc.get("name")
-    name = _checked_model(gateway, info, model, _allowed(principal))
+    prepared = await prepare_body(gateway, route.route, body, principal)
+    name = _checked_model(gateway, info, prepared.model, _allowed(principal))
     if principal.key.log_prompts:
         info.request_body = body
-
-    stream = _wants_stream(route.route, doc)
+    stream = prepared.stream
     info.streamed = stream
-    reservation = reserve(route.route, body, doc, default_cap=gateway.config.default_max_tokens)
+    reservation = prepared.reservation
     info.prompt_estimate = reservation.prompt_estimate
-    modified = reservation.modified
-    strip_usage = False
-    if stream and route.route in (R.V1_CHAT, R.V1_COMPLETIONS):
-        options = doc.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            # Ask the backend for usage on the client's behalf; the watcher removes it again.
-            doc["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-            strip_usage = modified = True
-    if modified:
-        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    strip_usage = prepared.strip_usage
+    body = prepared.body
 
     headers: dict[str, str] = {}
     ticket: Ticket | None = None
@@ -301,7 +277,7 @@ async def _model_request(
         if cache_control:
             response.headers["Cache-Control"] = cache_control.decode("latin-1")
     else:
-        response = await _buffered(gateway, info, route, upstream)
+        response = await _buffered(gateway, info, route, upstream, prepared)
     for key, value in headers.items():
         response.headers[key] = value
     return response
@@ -416,14 +392,26 @@ def _content_type(response: UpstreamResponse) -> str:
 
 
 async def _buffered(
-    gateway: Gateway, info: RequestInfo, route: paths.Route, upstream: _Opened
+    gateway: Gateway, info: RequestInfo, route: paths.Route, upstream: _Opened, prepared: Prepared
 ) -> Response:
-    """A whole (non-streaming or error) answer: read it, account for it, pass it on."""
+    """A whole (non-streaming or error) answer: read it, account for it, pass it on.
+
+    Held to the reservation like a stream: an answer with more output tokens than the cap
+    nzgw reserved and forwarded (a backend that ignored it) is withheld, and charged the cap."""
     response = upstream.response
     body = upstream.first + await response.read_all(gateway.config.max_body_bytes * 4)
     await response.aclose()
     if response.status == 200:
-        info.usage = framing.usage_from_body(route.route, body)
+        usage = info.usage = framing.usage_from_body(route.route, body)
+        cap = prepared.reservation.output_cap
+        if cap and usage is not None and usage.completion_tokens > cap:
+            info.usage = attrs.evolve(usage, completion_tokens=cap)
+            info.outcome = "reservation_exhausted"
+            raise Refused(
+                502, "this request used up its token reservation", refusal="reservation_exhausted"
+            )
+        if route.route is R.SHOW:
+            body = trim_show_body(body, prepared.model)
     if info.request_body is not None:
         info.response_text = body.decode("utf-8", "replace")
     return Response(body, response.status, content_type=_content_type(response))

@@ -234,6 +234,8 @@ class EmulatorSettings:
     #: Thinking tokens ("think0 ", …) sent before the content by thinking-capable models when
     #: thinking is on (Ollama's default for them). They count in `eval_count` and in the caps.
     thinking_tokens: int = 3
+    #: A misbehaving backend that generates past every output cap (num_predict, max_tokens).
+    ignore_caps: bool = False
     #: Seconds before the first token of a generation (status and headers wait for it too, as in
     #: Ollama, which writes nothing before the first frame). Applies to non-streamed replies too.
     first_token_delay: float = 0.0

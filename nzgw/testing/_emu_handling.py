@@ -71,11 +71,44 @@ ErrorFn = Callable[[int, str], Reply]
 # Binding request bodies the way gin's ShouldBindJSON does (Content-Type is not looked at).
 
 
+class _GoObject(dict[str, Any]):
+    """A decoded JSON object that remembers its keys in order, duplicates included."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def _go_object(pairs: list[tuple[str, Any]]) -> _GoObject:
+    obj = _GoObject(pairs)
+    obj.pairs = pairs
+    return obj
+
+
+_GO_FOLD: Final = str.maketrans({"\u017f": "s", "\u212a": "k"})
+
+
+def go_fold(key: str) -> str:
+    """Go's struct-field matching: ASCII letter case, and U+017F / U+212A fold to s / k."""
+    folded = key.translate(_GO_FOLD)
+    return folded.lower() if folded.isascii() else folded
+
+
+def go_struct_fields(value: dict[str, Any]) -> dict[str, Any]:
+    """How encoding/json binds an object into a struct whose json tags are lower-case:
+    every key matches its field case-insensitively, and the last matching key wins."""
+    pairs = value.pairs if isinstance(value, _GoObject) else list(value.items())
+    fields: dict[str, Any] = {}
+    for key, item in pairs:
+        fields[go_fold(key)] = item
+    return fields
+
+
 class Body:
-    """A JSON object body with Go-typed accessors; a wrong type is Go's unmarshal error."""
+    """A JSON object body with Go-typed accessors; a wrong type is Go's unmarshal error.
+
+    Keys are bound as Go binds them into the request struct (`go_struct_fields`)."""
 
     def __init__(self, values: dict[str, Any], struct: str, error: ErrorFn) -> None:
-        self.values = values
+        self.values = go_struct_fields(values)
         self.struct = struct
         self.error = error
 
@@ -159,7 +192,7 @@ def bind(body: bytes, go_type: str, error: ErrorFn, *, on_empty: str) -> Body:
     if not text.strip():
         raise Rejected(error(400, on_empty))
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_go_object)
     except json.JSONDecodeError as exc:
         raise Rejected(error(400, go_syntax_error(text, exc))) from None
     if value is None:
@@ -279,6 +312,8 @@ def new_generation(
 ) -> Generation:
     settings = context.settings
     thinking = settings.thinking_tokens if _thinking_on(model, think) else 0
+    if settings.ignore_caps:
+        cap = None
     plan = plan_reply(content_tokens=settings.tokens_per_reply, thinking_tokens=thinking, cap=cap)
     return Generation(
         model=model_echo,
