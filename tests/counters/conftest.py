@@ -119,7 +119,9 @@ def _redis_backend(url: str) -> Backend:
     async def open_() -> AsyncIterator[Counters]:
         prefix = f"nzgwtest:{secrets.token_hex(6)}:"
         try:
-            async with open_redis_counters(url, call_timeout=CALL_TIMEOUT, prefix=prefix) as c:
+            async with open_redis_counters(
+                url, call_timeout=CALL_TIMEOUT, prefix=prefix, caller_clock=True
+            ) as c:
                 yield c
         finally:
             with trio.CancelScope(shield=True):
