@@ -541,10 +541,12 @@ class RedisCounters:
             math.ceil(2 * self._max_wait * 1000) + 1000,
         ]
         with trio.CancelScope(shield=True):
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                return  # best effort: the lease then expires and is taken back anyway
+            acquired = False
+            with trio.move_on_after(self._enter_by):
+                await self._slots.acquire()
+                acquired = True
+            if not acquired:
+                return  # best effort: the admission's own deadline still holds
             try:
                 pool = self._client.connection_pool
                 connection = await pool.get_connection()
