@@ -39,8 +39,9 @@ from nzgw.http.gateway import Gateway
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
 from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
-from nzgw.ports import Counters, Store
+from nzgw.ports import Counters, CountersUnavailableError, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
+from nzgw.services.deadlines import bound_store_calls
 from nzgw.services.discovery import run_discovery
 from nzgw.services.identity import Authenticator, run_last_used_flush, run_revocation_watch
 from nzgw.services.limiter import Limiter, run_usage_flusher
@@ -118,16 +119,21 @@ async def run_server(
                 trio.open_nursery() as services,
             ):
                 counters = METRICS.watch_counters(counters)
+                # Connect (and read Redis' clock) before the first burst; down: fail closed later.
+                with contextlib.suppress(CountersUnavailableError):
+                    await counters.ping()
                 registry = Registry(backends)
-                authenticator = Authenticator.from_config(store, config)
-                # A lease outlives the longest wait for a first byte; streams extend it as they
-                # go. It only matters after a crash: that is how long a dead slot stays taken.
-                limiter = Limiter(
-                    counters,
-                    store,
-                    timezone=config.budget_timezone,
-                    lease_ttl=max(60.0, config.upstream_first_byte_timeout + 60.0),
+                # A hung store answers requests with 503 within NZGW_STORE_TIMEOUT.
+                authenticator = Authenticator.from_config(
+                    bound_store_calls(store, timeout=config.store_timeout, nursery=services),
+                    config,
                 )
+                # Leases are refreshed from admission on (the keeper below): the ttl is only how
+                # long a crashed process's slots and reservations stay taken.
+                limiter = Limiter(
+                    counters, store, timezone=config.budget_timezone, lease_ttl=config.lease_ttl
+                )
+                await services.start(limiter.run_lease_keeper)
                 poll_timeout = max(0.5, min(config.discovery_interval, 5.0))
                 await services.start(
                     partial(

@@ -216,10 +216,8 @@ async def open_gateways(
         "NZGW_GRACEFUL_TIMEOUT": "5",
         "NZGW_DISCOVERY_INTERVAL": "0.5",
         "NZGW_FLUSH_INTERVAL": "600",
-        # These tests are about sharing, not timeouts: three cold gateways taking a burst of
-        # 100 requests each on a small, busy CI host may queue a counters call past the
-        # default 0.5 s, and fail closed (503) as they must. The timeout has its own tests.
-        "NZGW_COUNTERS_TIMEOUT": "5",
+        # NZGW_COUNTERS_TIMEOUT stays at its default (0.5 s): a burst that keeps three busy
+        # gateways' loops late for their replies is not a silent Redis (issue 13, finding 2).
     }
     gateways: list[GatewayProcess] = []
     try:

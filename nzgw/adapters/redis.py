@@ -27,7 +27,7 @@ Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
 - entering coredis (taking a connection, queueing the command) is bounded by coredis' own
-  `connect_timeout` (`call_timeout / 4`) and a semaphore of `max_connections`, so coredis never
+  `connect_timeout` (`call_timeout`) and a semaphore of `max_connections`, so coredis never
   waits for a pool slot and our scopes never cancel a connect;
 - the wait for the reply fails only when Redis has been *silent* for `call_timeout`: no reply to
   any call of this process since the later of the call's start and the last reply. Before it
@@ -391,7 +391,7 @@ class RedisCounters:
         self._max_wait = MAX_WAIT_FACTOR * call_timeout
         # Entering coredis waits for a semaphore slot at most this long (a slot is held only
         # while a connection is taken and a command queued; long only while connects hang).
-        self._enter_by = call_timeout
+        self._enter_by = self._max_wait
         # No more calls inside coredis' pool than pool slots: coredis then never waits for one.
         self._slots = trio.Semaphore(max_connections)
         self._static_keys: dict[tuple[int, int], tuple[str, ...]] = {}
@@ -400,6 +400,7 @@ class RedisCounters:
         # A lower bound of (Redis ms - local ms): Redis' clock at a local instant is at least the
         # local time plus this. Deadlines converted with it never fall after the local one.
         self._offset_ms: float | None = None
+        self._clock_read: trio.Event | None = None  # set when the running TIME call is over
         # Tests only: windows and leases on the callers' `now_ms` (exact virtual times).
         self._caller_clock = caller_clock
 
@@ -521,16 +522,23 @@ class RedisCounters:
 
     async def _redis_ms(self, local: float) -> int:
         """A lower bound of Redis' clock at the local instant `local` (trio clock)."""
-        if self._offset_ms is None:
+        while self._offset_ms is None:
+            if self._clock_read is not None:  # one TIME call at a time; the others wait for it
+                await self._clock_read.wait()
+                continue
+            done = self._clock_read = trio.Event()
             start = trio.current_time()
-            with trio.CancelScope(shield=True):
-                try:
-                    reply = await self._reply(await self._queue(start, b"TIME"), start)
-                except (RedisError, OSError) as exc:
-                    raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+            try:
+                with trio.CancelScope(shield=True):
+                    try:
+                        reply = await self._reply(await self._queue(start, b"TIME"), start)
+                    except (RedisError, OSError) as exc:
+                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+            finally:
+                self._clock_read = None
+                done.set()
             seconds, micros = cast("list[str]", reply)
             self._observe_clock(int(seconds) * 1000 + int(micros) // 1000)
-        assert self._offset_ms is not None
         return math.floor(local * 1000 + self._offset_ms)
 
     async def _release_nowait(self, keys: Sequence[str], request: AdmissionRequest) -> None:
@@ -564,7 +572,11 @@ class RedisCounters:
     # --- the port
 
     async def ping(self) -> None:
-        """Runs the cheapest script: proves the server answers scripts, not only PING."""
+        """Runs the cheapest script: proves the server answers scripts, not only PING. The
+        first one also connects and reads Redis' clock (call it at start: a burst then finds
+        a connection and the clock offset ready)."""
+        if self._offset_ms is None:
+            await self._redis_ms(trio.current_time())
         keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
         await self._eval("refresh", keys, ["-", 1, ""])
 
@@ -696,7 +708,7 @@ async def open_redis_counters(
     client: coredis.Redis[str] = coredis.Redis.from_url(
         url,
         decode_responses=True,
-        connect_timeout=call_timeout / 4,
+        connect_timeout=call_timeout,
         stream_timeout=2 * MAX_WAIT_FACTOR * call_timeout,
         max_connections=max_connections,
         retry_policy=NoRetryPolicy(),

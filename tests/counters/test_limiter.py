@@ -336,14 +336,28 @@ async def test_a_refreshed_lease_holds_its_slot_and_an_abandoned_one_expires(
     lease = (await limiter.admit(who, model=MODEL, reserve_tokens=1)).lease
     assert lease is not None
     async with trio.open_nursery() as nursery:
-        await nursery.start(limiter.run_lease_refresher, lease)
-        await trio.sleep(61)  # a long stream; the last refresh was at 60 s
+        await nursery.start(limiter.run_lease_keeper)
+        await trio.sleep(61)  # a long wait for a first byte, then a stream; refreshed at 60 s
         assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
         nursery.cancel_scope.cancel()  # the process "dies": no settlement, no more refresh
     await trio.sleep_until(68.9)
     assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
     await trio.sleep_until(69)
     assert (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
+
+
+async def test_the_keeper_stops_refreshing_a_settled_lease(clock: trio.testing.MockClock) -> None:
+    limiter, _, _ = make(lease_ttl=9.0)
+    who = principal(key_limits=Limits(concurrent_requests=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(limiter.run_lease_keeper)
+        lease = (await limiter.admit(who, model=MODEL, reserve_tokens=1)).lease
+        assert lease is not None and limiter.leases_in_flight == 1
+        await trio.sleep(20)
+        await limiter.settle(lease, model=MODEL, prompt_tokens=1, completion_tokens=0)
+        assert limiter.leases_in_flight == 0
+        assert (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_client_that_leaves_mid_stream_releases_its_slot_and_pays_what_it_got(
