@@ -7,6 +7,8 @@ behaviour" is written from these tests).
 - `test_a_frozen_store_is_a_503_within_the_store_timeout`: PostgreSQL stops answering (a TCP
   proxy of the test's own stops forwarding) → a request that needs a key lookup gets 503
   `store_unavailable` instead of hanging for as long as the store does (finding 4).
+- `test_serve_refuses_an_unmigrated_database_with_one_line`: exit status 2 and one line naming
+  the schema's state and `bin/nzgw migrate`, instead of "ready" and 503s (finding 7).
 
 Rules: no assertion depends on this machine's speed. The waits are the fault scenario itself (a
 lease must have outlived its ttl), never a stand-in for an event; every test has a hang guard.
@@ -14,12 +16,16 @@ lease must have outlived its ttl), never a stand-in for an event; every test has
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from nzgw.adapters.stores import load_migrations
 from nzgw.config import config_from_values
 from nzgw.core.models import Limits
 from tests.harness import open_harness
@@ -93,3 +99,28 @@ async def test_a_frozen_store_is_a_503_within_the_store_timeout(
                 proxy.thaw()
             answer = await h.client.post("/api/chat", json=CHAT, headers=h.auth)
             assert answer.status_code == 200, answer.text
+
+
+def test_serve_refuses_an_unmigrated_database_with_one_line(tmp_path: Path) -> None:
+    """Finding 7: not "nzgw ready" and a 503 for every request, but a refusal to start."""
+    needed = len(load_migrations("sqlite"))
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/empty.db",
+        "NZGW_BIND": "127.0.0.1:0",
+        "NZGW_MIGRATE_ON_START": "false",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "nzgw", "serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: database schema is at 0, this nzgw needs {needed}: run `bin/nzgw migrate` "
+        "(or set NZGW_MIGRATE_ON_START=true)"
+    ]
+    assert "nzgw ready" not in result.stderr + result.stdout
