@@ -35,6 +35,7 @@ from nzgw.config import Config
 from nzgw.core.limits import budget_zone
 from nzgw.http.app import GatewayApp, create_app
 from nzgw.http.audit import audit_hook
+from nzgw.http.drain import StreamCut
 from nzgw.http.gateway import Gateway
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
@@ -194,12 +195,26 @@ async def run_server(
                 gateway.audit = audit  # fail closed while its queue is full
                 gateway.finish_hooks.append(audit_hook(audit, zone=audit_zone))
                 gateway.readiness["audit"] = audit.ready
+                gateway.stream_cut = StreamCut()
+                shutdown_started = trio.Event()
+                await services.start(
+                    partial(
+                        gateway.stream_cut.run,
+                        shutdown_started,
+                        graceful_timeout=config.graceful_timeout,
+                    )
+                )
+
+                async def shutdown_then_cut() -> None:
+                    await shutdown_trigger()
+                    shutdown_started.set()
+
                 app = create_app(gateway)
                 # HTTP runs in a nursery of its own: leaving it means the drain is over, and
                 # only then are the service tasks stopped (their last flushes see every request).
                 async with trio.open_nursery() as http:
                     bound = await http.start(
-                        partial(serve_http, app, config, sock, shutdown_trigger=shutdown_trigger)
+                        partial(serve_http, app, config, sock, shutdown_trigger=shutdown_then_cut)
                     )
                     ready: dict[str, object] = {"bind": f"{bound.host}:{bound.port}"}
                     if metrics_bound is not None:

@@ -7,6 +7,9 @@ behaviour" is written from these tests).
 - `test_a_frozen_store_is_a_503_within_the_store_timeout`: PostgreSQL stops answering (a TCP
   proxy of the test's own stops forwarding) → a request that needs a key lookup gets 503
   `store_unavailable` instead of hanging for as long as the store does (finding 4).
+- `test_streams_cut_at_the_end_of_the_drain_end_with_an_error_frame`: streams still running
+  when `graceful_timeout` ends get an error frame in their surface's shape (NDJSON, SSE) and a
+  properly ended body (finding 6).
 - `test_serve_refuses_an_unmigrated_database_with_one_line`: exit status 2 and one line naming
   the schema's state and `bin/nzgw migrate`, instead of "ready" and 503s (finding 7).
 
@@ -16,6 +19,7 @@ lease must have outlived its ttl), never a stand-in for an event; every test has
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +32,7 @@ import trio
 from nzgw.adapters.stores import load_migrations
 from nzgw.config import config_from_values
 from nzgw.core.models import Limits
+from nzgw.http.drain import CUT_MESSAGE
 from tests.harness import open_harness
 from tests.store import pg
 from tests.tcp_proxy import open_tcp_proxy
@@ -124,3 +129,45 @@ def test_serve_refuses_an_unmigrated_database_with_one_line(tmp_path: Path) -> N
         "(or set NZGW_MIGRATE_ON_START=true)"
     ]
     assert "nzgw ready" not in result.stderr + result.stdout
+
+
+async def test_streams_cut_at_the_end_of_the_drain_end_with_an_error_frame(
+    tmp_path: Path,
+) -> None:
+    """Finding 6: the grace period ends mid-stream → an error frame in the surface's shape and
+    a properly ended body, not a broken chunked body."""
+    with trio.fail_after(HANG_GUARD):
+        async with open_harness(tmp_path, graceful_timeout=2.0) as h:
+            h.emulator.settings.tokens_per_reply = 100_000
+            h.emulator.settings.token_delay = 0.05  # far longer than the grace period
+            bodies: dict[str, bytes] = {}
+            streaming = 0
+            all_streaming = trio.Event()
+
+            async def one(path: str, body: dict[str, object]) -> None:
+                nonlocal streaming
+                async with h.client.stream(
+                    "POST", path, json=body, headers=h.auth, timeout=None
+                ) as response:
+                    assert response.status_code == 200
+                    received = b""
+                    async for chunk in response.aiter_raw():
+                        if not received:
+                            streaming += 1
+                            if streaming == 2:
+                                all_streaming.set()
+                        received += chunk
+                    bodies[path] = received
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "/api/chat", STREAM)
+                nursery.start_soon(one, "/v1/chat/completions", STREAM)
+                await all_streaming.wait()
+                h.shutdown.set()
+            await h.stopped.wait()
+    native = bodies["/api/chat"].decode().strip().splitlines()
+    assert json.loads(native[-1]) == {"error": CUT_MESSAGE}
+    openai = bodies["/v1/chat/completions"].decode().strip().split("\n\n")
+    last = openai[-1].removeprefix("data: ")
+    assert last.startswith("{"), openai[-3:]
+    assert json.loads(last)["error"]["message"] == CUT_MESSAGE

@@ -17,6 +17,7 @@ from nzgw.config import Config
 from nzgw.core import paths
 from nzgw.core.framing import Usage
 from nzgw.core.models import Principal
+from nzgw.http.drain import StreamCut
 from nzgw.ports import Backend
 
 log = logging.getLogger("nzgw.gateway")
@@ -148,6 +149,7 @@ class Gateway:
     finish_hooks: list[FinishHook] = attrs.Factory(list)
     readiness_timeout: float = 2.0
     audit: AuditGate | None = None  # fail closed: new requests get 503 while it is refusing
+    stream_cut: StreamCut | None = None  # streams left at the end of the drain: error frame
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""
