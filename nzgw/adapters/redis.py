@@ -367,6 +367,10 @@ _CATCH_UP_CHECKPOINTS: Final = 5
 """Checkpoints a call gives the connection's reader before it calls Redis silent."""
 
 
+class _NoAnswerError(CountersUnavailableError):
+    """The command was sent and Redis did not answer in time: it may still run there."""
+
+
 def _complete(request: object) -> bool:
     return bool(getattr(request, "complete", False))
 
@@ -505,7 +509,7 @@ class RedisCounters:
                 break
             now = trio.current_time()
             if now >= hard or now >= max(start, self._last_reply) + self._timeout:
-                raise CountersUnavailableError(
+                raise _NoAnswerError(
                     f"counter store: no answer for {self._timeout} s"
                     if now < hard
                     else f"counter store: no answer within {self._max_wait} s"
@@ -604,7 +608,7 @@ class RedisCounters:
         keys = self._keys(request.tenant_id, request.key_id, periods, request.lease_id)
         try:
             reply = await self._eval("admit", keys, args, start=start)
-        except CountersUnavailableError:
+        except _NoAnswerError:  # it may still run in Redis: undo it (refused connects cannot)
             await self._release_nowait(keys, request)
             raise
         try:
