@@ -54,6 +54,8 @@ from nzgw.ports import (
 
 log = logging.getLogger("nzgw.limiter")
 
+_FINAL_RETRY_INTERVAL = 0.5  # seconds between attempts of the last flush at shutdown
+
 
 class UsageLedger(Protocol):
     """The part of the Store the limiter uses (the Store port has both methods)."""
@@ -411,8 +413,9 @@ async def run_usage_flusher(
     """Flush the limiter's usage aggregate to `store` every `interval` seconds; never returns.
 
     A failed flush keeps the rows for the next one. On cancellation (shutdown) a last flush runs
-    shielded, bounded by `final_flush_timeout`; rows it cannot write are logged and lost (the
-    ledger then misses them; live counters never did).
+    shielded and is retried until `final_flush_timeout`; rows it cannot write by then are lost
+    and counted in one error line (rows, requests, tokens): the ledger misses them, the live
+    counters never did.
     """
     task_status.started()
     try:
@@ -423,10 +426,24 @@ async def run_usage_flusher(
             except StoreError as exc:
                 log.warning("usage flush failed, rows kept for the next one: %s", exc)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(final_flush_timeout) as scope:
-            try:
-                await limiter.flush_usage(store)
-            except StoreError as exc:
-                log.error("final usage flush failed: %s", exc)
-        if scope.cancelled_caught:
-            log.error("final usage flush timed out after %s s", final_flush_timeout)
+        with trio.CancelScope(shield=True), trio.move_on_after(final_flush_timeout):
+            while True:
+                try:
+                    await limiter.flush_usage(store)
+                    break
+                except StoreError as exc:
+                    log.warning("final usage flush failed, retrying: %s", exc)
+                    await trio.sleep(_FINAL_RETRY_INTERVAL)
+        lost = limiter.drain_usage()
+        limiter.restore_usage(lost)  # kept here: what the process does with them is its own
+        if lost:
+            log.error(
+                "final usage flush gave up after %s s: %d usage rows lost",
+                final_flush_timeout,
+                len(lost),
+                extra={
+                    "usage_rows_lost": len(lost),
+                    "requests_lost": sum(row.requests for row in lost),
+                    "tokens_lost": sum(row.prompt_tokens + row.completion_tokens for row in lost),
+                },
+            )

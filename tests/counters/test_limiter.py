@@ -385,3 +385,45 @@ async def test_a_client_that_leaves_mid_stream_releases_its_slot_and_pays_what_i
     assert await daily_used(limiter, who, Scope.KEY) == 5 + 24 + 1
     [row] = [r for r in limiter.drain_usage() if r.model == MODEL]
     assert (row.prompt_tokens, row.completion_tokens) == (5, 24)
+
+
+async def test_the_last_flush_retries_until_its_deadline_and_counts_what_it_lost(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 5 (part): usage the store never took at shutdown is counted in the log, after
+    retries until the deadline (it was one silent attempt)."""
+    limiter, _, ledger = make()
+    who = principal()
+    lease = (await limiter.admit(who, model=MODEL, reserve_tokens=10)).lease
+    assert lease is not None
+    await limiter.settle(lease, model=MODEL, prompt_tokens=3, completion_tokens=4)
+    ledger.fail = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_usage_flusher, limiter, ledger, interval=60.0))
+        nursery.cancel_scope.cancel()  # shutdown, the store down
+    assert ledger.add_calls == 20  # retried every 0.5 s for the 10 s deadline
+    (lost,) = [r for r in caplog.records if "final usage flush gave up" in r.getMessage()]
+    assert lost.levelname == "ERROR"
+    assert (lost.__dict__["requests_lost"], lost.__dict__["tokens_lost"]) == (1, 7)
+
+
+async def test_the_last_flush_writes_what_a_store_back_in_time_takes(
+    clock: trio.testing.MockClock,
+) -> None:
+    limiter, _, ledger = make()
+    lease = (await limiter.admit(principal(), model=MODEL, reserve_tokens=10)).lease
+    assert lease is not None
+    await limiter.settle(lease, model=MODEL, prompt_tokens=3, completion_tokens=4)
+    ledger.fail = True
+
+    async def store_back() -> None:
+        await trio.sleep(3)
+        ledger.fail = False
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(store_back)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_usage_flusher, limiter, ledger, interval=60.0))
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() == 3.0  # the first attempt after the store came back
+    assert ledger.tokens() == 7
