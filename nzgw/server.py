@@ -147,6 +147,12 @@ async def run_server(
                 )
                 live = LiveCollector(registry)  # read at scrape time
                 live.track_backlog("usage", lambda: limiter.pending_rows)
+                live.track_counter(
+                    "nzgw_counters_reclaimed_tokens",
+                    "Tokens taken back off the budget counters from leases that expired "
+                    "unsettled (a crashed process's reservations: counters vs ledger drift)",
+                    lambda: limiter.reclaimed_tokens,
+                )
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(

@@ -64,9 +64,11 @@ class _ScopeState:
         self.month: dict[str, int] = {}
         self.lifetime = 0
 
-    def prune(self, now_ms: int, day_id: str, month_id: str) -> None:
+    def prune(self, now_ms: int, day_id: str, month_id: str) -> int:
         """Drop window entries and leases past their time; an expired lease's reservation is
-        taken back off the budget counters (no live request holds it: live ones are refreshed)."""
+        taken back off the budget counters (no live request holds it: live ones are refreshed).
+        Returns the tokens taken back."""
+        reclaimed = 0
         cutoff = now_ms - WINDOW_MS
         window = self.window
         while window and window[0].at_ms <= cutoff:
@@ -81,11 +83,13 @@ class _ScopeState:
                 held = self.held.pop(lease_id, None)
                 if held is not None:
                     tokens, day, month = held
+                    reclaimed += tokens
                     self.add_budget(
                         day if day == day_id else None,
                         month if month == month_id else None,
                         -tokens,
                     )
+        return reclaimed
 
     def usage(self, now_ms: int) -> WindowUsage:
         if not self.window:
@@ -173,8 +177,11 @@ class MemoryCounters:
             return SeedNeeded(request.tenant_id)
         now = request.now_ms
         states = {Scope.KEY: tenant.key(request.key_id), Scope.TENANT: tenant.scope}
-        for state in states.values():
-            state.prune(now, request.periods.day_id, request.periods.month_id)
+        reclaimed = 0
+        for scope, state in states.items():
+            freed = state.prune(now, request.periods.day_id, request.periods.month_id)
+            if scope is Scope.TENANT:
+                reclaimed = freed
         refusal = self._first_refusal(request, states)
         if refusal is None:
             for state in states.values():
@@ -197,6 +204,7 @@ class MemoryCounters:
             limits=request.limits,
             key=states[Scope.KEY].usage(now),
             tenant=states[Scope.TENANT].usage(now),
+            reclaimed_tokens=reclaimed,
         )
 
     @staticmethod

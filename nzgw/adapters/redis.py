@@ -83,7 +83,8 @@ log = logging.getLogger("nzgw.counters")
 # each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone.
 # ADMIT's ARGV[1] is its deadline in Redis ms (past it: status 3, nothing done); ARGV[23], [24]
 # the day and month ids; ARGV[25] the caller's clock for the windows (tests), '' for Redis'.
-# Every reply ends with Redis' clock; an admission's has the window's `now` before it.
+# Every reply ends with Redis' clock; admitted or refused, the tokens reclaimed from expired
+# leases of the tenant come before it (and an admission's window `now` before those).
 # Limit codes are indexes into
 # LIMIT_ORDER (0 rpm, 1 tpm, 2 concurrency, 3 daily, 4 monthly, 5 lifetime); scope codes into
 # SCOPE_ORDER (0 key, 1 tenant).
@@ -113,7 +114,8 @@ local day_id, month_id = ARGV[23], ARGV[24]
 -- Take an expired lease's reservation back: no live request holds it (live ones are refreshed).
 local function expire(base, rsv)
   local dead = redis.call('ZRANGEBYSCORE', KEYS[base + 2], '-inf', now)
-  if #dead == 0 then return end
+  if #dead == 0 then return 0 end
+  local reclaimed = 0
   for i = 1, #dead do
     local held = redis.call('HGET', rsv, dead[i])
     if held then
@@ -124,10 +126,12 @@ local function expire(base, rsv)
         if day == day_id then redis.call('DECRBY', KEYS[base + 3], tokens) end
         if month == month_id then redis.call('DECRBY', KEYS[base + 4], tokens) end
         redis.call('DECRBY', KEYS[base + 5], tokens)
+        reclaimed = reclaimed + tokens
       end
     end
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[base + 2], '-inf', now)
+  return reclaimed
 end
 
 local function load(base, rsv)
@@ -139,10 +143,11 @@ local function load(base, rsv)
     redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
     if freed ~= 0 then redis.call('DECRBY', tok, freed) end
   end
-  expire(base, rsv)
+  local reclaimed = expire(base, rsv)
   local first = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
   return {
     base = base,
+    reclaimed = reclaimed,
     oldest = first[2] and tonumber(first[2]) or false,
     used = {
       redis.call('ZCARD', log),
@@ -215,7 +220,7 @@ for _, kind in ipairs({5, 4, 3, 1, 0, 2}) do
         table.insert(out, 1, '')
         table.insert(out, 1, 1)
         for _, v in ipairs({kind, s - 1, retry_after(kind, st, allowed, need, used),
-                            allowed, used, need, real}) do
+                            allowed, used, need, scopes[2].reclaimed, real}) do
           out[#out + 1] = v
         end
         return out
@@ -246,6 +251,7 @@ local out = windows(1, reserve)
 table.insert(out, 1, epoch)
 table.insert(out, 1, 0)
 out[#out + 1] = now
+out[#out + 1] = scopes[2].reclaimed
 out[#out + 1] = real
 return out
 """
@@ -677,7 +683,7 @@ def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | Se
             epoch=str(reply[1]),
             periods=request.periods,
         )
-        return AdmissionResult(lease, None, request.limits, key, tenant)
+        return AdmissionResult(lease, None, request.limits, key, tenant, int(reply[-2]))
     if status != 1:
         raise ValueError(f"status {status!r}")
     kind, scope, retry, allowed, used, requested = (int(v) for v in reply[8:14])
@@ -689,7 +695,7 @@ def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | Se
         used=used,
         requested=requested,
     )
-    return AdmissionResult(None, refusal, request.limits, key, tenant)
+    return AdmissionResult(None, refusal, request.limits, key, tenant, int(reply[-2]))
 
 
 @asynccontextmanager

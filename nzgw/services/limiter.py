@@ -135,10 +135,17 @@ class Limiter:
         self._gates: dict[int, _TenantGate] = {}
         # Leases admitted and not yet settled: the requests in flight (`run_lease_keeper`).
         self._live: dict[str, Lease] = {}
+        self._reclaimed_tokens = 0
 
     @property
     def lease_ttl(self) -> float:
         return self._lease_ttl_ms / 1000
+
+    @property
+    def reclaimed_tokens(self) -> int:
+        """Tokens this process's admissions took back from leases that expired unsettled: the
+        drift between the budget counters and the ledger that was corrected (a metric)."""
+        return self._reclaimed_tokens
 
     @property
     def leases_in_flight(self) -> int:
@@ -195,6 +202,7 @@ class Limiter:
             if isinstance(outcome, SeedNeeded):
                 await self._seed(tenant_id)
                 continue
+            self._reclaimed_tokens += outcome.reclaimed_tokens
             if outcome.refusal is not None:
                 self._usage(periods.day, tenant_id, principal.key.id, model).refusals += 1
             elif outcome.lease is not None:

@@ -96,7 +96,7 @@ class Model:
         if epoch is None:
             return SeedNeeded(req.tenant_id)
         now, p = req.now_ms, req.periods
-        self._expire(req.tenant_id, req.key_id, now, p)
+        reclaimed = self._expire(req.tenant_id, req.key_id, now, p)
         for kind in _CHECKS:
             for scope in (Scope.KEY, Scope.TENANT):
                 allowed = req.limits.scope(scope).get(kind)
@@ -149,6 +149,7 @@ class Model:
                     req.limits,
                     self._usage(req.tenant_id, req.key_id, now),
                     self._usage(req.tenant_id, None, now),
+                    reclaimed,
                 )
         self.requests.append(
             _Request(
@@ -183,10 +184,13 @@ class Model:
             req.limits,
             self._usage(req.tenant_id, req.key_id, now),
             self._usage(req.tenant_id, None, now),
+            reclaimed,
         )
 
-    def _expire(self, tenant_id: int, key_id: int, now: int, p: Periods) -> None:
-        """An expired lease's reservation is taken back off each scope an admission looks at."""
+    def _expire(self, tenant_id: int, key_id: int, now: int, p: Periods) -> int:
+        """An expired lease's reservation is taken back off each scope an admission looks at;
+        returns the tokens taken back off the tenant scope."""
+        reclaimed = 0
         for r in self.requests:
             if r.tenant_id != tenant_id or r.expires_ms is None or r.expires_ms > now:
                 continue
@@ -199,6 +203,9 @@ class Model:
                 if r.month_id == p.month_id:
                     self._add(tenant_id, scope_key, "m", r.month_id, -r.reserved)
                 self._add(tenant_id, scope_key, "l", "", -r.reserved)
+                if scope == "tenant":
+                    reclaimed += r.reserved
+        return reclaimed
 
     def settle(self, lease: Lease, tokens: int, now: int) -> None:
         held = {"key": False, "tenant": False}

@@ -189,3 +189,5 @@ async def test_an_expired_lease_gives_its_reservation_back(owned_redis: OwnedRed
             assert again.admitted, again.refusal
             day = await _counter(owned_redis.url, "*k10:d:*")
             assert list(day.values()) == ["900"]
+            assert again.reclaimed_tokens == 900  # the drift it corrected, for the metric
+            assert survivor.reclaimed_tokens == 900
