@@ -485,7 +485,9 @@ class Relay:
                             data = await self._upstream.receive_some()
                 if stall.cancelled_caught:
                     if self._cut is not None and self._cut.happened:
-                        return self._end(CUT_MESSAGE)
+                        tail = self._end(CUT_MESSAGE)
+                        self._info.outcome = "cancelled"  # cut by the shutdown, as before
+                        return tail
                     return self._end("the model server stopped sending")
                 if not data:
                     return self._end()
