@@ -19,26 +19,15 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 
 import trio
+from counters_bench import NullLedger
 
 from nzgw.adapters.redis import open_redis_counters
 from nzgw.core.models import ApiKey, Limits, Principal, Tenant
-from nzgw.ports import CountersUnavailableError, UsageRow, UsageTotals
+from nzgw.ports import CountersUnavailableError
 from nzgw.services.limiter import Limiter
-
-
-class NullLedger:
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def usage_totals(
-        self, tenant_id: int, *, day: date, month_start: date
-    ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
-        await trio.lowlevel.checkpoint()
-        return UsageTotals(), {}
 
 
 def _free_port() -> int:
