@@ -27,7 +27,8 @@ Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
 - entering coredis (taking a connection, queueing the command) is bounded by coredis' own
-  `connect_timeout` (`call_timeout`) and a semaphore of `max_connections`, so coredis never
+  `connect_timeout` (`max_wait`: a loopback connect is instant, only a busy loop makes it look
+  slow, and a refused one fails at once) and a semaphore of `max_connections`, so coredis never
   waits for a pool slot and our scopes never cancel a connect;
 - the wait for the reply fails only when Redis has been *silent* for `call_timeout`: no reply to
   any call of this process since the later of the call's start and the last reply. Before it
@@ -718,7 +719,7 @@ async def open_redis_counters(
     client: coredis.Redis[str] = coredis.Redis.from_url(
         url,
         decode_responses=True,
-        connect_timeout=call_timeout,
+        connect_timeout=MAX_WAIT_FACTOR * call_timeout,
         stream_timeout=2 * MAX_WAIT_FACTOR * call_timeout,
         max_connections=max_connections,
         retry_policy=NoRetryPolicy(),
