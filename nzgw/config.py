@@ -77,6 +77,8 @@ class Config:
     default_max_tokens: int
     budget_timezone: str
     counters_timeout: float
+    lease_ttl: float
+    store_timeout: float
     # Audit
     audit_queue_max: int
     flush_interval: float
@@ -435,7 +437,21 @@ SETTINGS: tuple[Setting, ...] = (
         "counters_timeout",
         _seconds,
         "0.5",
-        "Seconds the counter store may take before a request is refused (503)",
+        "Seconds the counter store may stay silent before a request is refused (503)",
+    ),
+    Setting(
+        "NZGW_LEASE_TTL",
+        "lease_ttl",
+        _seconds,
+        "30",
+        "Seconds a concurrency lease outlives its process (refreshed while the request runs)",
+    ),
+    Setting(
+        "NZGW_STORE_TIMEOUT",
+        "store_timeout",
+        _seconds,
+        "5",
+        "Seconds a store call on the request path may take before the request is refused (503)",
     ),
     Setting(
         "NZGW_AUDIT_QUEUE_MAX",
@@ -535,6 +551,8 @@ def config_from_values(values: Mapping[str, str]) -> Config:
         else:
             fields[setting.field] = value
     config = Config(argon2=Argon2Params(**argon2), **fields)
+    if config.lease_ttl <= 0:
+        raise ConfigError("NZGW_LEASE_TTL: must be more than 0 seconds")
     if config.workers > 1 and config.embedded_counters:
         raise ConfigError(
             "NZGW_WORKERS: more than one worker needs REDIS_URL "

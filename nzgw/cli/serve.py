@@ -14,6 +14,7 @@ import trio
 
 from nzgw.adapters.stores import open_store
 from nzgw.cli._common import load_config_or_exit
+from nzgw.cli.schema_check import require_current_schema
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
 from nzgw.core.keys import generate_key, parse_key
@@ -35,6 +36,8 @@ def serve() -> None:
     config = load_config_or_exit()
     setup_logging(config.log_format, config.log_level)
     worker = current_worker()
+    if worker is None:  # workers: their supervisor checked
+        require_current_schema(config)
     if worker is not None:
         METRICS.set_worker(worker.index)
         config = worker.configure(config)

@@ -271,6 +271,9 @@ class AdmissionResult:
     limits: EffectiveLimits
     key: WindowUsage
     tenant: WindowUsage
+    # Tokens this admission took back off the tenant's budget counters from leases that had
+    # expired unsettled (their process died): the drift between counters and ledger it fixed.
+    reclaimed_tokens: int = 0
 
     @property
     def admitted(self) -> bool:

@@ -17,6 +17,7 @@ from nzgw.config import Config
 from nzgw.core import paths
 from nzgw.core.framing import Usage
 from nzgw.core.models import Principal
+from nzgw.http.drain import StreamCut
 from nzgw.http.uploads import UploadGate
 from nzgw.ports import Backend
 
@@ -157,6 +158,7 @@ class Gateway:
     )
     # Worker threads that decode big request bodies at once (nzgw.http.bodies).
     body_workers: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
+    stream_cut: StreamCut | None = None  # streams left at the end of the drain: error frame
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""

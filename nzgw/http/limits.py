@@ -4,6 +4,7 @@ protocol, refusals turned into 429/503 with the right headers and error codes.""
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -100,7 +101,8 @@ class _Ticket:
         self._model = model
         self.headers = headers
         self._timeout = timeout
-        self.refresh_every = limiter.lease_ttl / 3
+        # The limiter's lease keeper refreshes every lease in flight, from admission on.
+        self.refresh_every = math.inf
 
     async def refresh(self) -> None:
         with trio.move_on_after(self._timeout):

@@ -43,7 +43,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nzgw import __version__
@@ -272,12 +272,17 @@ class LiveCollector:
     ) -> None:
         self._backends = backends
         self._backlog = dict(backlog or {})
+        self._counters: dict[str, tuple[str, Callable[[], int]]] = {}
+
+    def track_counter(self, name: str, documentation: str, value: Callable[[], int]) -> None:
+        """Report `value()` as the counter `name` (without `_total`) at every scrape."""
+        self._counters[name] = (documentation, value)
 
     def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
         """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
         self._backlog[queue] = size
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if self._backends is not None:
             yield from self._backend_families(self._backends)
         backlog = GaugeMetricFamily(
@@ -291,6 +296,10 @@ class LiveCollector:
             except Exception:  # a scrape must not fail because one gauge could not be read
                 log.exception("reading the %s backlog failed", name)
         yield backlog
+        for name, (documentation, value) in self._counters.items():
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], value())
+            yield family
 
     @staticmethod
     def _backend_families(health: BackendHealth) -> Iterator[GaugeMetricFamily]:

@@ -35,6 +35,7 @@ from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.bodies import prepare_body
+from nzgw.http.drain import CUT_MESSAGE, StreamCut
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.http.uploads import UploadsBusyError
@@ -269,6 +270,7 @@ async def _model_request(
             ticket=ticket,
             max_frames=reservation.output_cap + FRAME_SLACK if ticket else None,
             stall_timeout=gateway.config.upstream_first_byte_timeout,
+            cut=gateway.stream_cut,
         )
         METRICS.streams_in_flight.inc()  # until the connection is done with the request
         request_cleanup().callback(METRICS.streams_in_flight.dec)
@@ -426,6 +428,7 @@ class Relay:
     """
 
     __slots__ = (
+        "_cut",
         "_done",
         "_first",
         "_info",
@@ -450,8 +453,10 @@ class Relay:
         ticket: Ticket | None = None,
         max_frames: int | None = None,
         stall_timeout: float = 300.0,
+        cut: StreamCut | None = None,
     ) -> None:
         self._upstream = upstream
+        self._cut = cut
         self._ticket = ticket
         self._max_frames = max_frames
         self._stall_timeout = stall_timeout
@@ -482,8 +487,16 @@ class Relay:
             else:
                 data = b""
                 with trio.move_on_after(self._stall_timeout) as stall, suppress(UpstreamError):
-                    data = await self._upstream.receive_some()
+                    if self._cut is None:
+                        data = await self._upstream.receive_some()
+                    else:
+                        with self._cut.watch(stall):
+                            data = await self._upstream.receive_some()
                 if stall.cancelled_caught:
+                    if self._cut is not None and self._cut.happened:
+                        tail = self._end(CUT_MESSAGE)
+                        self._info.outcome = "cancelled"  # cut by the shutdown, as before
+                        return tail
                     return self._end("the model server stopped sending")
                 if not data:
                     return self._end()

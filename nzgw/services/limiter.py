@@ -5,7 +5,7 @@ Request path (DESIGN §1, steps 4 and 8)::
 
     result = await limiter.admit(principal, model=m, reserve_tokens=n)  # CountersUnavailableError
     if not result.admitted: 429 with ratelimit_headers(result)
-    ... forward; while a long stream runs: limiter.run_lease_refresher(lease) in its nursery ...
+    ... forward (the lease keeper refreshes the lease from admission on, first byte or not) ...
     with trio.CancelScope(shield=True):                      # also when the client left
         await limiter.settle(lease, model=m, prompt_tokens=p, completion_tokens=c)
 
@@ -53,6 +53,8 @@ from nzgw.ports import (
 )
 
 log = logging.getLogger("nzgw.limiter")
+
+_FINAL_RETRY_INTERVAL = 0.5  # seconds between attempts of the last flush at shutdown
 
 
 class UsageLedger(Protocol):
@@ -131,10 +133,23 @@ class Limiter:
         self._pending: dict[_UsageKey, _Usage] = {}
         self._ledger_lock = trio.Lock()  # a flush's rows are in neither place while it runs
         self._gates: dict[int, _TenantGate] = {}
+        # Leases admitted and not yet settled: the requests in flight (`run_lease_keeper`).
+        self._live: dict[str, Lease] = {}
+        self._reclaimed_tokens = 0
 
     @property
     def lease_ttl(self) -> float:
         return self._lease_ttl_ms / 1000
+
+    @property
+    def reclaimed_tokens(self) -> int:
+        """Tokens this process's admissions took back from leases that expired unsettled: the
+        drift between the budget counters and the ledger that was corrected (a metric)."""
+        return self._reclaimed_tokens
+
+    @property
+    def leases_in_flight(self) -> int:
+        return len(self._live)
 
     @property
     def pending_rows(self) -> int:
@@ -187,8 +202,11 @@ class Limiter:
             if isinstance(outcome, SeedNeeded):
                 await self._seed(tenant_id)
                 continue
+            self._reclaimed_tokens += outcome.reclaimed_tokens
             if outcome.refusal is not None:
                 self._usage(periods.day, tenant_id, principal.key.id, model).refusals += 1
+            elif outcome.lease is not None:
+                self._live[outcome.lease.id] = outcome.lease
             return outcome
         raise CountersUnavailableError(f"budget counters of tenant {tenant_id} not rebuilt")
 
@@ -197,18 +215,37 @@ class Limiter:
         now_ms, _ = self._clock()
         return await self._counters.refresh(lease, now_ms=now_ms)
 
-    async def run_lease_refresher(
-        self, lease: Lease, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    async def run_lease_keeper(
+        self,
+        *,
+        concurrency: int = 16,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Refresh `lease` every third of its ttl until cancelled (run it beside a long stream).
-        A failed refresh is logged and retried at the next tick; the lease may then expire."""
+        """Refresh every lease in flight every third of the lease ttl until cancelled: from
+        admission on, also while a request waits for its first byte. A lease whose process
+        died is refreshed by nobody and expires one ttl later; its reservation is then taken
+        back (the Counters port). A failed refresh is logged and retried at the next tick."""
         task_status.started()
+        limit = trio.CapacityLimiter(concurrency)
         while True:
             await trio.sleep(self._lease_ttl_ms / 3000)
-            try:
-                await self.refresh(lease)
-            except CountersUnavailableError as exc:
-                log.warning("lease refresh failed: %s", exc)
+            failed = 0
+
+            async def one(lease: Lease) -> None:
+                nonlocal failed
+                async with limit:
+                    if lease.id not in self._live:
+                        return  # settled meanwhile
+                    try:
+                        await self.refresh(lease)
+                    except CountersUnavailableError:
+                        failed += 1
+
+            async with trio.open_nursery() as nursery:
+                for lease in list(self._live.values()):
+                    nursery.start_soon(one, lease)
+            if failed:
+                log.warning("lease refresh failed for %s leases; retried next tick", failed)
 
     async def settle(
         self, lease: Lease, *, model: str, prompt_tokens: int, completion_tokens: int
@@ -221,6 +258,7 @@ class Limiter:
         expires by itself and its reservation stays charged until the period ends. While this
         process rebuilds the tenant's counters, it waits for the rebuild (see `_TenantGate`).
         """
+        self._live.pop(lease.id, None)
         gate = self._gate(lease.tenant_id)
         tokens = max(prompt_tokens, 0) + max(completion_tokens, 0)
         try:
@@ -383,8 +421,9 @@ async def run_usage_flusher(
     """Flush the limiter's usage aggregate to `store` every `interval` seconds; never returns.
 
     A failed flush keeps the rows for the next one. On cancellation (shutdown) a last flush runs
-    shielded, bounded by `final_flush_timeout`; rows it cannot write are logged and lost (the
-    ledger then misses them; live counters never did).
+    shielded and is retried until `final_flush_timeout`; rows it cannot write by then are lost
+    and counted in one error line (rows, requests, tokens): the ledger misses them, the live
+    counters never did.
     """
     task_status.started()
     try:
@@ -395,10 +434,24 @@ async def run_usage_flusher(
             except StoreError as exc:
                 log.warning("usage flush failed, rows kept for the next one: %s", exc)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(final_flush_timeout) as scope:
-            try:
-                await limiter.flush_usage(store)
-            except StoreError as exc:
-                log.error("final usage flush failed: %s", exc)
-        if scope.cancelled_caught:
-            log.error("final usage flush timed out after %s s", final_flush_timeout)
+        with trio.CancelScope(shield=True), trio.move_on_after(final_flush_timeout):
+            while True:
+                try:
+                    await limiter.flush_usage(store)
+                    break
+                except StoreError as exc:
+                    log.warning("final usage flush failed, retrying: %s", exc)
+                    await trio.sleep(_FINAL_RETRY_INTERVAL)
+        lost = limiter.drain_usage()
+        limiter.restore_usage(lost)  # kept here: what the process does with them is its own
+        if lost:
+            log.error(
+                "final usage flush gave up after %s s: %d usage rows lost",
+                final_flush_timeout,
+                len(lost),
+                extra={
+                    "usage_rows_lost": len(lost),
+                    "requests_lost": sum(row.requests for row in lost),
+                    "tokens_lost": sum(row.prompt_tokens + row.completion_tokens for row in lost),
+                },
+            )

@@ -387,7 +387,12 @@ class Emulator:
         once, wherever it waits (token delay, stall, a blocked send)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_peer, conn, connection, nursery.cancel_scope)
-            await job()
+            try:
+                await job()
+            except trio.BrokenResourceError:
+                # The peer reset the connection mid-send, before the watcher saw it leave:
+                # the same fact, not an error (inside this nursery it would escape as a group).
+                connection.peer_left = True
             nursery.cancel_scope.cancel()
 
     @staticmethod

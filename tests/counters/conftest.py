@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import UTC, date, datetime
 
 import attrs
@@ -119,7 +119,9 @@ def _redis_backend(url: str) -> Backend:
     async def open_() -> AsyncIterator[Counters]:
         prefix = f"nzgwtest:{secrets.token_hex(6)}:"
         try:
-            async with open_redis_counters(url, call_timeout=CALL_TIMEOUT, prefix=prefix) as c:
+            async with open_redis_counters(
+                url, call_timeout=CALL_TIMEOUT, prefix=prefix, caller_clock=True
+            ) as c:
                 yield c
         finally:
             with trio.CancelScope(shield=True):
@@ -314,8 +316,10 @@ class OwnedRedis:
         self.process.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture
-def owned_redis() -> Iterator[OwnedRedis]:
+@contextmanager
+def own_redis_server() -> Iterator[OwnedRedis]:
+    """A redis-server of the caller's own on a free port, killed at the end (also for tests
+    outside this package: a shared Redis is flushed and written by parallel runs)."""
     if not os.path.exists(REDIS_SERVER):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{REDIS_SERVER} not found (CI=true)")
@@ -328,3 +332,9 @@ def owned_redis() -> Iterator[OwnedRedis]:
         if server.process is not None:
             server.resume()
         server.kill()
+
+
+@pytest.fixture
+def owned_redis() -> Iterator[OwnedRedis]:
+    with own_redis_server() as server:
+        yield server

@@ -17,6 +17,7 @@ from nzgw.core.limits import (
     AdmissionResult,
     Lease,
     Limit,
+    Periods,
     Refusal,
     Scope,
     WindowUsage,
@@ -41,6 +42,12 @@ class _Request:
     at_ms: int
     tokens: int
     expires_ms: int | None  # None: released
+    day_id: str = ""
+    month_id: str = ""
+    reserved: int = 0
+    # Its reservation is still on the key's / the tenant's budget counters (not settled, and not
+    # taken back after the lease expired).
+    held: dict[str, bool] = attrs.Factory(lambda: {"key": True, "tenant": True})
 
 
 @attrs.define
@@ -89,6 +96,7 @@ class Model:
         if epoch is None:
             return SeedNeeded(req.tenant_id)
         now, p = req.now_ms, req.periods
+        reclaimed = self._expire(req.tenant_id, req.key_id, now, p)
         for kind in _CHECKS:
             for scope in (Scope.KEY, Scope.TENANT):
                 allowed = req.limits.scope(scope).get(kind)
@@ -141,6 +149,7 @@ class Model:
                     req.limits,
                     self._usage(req.tenant_id, req.key_id, now),
                     self._usage(req.tenant_id, None, now),
+                    reclaimed,
                 )
         self.requests.append(
             _Request(
@@ -150,6 +159,9 @@ class Model:
                 now,
                 req.reserve_tokens,
                 now + req.lease_ttl_ms,
+                p.day_id,
+                p.month_id,
+                req.reserve_tokens,
             )
         )
         for key_id in (req.key_id, None):
@@ -172,19 +184,42 @@ class Model:
             req.limits,
             self._usage(req.tenant_id, req.key_id, now),
             self._usage(req.tenant_id, None, now),
+            reclaimed,
         )
 
+    def _expire(self, tenant_id: int, key_id: int, now: int, p: Periods) -> int:
+        """An expired lease's reservation is taken back off each scope an admission looks at;
+        returns the tokens taken back off the tenant scope."""
+        reclaimed = 0
+        for r in self.requests:
+            if r.tenant_id != tenant_id or r.expires_ms is None or r.expires_ms > now:
+                continue
+            for scope, scope_key in (("key", r.key_id), ("tenant", None)):
+                if not r.held[scope] or (scope == "key" and r.key_id != key_id):
+                    continue
+                r.held[scope] = False
+                if r.day_id == p.day_id:
+                    self._add(tenant_id, scope_key, "d", r.day_id, -r.reserved)
+                if r.month_id == p.month_id:
+                    self._add(tenant_id, scope_key, "m", r.month_id, -r.reserved)
+                self._add(tenant_id, scope_key, "l", "", -r.reserved)
+                if scope == "tenant":
+                    reclaimed += r.reserved
+        return reclaimed
+
     def settle(self, lease: Lease, tokens: int, now: int) -> None:
+        held = {"key": False, "tenant": False}
         for r in self.requests:
             if r.lease_id == lease.id:
                 r.expires_ms = None
                 r.tokens = tokens
+                held, r.held = r.held, {"key": False, "tenant": False}
         epoch = self.epochs.get(lease.tenant_id)
         if epoch is None:
             return
-        delta = tokens - lease.reserved if epoch == lease.epoch else tokens
         p = lease.periods
-        for key_id in (lease.key_id, None):
+        for key_id, scope in ((lease.key_id, "key"), (None, "tenant")):
+            delta = tokens - lease.reserved if epoch == lease.epoch and held[scope] else tokens
             if now < p.day_end_ms + PERIOD_SLACK_MS:
                 self._add(lease.tenant_id, key_id, "d", p.day_id, delta)
             if now < p.month_end_ms + PERIOD_SLACK_MS:

@@ -451,3 +451,18 @@ async def test_the_budget_time_zone_decides_the_day(backend: Backend) -> None:
         assert refused.refusal.retry_after_ms == 23 * 3_600_000 - 1
         assert lease.periods.day_end_ms == epoch_ms(datetime(2025, 4, 1, 22, tzinfo=UTC))
         assert T0 + timedelta(hours=23) == datetime(2025, 4, 1, 22, tzinfo=UTC)
+
+
+async def test_an_expired_unsettled_lease_gives_its_reservation_back(backend: Backend) -> None:
+    """A lease nobody refreshed or settled (its process died) no longer holds budget once it
+    expired; settling it later charges the tokens used, not the difference."""
+    who = principal(key_budgets=Budgets(daily_tokens=1_000))
+    async with backend.open() as c:
+        await seeded(c)
+        dead = await lease_of(c, admission(who, reserve=600, lease_ttl_ms=10_000))
+        assert (await admit(c, admission(who, at_ms=5_000, reserve=600))).refusal is not None
+        after = await admit(c, admission(who, at_ms=10_001, reserve=1))
+        assert after.admitted and after.reclaimed_tokens == 600
+        assert await used(c, who, Limit.DAILY_TOKENS, Scope.KEY, at_ms=10_002) == 1
+        await c.settle(dead, tokens=50, now_ms=T0_MS + 10_003)  # late: charged what it used
+        assert await used(c, who, Limit.DAILY_TOKENS, Scope.KEY, at_ms=10_004) == 51

@@ -336,14 +336,28 @@ async def test_a_refreshed_lease_holds_its_slot_and_an_abandoned_one_expires(
     lease = (await limiter.admit(who, model=MODEL, reserve_tokens=1)).lease
     assert lease is not None
     async with trio.open_nursery() as nursery:
-        await nursery.start(limiter.run_lease_refresher, lease)
-        await trio.sleep(61)  # a long stream; the last refresh was at 60 s
+        await nursery.start(limiter.run_lease_keeper)
+        await trio.sleep(61)  # a long wait for a first byte, then a stream; refreshed at 60 s
         assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
         nursery.cancel_scope.cancel()  # the process "dies": no settlement, no more refresh
     await trio.sleep_until(68.9)
     assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
     await trio.sleep_until(69)
     assert (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
+
+
+async def test_the_keeper_stops_refreshing_a_settled_lease(clock: trio.testing.MockClock) -> None:
+    limiter, _, _ = make(lease_ttl=9.0)
+    who = principal(key_limits=Limits(concurrent_requests=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(limiter.run_lease_keeper)
+        lease = (await limiter.admit(who, model=MODEL, reserve_tokens=1)).lease
+        assert lease is not None and limiter.leases_in_flight == 1
+        await trio.sleep(20)
+        await limiter.settle(lease, model=MODEL, prompt_tokens=1, completion_tokens=0)
+        assert limiter.leases_in_flight == 0
+        assert (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_client_that_leaves_mid_stream_releases_its_slot_and_pays_what_it_got(
@@ -371,3 +385,45 @@ async def test_a_client_that_leaves_mid_stream_releases_its_slot_and_pays_what_i
     assert await daily_used(limiter, who, Scope.KEY) == 5 + 24 + 1
     [row] = [r for r in limiter.drain_usage() if r.model == MODEL]
     assert (row.prompt_tokens, row.completion_tokens) == (5, 24)
+
+
+async def test_the_last_flush_retries_until_its_deadline_and_counts_what_it_lost(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 5 (part): usage the store never took at shutdown is counted in the log, after
+    retries until the deadline (it was one silent attempt)."""
+    limiter, _, ledger = make()
+    who = principal()
+    lease = (await limiter.admit(who, model=MODEL, reserve_tokens=10)).lease
+    assert lease is not None
+    await limiter.settle(lease, model=MODEL, prompt_tokens=3, completion_tokens=4)
+    ledger.fail = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_usage_flusher, limiter, ledger, interval=60.0))
+        nursery.cancel_scope.cancel()  # shutdown, the store down
+    assert ledger.add_calls == 20  # retried every 0.5 s for the 10 s deadline
+    (lost,) = [r for r in caplog.records if "final usage flush gave up" in r.getMessage()]
+    assert lost.levelname == "ERROR"
+    assert (lost.__dict__["requests_lost"], lost.__dict__["tokens_lost"]) == (1, 7)
+
+
+async def test_the_last_flush_writes_what_a_store_back_in_time_takes(
+    clock: trio.testing.MockClock,
+) -> None:
+    limiter, _, ledger = make()
+    lease = (await limiter.admit(principal(), model=MODEL, reserve_tokens=10)).lease
+    assert lease is not None
+    await limiter.settle(lease, model=MODEL, prompt_tokens=3, completion_tokens=4)
+    ledger.fail = True
+
+    async def store_back() -> None:
+        await trio.sleep(3)
+        ledger.fail = False
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(store_back)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_usage_flusher, limiter, ledger, interval=60.0))
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() == 3.0  # the first attempt after the store came back
+    assert ledger.tokens() == 7
