@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from nzgw.core.redact import MASK, redact
+
 
 class ConfigError(Exception):
     """A configuration value is invalid. The message names the variable."""
@@ -230,6 +232,7 @@ class Setting:
     parse: Callable[[str], Any]
     default: str
     doc: str
+    secret: bool = False  # may hold a credential: never echoed in errors
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -239,6 +242,7 @@ SETTINGS: tuple[Setting, ...] = (
         _http_url,
         "http://127.0.0.1:11434",
         "The Ollama server when OLLAMA_BACKENDS is empty",
+        secret=True,
     ),
     Setting(
         "OLLAMA_AUTH_TOKEN",
@@ -246,6 +250,7 @@ SETTINGS: tuple[Setting, ...] = (
         _str,
         "",
         "Bearer token sent to OLLAMA_BASE_URL (empty: none)",
+        secret=True,
     ),
     Setting(
         "OLLAMA_BACKENDS",
@@ -254,6 +259,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         'JSON list [{"name","url","auth_token"}] in priority order; empty: one "default" '
         "backend from the two above",
+        secret=True,
     ),
     Setting(
         "DATABASE_URL",
@@ -261,6 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
         _database_url,
         "sqlite:///./var/nzgw.db",
         "Store: postgresql://user@host/db or sqlite:///path",
+        secret=True,
     ),
     Setting(
         "REDIS_URL",
@@ -268,6 +275,7 @@ SETTINGS: tuple[Setting, ...] = (
         _redis_url,
         "",
         "Counters: redis://host:port/db; empty: in-process counters (single process only)",
+        secret=True,
     ),
     Setting(
         "NZGW_MIGRATE_ON_START",
@@ -504,7 +512,7 @@ def config_from_values(values: Mapping[str, str]) -> Config:
         try:
             value = setting.parse(raw.strip() if setting.env != "OLLAMA_AUTH_TOKEN" else raw)
         except ValueError as exc:
-            raise ConfigError(f"{setting.env}: {exc}") from None
+            raise ConfigError(f"{setting.env}: {_shown(setting, raw, str(exc))}") from None
         if setting.field.startswith("argon2."):
             argon2[setting.field.removeprefix("argon2.")] = value
         else:
@@ -516,6 +524,16 @@ def config_from_values(values: Mapping[str, str]) -> Config:
             "(in-process counters cannot be shared between processes)"
         )
     return config
+
+
+def _shown(setting: Setting, raw: str, message: str) -> str:
+    """An error message fit for logs: credentials redacted; a secret setting's value never
+    shown, not even in part."""
+    if setting.secret:
+        for value in {raw, raw.strip()}:
+            if len(value) >= 4:
+                message = message.replace(repr(value), repr(MASK)).replace(value, MASK)
+    return redact(message)
 
 
 def test_config(**overrides: Any) -> Config:
