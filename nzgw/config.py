@@ -71,6 +71,7 @@ class Config:
     argon2_max_concurrency: int
     auth_cache_ttl: float
     auth_fail_limit: int
+    auth_queue_max: int
     revocation_poll_interval: float
     # Limits
     default_max_tokens: int
@@ -391,6 +392,13 @@ SETTINGS: tuple[Setting, ...] = (
         _int(1),
         "20",
         "Failed authentications per client address per minute before throttling",
+    ),
+    Setting(
+        "NZGW_AUTH_QUEUE_MAX",
+        "auth_queue_max",
+        _int(0),
+        "64",
+        "Cold key verifications (Argon2id) that may wait for a thread; beyond: 503 + Retry-After",
     ),
     Setting(
         "NZGW_REVOCATION_POLL_INTERVAL",

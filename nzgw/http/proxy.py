@@ -35,7 +35,7 @@ from nzgw.http.asgi import request_cleanup
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
-from nzgw.services.identity import AuthenticationError, AuthThrottledError
+from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
 
 R = paths.RouteId
 
@@ -135,6 +135,9 @@ async def _authenticate(gateway: Gateway, info: RequestInfo) -> Principal:
         ) from None
     except AuthenticationError:
         raise Refused(401, "invalid API key", refusal="auth", headers=unauthorized) from None
+    except AuthBusyError as exc:
+        retry = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))}
+        raise Refused(503, "service busy, try again", refusal="auth_busy", headers=retry) from None
     except StoreError:
         raise Refused(503, "service unavailable, try again", refusal="store_unavailable") from None
     info.principal = principal

@@ -1,8 +1,8 @@
 """Who is calling: API key verification, its cache, the failure throttle, revocation.
 
 `Authenticator.authenticate(presented, client_addr)` returns the `Principal` or raises
-`AuthenticationError` (HTTP: 401) / `AuthThrottledError` (HTTP: 429 with Retry-After). Neither
-says which part failed. The path, cheapest first:
+`AuthenticationError` (HTTP: 401) / `AuthThrottledError` (HTTP: 429 with Retry-After) /
+`AuthBusyError` (HTTP: 503 with Retry-After). None says which part failed. The path, cheapest first:
 
 1. `parse_key`: length and alphabet; garbage costs nothing more (and counts as a failure).
 2. The positive cache, indexed by the public prefix; an entry holds HMAC-SHA256(per-process
@@ -14,7 +14,10 @@ says which part failed. The path, cheapest first:
 4. The failure throttle per client address (IPv6: per /64): a token bucket of
    `fail_limit` per minute. A token is taken BEFORE any store or Argon2id work and given back
    only on success, so concurrent guesses cannot overrun it either.
-5. `store.find_key(prefix)`, then Argon2id in a worker thread under a `CapacityLimiter`; an
+5. The global bound (`nzgw.services.coldgate`): at most `max_concurrency` cold verifications
+   run and `queue_max` wait, the least busy address first; beyond that `AuthBusyError` at once
+   (the throttle allowance is given back: a busy gateway is not the client's fault).
+   Then `store.find_key(prefix)` and Argon2id in a worker thread under a `CapacityLimiter`; an
    unknown prefix is verified against a dummy hash, and the status checks come only after a
    successful verification, so neither timing nor answers reveal which prefixes exist or are
    revoked.
@@ -47,6 +50,7 @@ from nzgw.config import Argon2Params, Config
 from nzgw.core.keys import ParsedKey, parse_key
 from nzgw.core.models import Principal, Status
 from nzgw.ports import KeyChanges, Store, StoreError
+from nzgw.services.coldgate import ColdGate, GateFullError
 
 log = logging.getLogger("nzgw.identity")
 
@@ -69,6 +73,15 @@ class AuthThrottledError(AuthenticationError):
 
     def __init__(self, retry_after: float) -> None:
         super().__init__()
+        self.retry_after = retry_after
+
+
+class AuthBusyError(Exception):
+    """Too many cold key verifications in progress on this process; not the client's fault:
+    try again after `retry_after` s (HTTP: 503)."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("key verification queue full")
         self.retry_after = retry_after
 
 
@@ -220,6 +233,7 @@ class AuthStats:
     failures: int = 0
     throttled: int = 0
     rehashes: int = 0
+    busy: int = 0  # refused because the cold-verification queue was full
 
 
 @attrs.define
@@ -252,12 +266,14 @@ class Authenticator:
         max_concurrency: int,
         cache_ttl: float,
         fail_limit: int,
+        queue_max: int = 64,
         max_staleness: float = 1.0,
         wall_clock: WallClock = utc_now,
     ) -> None:
         self._store = store
         self._hasher = hasher
         self._limiter = trio.CapacityLimiter(max_concurrency)
+        self.gate = ColdGate(max_concurrency, queue_max)
         self._cache_ttl = cache_ttl
         self._max_staleness = max_staleness
         self._wall_clock = wall_clock
@@ -281,6 +297,7 @@ class Authenticator:
             max_concurrency=config.argon2_max_concurrency,
             cache_ttl=config.auth_cache_ttl,
             fail_limit=config.auth_fail_limit,
+            queue_max=config.auth_queue_max,
             max_staleness=max(1.0, 2 * config.revocation_poll_interval),
             wall_clock=wall_clock,
         )
@@ -335,10 +352,14 @@ class Authenticator:
             self.stats.throttled += 1
             raise AuthThrottledError(retry_after)
         try:
-            principal = await self._lead(parsed, mac)
+            principal = await self._lead(parsed, mac, address)
         except AuthenticationError:
             self.stats.failures += 1
             raise  # the attempt stays spent
+        except AuthBusyError:
+            self.stats.busy += 1
+            self._throttle.refund(address)
+            raise
         except BaseException:
             self._throttle.refund(address)
             raise
@@ -346,13 +367,13 @@ class Authenticator:
         self._last_used[principal.key.id] = self._wall_clock()
         return principal
 
-    async def _lead(self, parsed: ParsedKey, mac: bytes) -> Principal:
+    async def _lead(self, parsed: ParsedKey, mac: bytes, address: str) -> Principal:
         """Verify, publishing the outcome to concurrent requests with the same key; cache it
         unless the cache was emptied meanwhile."""
         flight = self._inflight[mac] = _Flight()
         generation = self._generation
         try:
-            principal = await self._verify(parsed)
+            principal = await self._verify(parsed, address)
         except AuthenticationError:
             flight.refused = True
             raise
@@ -367,13 +388,20 @@ class Authenticator:
             )
         return principal
 
-    async def _verify(self, parsed: ParsedKey) -> Principal:
-        found = await self._store.find_key(parsed.prefix)
-        key_hash = found.key.key_hash if found is not None else None
-        self.stats.verifications += 1
-        matches = await trio.to_thread.run_sync(
-            self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
-        )
+    async def _verify(self, parsed: ParsedKey, address: str) -> Principal:
+        try:
+            await self.gate.acquire(address)
+        except GateFullError as exc:
+            raise AuthBusyError(exc.retry_after) from None
+        try:
+            found = await self._store.find_key(parsed.prefix)
+            key_hash = found.key.key_hash if found is not None else None
+            self.stats.verifications += 1
+            matches = await trio.to_thread.run_sync(
+                self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
+            )
+        finally:
+            self.gate.release()
         if found is None or not matches or not _usable(found, self._wall_clock()):
             raise AuthenticationError()
         if self._hasher.needs_rehash(found.key.key_hash):
