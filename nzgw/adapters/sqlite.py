@@ -32,6 +32,7 @@ from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
+    ChangeFeed,
     ConflictError,
     KeyChanges,
     NewKey,
@@ -132,6 +133,15 @@ def _params(values: Sequence[Any]) -> list[Any]:
 
 def _decode_time(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
+
+
+def _record_change(
+    conn: sqlite3.Connection, tenant_id: int, key_id: int | None, now: datetime
+) -> None:
+    """Bump the epoch and record what changed under it (inside the caller's transaction)."""
+    seq = int(conn.execute(q.BUMP_EPOCH_RETURNING).fetchone()[0])
+    conn.execute(q.INSERT_CHANGE, _params([seq, tenant_id, key_id, now]))
+    conn.execute(q.PRUNE_CHANGES, (seq - q.CHANGE_FEED_KEEP,))
 
 
 @contextmanager
@@ -251,8 +261,9 @@ class SqliteStore:
                     if _is_unique(exc):
                         raise ConflictError(f"a tenant named {name!r} exists already") from exc
                     raise
-                conn.execute(q.BUMP_EPOCH)
-            return q.tenant_from_row(row, _decode_time)
+                tenant = q.tenant_from_row(row, _decode_time)
+                _record_change(conn, tenant.id, None, self._clock())
+            return tenant
 
         return await self._run(work)
 
@@ -286,7 +297,7 @@ class SqliteStore:
                             f"a tenant named {changes.name!r} exists already"
                         ) from exc
                     raise
-                conn.execute(q.BUMP_EPOCH)
+                _record_change(conn, current.id, None, now)
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -322,8 +333,9 @@ class SqliteStore:
                     if _is_unique(exc):
                         raise ConflictError(f"the prefix {new.prefix} is taken") from exc
                     raise
-                conn.execute(q.BUMP_EPOCH)
-            return q.key_from_row(row, _decode_time)
+                key = q.key_from_row(row, _decode_time)
+                _record_change(conn, key.tenant_id, key.id, now)
+            return key
 
         return await self._run(work)
 
@@ -366,7 +378,7 @@ class SqliteStore:
                 sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
                 row = conn.execute(sql, _params([*columns.values(), now, current.id])).fetchone()
                 if q.changes_bump_epoch(columns):
-                    conn.execute(q.BUMP_EPOCH)
+                    _record_change(conn, current.tenant_id, current.id, now)
             return q.key_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -388,6 +400,13 @@ class SqliteStore:
             if row is None:
                 raise StoreError("the revocation epoch row is missing (run `nzgw migrate`)")
             return int(row[0])
+
+        return await self._run(work)
+
+    async def changes_since(self, after: int, *, limit: int = 1000) -> ChangeFeed:
+        def work(conn: sqlite3.Connection) -> ChangeFeed:
+            rows = conn.execute(q.SELECT_CHANGES, (after, limit + 1)).fetchall()
+            return q.change_feed(after, limit, rows)
 
         return await self._run(work)
 

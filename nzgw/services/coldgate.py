@@ -7,19 +7,19 @@ front of an honest client's first request:
 - at most `slots` verifications run at once (the Argon2id worker threads);
 - at most `queue_max` wait for a slot; beyond that `GateFullError` is raised at once (HTTP:
   503 with `Retry-After`), so the queue, and the wait in it, stay bounded;
-- the priority of a request is how many cold verifications its address asked for lately (a
-  count decaying with `half_life`; lower goes first, then the earlier). A free slot goes to the
-  best waiter; when the queue is full, a newcomer better than the worst waiter takes its place
-  (the worst gets `GateFullError`). So an address that has not been verifying — the honest
-  client with a new key — is neither refused nor kept waiting by addresses that flood: it
-  waits for the verifications already running, whatever the queue holds.
+- a free slot goes to the waiter whose address asked for the fewest cold verifications lately
+  (a count that includes the requests still waiting and decays with `half_life`), then to the
+  earliest; when the queue is full, a newcomer from an address with fewer than the worst
+  waiter's takes its place (the worst gets `GateFullError`). So an address that has not been
+  verifying — the honest client with a new key — is neither refused nor kept waiting by
+  addresses that flood: it waits for the verifications already running, whatever the queue
+  holds (an address sharing the flooders' count is served in arrival order).
 
 Cached keys never come here. Not thread-safe: one gate per `trio.run`.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 
@@ -37,9 +37,10 @@ class GateFullError(Exception):
 
 @attrs.define(eq=False)
 class _Waiter:
+    address: str
+    seq: int
     event: trio.Event = attrs.field(factory=trio.Event)
     granted: bool = False
-    abandoned: bool = False  # cancelled or evicted: skip it in the heap
     evicted: bool = False
 
 
@@ -67,8 +68,7 @@ class ColdGate:
         self._half_life = half_life
         self._max_tracked = max_tracked
         self._running = 0
-        self._waiting = 0
-        self._heap: list[tuple[float, int, _Waiter]] = []
+        self._waiters: list[_Waiter] = []  # at most queue_max: scanned, not sorted
         self._seq = itertools.count()
         self._usage: dict[str, _Usage] = {}
         self.refused = 0  # GateFullError raised (for metrics and tests)
@@ -79,7 +79,7 @@ class ColdGate:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._waiters)
 
     async def acquire(self, address: str) -> None:
         """Take a slot for a verification on behalf of `address` (a throttle key).
@@ -89,72 +89,61 @@ class ColdGate:
         while waiting nothing is held (a slot granted in that instant is handed on).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._running < self.slots and self._waiting == 0:
-            self._charge(address)
+        now = trio.current_time()
+        mine = self._charge(address, now)
+        if self._running < self.slots and not self._waiters:
             self._running += 1
             return
-        priority = self._priority(address)
-        if self._waiting >= self.queue_max and not self._evict_worse_than(priority):
+        if len(self._waiters) >= self.queue_max and not self._evict_worse_than(mine, now):
             self.refused += 1
             raise GateFullError(1.0)
-        waiter = _Waiter()
-        heapq.heappush(self._heap, (self._charge(address), next(self._seq), waiter))
-        self._waiting += 1
+        waiter = _Waiter(address, next(self._seq))
+        self._waiters.append(waiter)
         try:
             await waiter.event.wait()
-            if waiter.evicted:
-                self.refused += 1
-                raise GateFullError(1.0)
-        except GateFullError:
-            raise
         except BaseException:
             if waiter.granted:
                 self.release()  # granted as we were cancelled: pass the slot on
-            elif not waiter.abandoned:  # (an evicted waiter is off the count already)
-                waiter.abandoned = True
-                self._waiting -= 1
-                self._compact()
+            elif not waiter.evicted:
+                self._waiters.remove(waiter)
             raise
+        if waiter.evicted:
+            self.refused += 1
+            raise GateFullError(1.0)
 
     def release(self) -> None:
-        """Give a slot back; the next waiter (by priority) gets it. Never blocks."""
+        """Give a slot back; the best waiter gets it. Never blocks."""
         self._running -= 1
-        while self._heap and self._running < self.slots:
-            _, _, waiter = heapq.heappop(self._heap)
-            if waiter.abandoned:
-                continue
-            waiter.granted = True
-            self._waiting -= 1
+        if self._waiters and self._running < self.slots:
+            now = trio.current_time()
+            best = min(self._waiters, key=lambda w: (self._usage_of(w.address, now), w.seq))
+            self._waiters.remove(best)
+            best.granted = True
             self._running += 1
-            waiter.event.set()
+            best.event.set()
 
-    def _evict_worse_than(self, priority: float) -> bool:
-        """Refuse the worst waiter if its priority is worse than `priority`; True if done."""
-        live = [entry for entry in self._heap if not entry[2].abandoned]
-        if not live:
+    def _evict_worse_than(self, usage: float, now: float) -> bool:
+        """Refuse the worst waiter if its address asked for more than `usage`; True if done."""
+        if not self._waiters:
             return False
-        worst = max(live, key=lambda entry: (entry[0], entry[1]))
-        if worst[0] <= priority:
+        worst = max(self._waiters, key=lambda w: (self._usage_of(w.address, now), w.seq))
+        if self._usage_of(worst.address, now) <= usage:
             return False
-        waiter = worst[2]
-        waiter.abandoned = waiter.evicted = True
-        self._waiting -= 1
-        waiter.event.set()
-        self._compact()
+        self._waiters.remove(worst)
+        worst.evicted = True
+        worst.event.set()
         return True
 
     # --- priority: how much an address asked for lately ----------------------------------------
 
-    def _priority(self, address: str) -> float:
-        """The address's decayed count now (0.0 for one not seen lately)."""
+    def _usage_of(self, address: str, now: float) -> float:
         usage = self._usage.get(address)
         if usage is None:
             return 0.0
-        return usage.value * math.exp2(-(trio.current_time() - usage.updated) / self._half_life)
+        return usage.value * math.exp2(-(now - usage.updated) / self._half_life)
 
-    def _charge(self, address: str) -> float:
-        """The address's decayed count before this request; counts this one."""
-        now = trio.current_time()
+    def _charge(self, address: str, now: float) -> float:
+        """Count one more request of `address`; return its decayed count, this one included."""
         usage = self._usage.pop(address, None)  # re-inserted last: dict order = recency
         if usage is None:
             if len(self._usage) >= self._max_tracked:
@@ -163,25 +152,20 @@ class ColdGate:
         else:
             usage.value *= math.exp2(-(now - usage.updated) / self._half_life)
             usage.updated = now
-        before = usage.value
         usage.value += 1.0
         self._usage[address] = usage
-        return before
+        return usage.value
 
     def _prune(self, now: float) -> None:
+        waiting = {w.address for w in self._waiters}
         faded = [
             address
             for address, u in self._usage.items()
-            if u.value * math.exp2(-(now - u.updated) / self._half_life) < 0.5
+            if address not in waiting
+            and u.value * math.exp2(-(now - u.updated) / self._half_life) < 0.5
         ]
         for address in faded:
             del self._usage[address]
         excess = len(self._usage) - self._max_tracked + 1
         for address in list(self._usage)[: max(0, excess)]:
             del self._usage[address]
-
-    def _compact(self) -> None:
-        """Drop abandoned entries once they outnumber the live ones (bounded memory)."""
-        if len(self._heap) > 2 * self._waiting + 16:
-            self._heap = [entry for entry in self._heap if not entry[2].abandoned]
-            heapq.heapify(self._heap)
