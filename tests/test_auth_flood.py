@@ -30,7 +30,7 @@ from nzgw.services.identity import (
     Authenticator,
     KeyHasher,
 )
-from tests.harness import open_harness
+from tests.harness import Harness, open_harness
 from tests.test_audit import CHAT, flushed_rows
 from tests.test_identity import FAST, FakeStore, WallClock
 
@@ -198,11 +198,12 @@ async def test_over_http_a_full_queue_is_503_with_retry_after_and_audited(tmp_pa
     async with open_harness(tmp_path, argon2_max_concurrency=1, auth_queue_max=0) as h:
         gate = h.running.authenticator.gate
         with trio.fail_after(30):
+            cold = await h.new_key(name="cold")
+            bearer = {"Authorization": f"Bearer {cold}"}
+            await caught_up(h)  # the creations seen: nothing will drop cache entries now
             await h.client.post("/api/chat", json=CHAT, headers=h.auth)  # cached from now on
             await gate.acquire("203.0.113.9")  # the only slot: a verification in progress
             try:
-                cold = await h.new_key(name="cold")
-                bearer = {"Authorization": f"Bearer {cold}"}
                 answers = [
                     await h.client.post(path, json=CHAT, headers=bearer)
                     for path in ("/api/chat", "/v1/chat/completions", "/v1/messages")
@@ -222,3 +223,11 @@ async def test_over_http_a_full_queue_is_503_with_retry_after_and_audited(tmp_pa
         refused = [r.event for r in rows if r.event.refusal == "auth_busy"]
         assert [(e.status, e.outcome) for e in refused] == [(503, "refused")] * 3
         assert h.running.authenticator.stats.failures == 0  # not counted against the client
+
+
+async def caught_up(h: Harness) -> None:
+    """Wait until the gateway's revocation watch has read every change made so far."""
+    epoch = await h.running.store.revocation_epoch()
+    # The watch has no event to wait on: poll its position (the caller holds a fail_after).
+    while (h.running.authenticator.feed_position or -1) < epoch:  # noqa: ASYNC110
+        await trio.sleep(0.01)

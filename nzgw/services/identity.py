@@ -24,12 +24,16 @@
 6. Key and tenant active, key not expired (wall clock), rehash if the parameters changed, cache.
 
 Revocation within one second on every process (DESIGN §5): every change to a key or tenant
-bumps the store's revocation epoch in the same transaction. `run_revocation_watch` reads it every
-`interval` seconds and empties the cache when it moved. The cache is trusted only while the
-last successful read STARTED less than `max_staleness` seconds ago (1 s by default); when the
-watch falls behind (store slow or down, watch not running) every request takes the store path,
-which fails closed. A verification that began before an emptying does not refill the cache
-(generation check), so a fill racing a revocation cannot resurrect the key.
+bumps the store's revocation epoch and records what changed (the key, or the whole tenant) in
+the change feed, in the same transaction. `run_revocation_watch` reads the feed every
+`interval` seconds and drops only the cache entries of the keys and tenants that changed, so
+an operator's action does not turn every key cold at once (an Argon2id storm); when the feed
+cannot tell (first read, too many changes, a gap), the whole cache is emptied. The cache is
+trusted only while the last successful read STARTED less than `max_staleness` seconds ago
+(1 s by default); when the watch falls behind (store slow or down, watch not running) every
+request takes the store path, which fails closed. A verification that began before a change
+that concerns its key (or before an emptying) does not refill the cache, so a fill racing a
+revocation cannot resurrect the key.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import ipaddress
 import logging
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -49,7 +54,7 @@ import trio
 from nzgw.config import Argon2Params, Config
 from nzgw.core.keys import ParsedKey, parse_key
 from nzgw.core.models import Principal, Status
-from nzgw.ports import KeyChanges, Store, StoreError
+from nzgw.ports import Change, ChangeFeed, KeyChanges, Store, StoreError
 from nzgw.services.coldgate import ColdGate, GateFullError
 
 log = logging.getLogger("nzgw.identity")
@@ -283,6 +288,9 @@ class Authenticator:
         self._generation = 0  # bumped whenever the cache is emptied
         self._inflight: dict[bytes, _Flight] = {}
         self._epoch: int | None = None
+        # Changes applied lately (seq order), so that a verification can tell whether one
+        # concerning its key happened while it ran.
+        self._applied: deque[Change] = deque(maxlen=4096)
         self._fresh_until = float("-inf")  # cache trusted until then (trio clock)
         self._last_used: dict[int, datetime] = {}
         self.stats = AuthStats()
@@ -371,7 +379,7 @@ class Authenticator:
         """Verify, publishing the outcome to concurrent requests with the same key; cache it
         unless the cache was emptied meanwhile."""
         flight = self._inflight[mac] = _Flight()
-        generation = self._generation
+        generation, position = self._generation, self._epoch
         try:
             principal = await self._verify(parsed, address)
         except AuthenticationError:
@@ -382,7 +390,7 @@ class Authenticator:
         finally:
             del self._inflight[mac]
             flight.done.set()
-        if generation == self._generation:
+        if generation == self._generation and not self._changed_since(position, principal):
             self._cache[parsed.prefix] = _CacheEntry(
                 mac, principal, trio.current_time() + self._cache_ttl
             )
@@ -430,9 +438,58 @@ class Authenticator:
             self.invalidate()
         self._fresh_until = max(self._fresh_until, read_started_at + self._max_staleness)
 
+    @property
+    def feed_position(self) -> int | None:
+        """The epoch this cache is up to date with (None before the first read)."""
+        return self._epoch
+
+    def changes_observed(self, feed: ChangeFeed, read_started_at: float) -> None:
+        """The change feed after `feed_position`, read by a query started at `read_started_at`.
+        Drops the entries of the keys and tenants that changed (all of them when the feed
+        cannot tell); trusts the cache for `max_staleness` after."""
+        if feed.changes is None or self._epoch is None:
+            self.epoch_observed(feed.epoch, read_started_at)
+            return
+        dropped = 0
+        for change in feed.changes:
+            dropped += self._drop(change)
+            self._applied.append(change)
+        if feed.changes:
+            log.info(
+                "keys changed: cache entries dropped",
+                extra={"changes": len(feed.changes), "dropped": dropped, "epoch": feed.epoch},
+            )
+        self._epoch = feed.epoch
+        self._fresh_until = max(self._fresh_until, read_started_at + self._max_staleness)
+
+    def _drop(self, change: Change) -> int:
+        doomed = [
+            prefix
+            for prefix, entry in self._cache.items()
+            if entry.principal.tenant.id == change.tenant_id
+            and change.key_id in (None, entry.principal.key.id)
+        ]
+        for prefix in doomed:
+            del self._cache[prefix]
+        return len(doomed)
+
+    def _changed_since(self, position: int | None, principal: Principal) -> bool:
+        """True if a change after `position` concerns `principal` (or may have: unknown)."""
+        if position == self._epoch:
+            return False
+        if position is None or not self._applied or self._applied[0].seq > position + 1:
+            return True
+        return any(
+            change.seq > position
+            and change.tenant_id == principal.tenant.id
+            and change.key_id in (None, principal.key.id)
+            for change in self._applied
+        )
+
     def invalidate(self) -> None:
         """Empty the cache; verifications in flight will not refill it."""
         self._cache.clear()
+        self._applied.clear()
         self._generation += 1
 
     def prune(self) -> None:
@@ -476,7 +533,8 @@ async def run_revocation_watch(
     interval: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Read the revocation epoch every `interval` seconds, forever; feed it to `authenticator`.
+    """Read the change feed every `interval` seconds, forever; feed it to `authenticator`
+    (the first read, and any read the feed cannot answer, empties its cache).
 
     Started after the first read (successful or not: a store that is down must not keep the
     gateway from starting; the cache is simply not trusted until a read succeeds). Store errors
@@ -488,7 +546,11 @@ async def run_revocation_watch(
         read_started_at = trio.current_time()
         with trio.move_on_after(max(4 * interval, 2.0)):
             try:
-                epoch = await store.revocation_epoch()
+                position = authenticator.feed_position
+                if position is None:
+                    feed = ChangeFeed(await store.revocation_epoch(), None)
+                else:
+                    feed = await store.changes_since(position)
             except StoreError as exc:
                 if not failing:
                     log.warning("cannot read the revocation epoch", extra={"error": str(exc)})
@@ -497,7 +559,7 @@ async def run_revocation_watch(
                 if failing:
                     log.info("revocation epoch readable again")
                 failing = False
-                authenticator.epoch_observed(epoch, read_started_at)
+                authenticator.changes_observed(feed, read_started_at)
         authenticator.prune()
         if not started:
             task_status.started()
