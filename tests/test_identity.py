@@ -64,8 +64,9 @@ class FakeStore:
         self.touched: list[dict[int, datetime]] = []
         self.feed: list[Change] = []  # `epoch += 1` alone leaves a gap: "everything changed"
 
-    def add(self, hasher: KeyHasher, tenant_id: int = 1, **key_fields: object) -> str:
+    def add(self, hasher: KeyHasher, **key_fields: object) -> str:
         tenant_fields = cast(dict[str, object], key_fields.pop("tenant", {}))
+        tenant_id = cast(int, key_fields.pop("tenant_id", 1))
         full, prefix = generate_key()
         tenant = Tenant(id=tenant_id, name=f"t{tenant_id}", **tenant_fields)  # type: ignore[arg-type]
         key = ApiKey(
