@@ -72,6 +72,7 @@ class Config:
     auth_cache_ttl: float
     auth_fail_limit: int
     auth_queue_max: int
+    auth_ipv6_prefix: int
     revocation_poll_interval: float
     # Limits
     default_max_tokens: int
@@ -110,6 +111,18 @@ def _int(minimum: int) -> Callable[[str], int]:
             raise ValueError(f"expected a whole number, got {raw!r}") from None
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _int_range(minimum: int, maximum: int) -> Callable[[str], int]:
+    at_least = _int(minimum)
+
+    def parse(raw: str) -> int:
+        value = at_least(raw)
+        if value > maximum:
+            raise ValueError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -399,6 +412,13 @@ SETTINGS: tuple[Setting, ...] = (
         _int(0),
         "64",
         "Cold key verifications (Argon2id) that may wait for a thread; beyond: 503 + Retry-After",
+    ),
+    Setting(
+        "NZGW_AUTH_IPV6_PREFIX",
+        "auth_ipv6_prefix",
+        _int_range(1, 128),
+        "64",
+        "IPv6 prefix length that counts as one client address for the failure throttle",
     ),
     Setting(
         "NZGW_REVOCATION_POLL_INTERVAL",

@@ -397,3 +397,30 @@ class Counters(Protocol):
     async def seed(self, seed: BudgetSeed) -> bool:
         """Set the budget counters unless the tenant's are present; True: this call set them."""
         ...
+
+
+# --- the failed-authentication throttle (DESIGN §5) -----------------------------------------------
+
+
+class AuthThrottle(Protocol):
+    """The failed-authentication allowance per client address (a throttle key: an IPv4 address,
+    an IPv6 prefix): a token bucket of `limit` per minute, shared by every process that uses
+    the same counter store (Redis), or by one process (memory). Errors:
+    `CountersUnavailableError` only; implementations bound every call themselves."""
+
+    async def try_acquire(self, address: str) -> float | None:
+        """Take one attempt: None if allowed, else the seconds until one is."""
+        ...
+
+    async def record_failure(self, address: str) -> None:
+        """A failure that took no attempt first (a malformed key): one token less, if any."""
+        ...
+
+    async def refund(self, address: str) -> None:
+        """Give back an attempt taken by `try_acquire` (it succeeded, or was not the client's
+        fault)."""
+        ...
+
+    def prune(self) -> None:
+        """Housekeeping (memory only; Redis keys expire by themselves)."""
+        ...

@@ -30,6 +30,7 @@ import trio
 from nzgw.adapters.memory_counters import MemoryCounters
 from nzgw.adapters.ollama import open_backends
 from nzgw.adapters.redis import open_redis_counters
+from nzgw.adapters.redis_throttle import open_redis_throttle
 from nzgw.adapters.stores import open_store
 from nzgw.config import Config
 from nzgw.core.limits import budget_zone
@@ -39,10 +40,15 @@ from nzgw.http.gateway import Gateway
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
 from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
-from nzgw.ports import Counters, Store
+from nzgw.ports import AuthThrottle, Counters, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
 from nzgw.services.discovery import run_discovery
-from nzgw.services.identity import Authenticator, run_last_used_flush, run_revocation_watch
+from nzgw.services.identity import (
+    Authenticator,
+    MemoryAuthThrottle,
+    run_last_used_flush,
+    run_revocation_watch,
+)
 from nzgw.services.limiter import Limiter, run_usage_flusher
 from nzgw.services.registry import Registry
 
@@ -88,6 +94,18 @@ async def open_counters(config: Config) -> AsyncIterator[Counters]:
             yield counters
 
 
+@contextlib.asynccontextmanager
+async def open_auth_throttle(config: Config) -> AsyncIterator[AuthThrottle]:
+    """The failed-authentication throttle: in Redis (shared by every process) when configured."""
+    if config.embedded_counters:
+        yield MemoryAuthThrottle(config.auth_fail_limit)
+    else:
+        async with open_redis_throttle(
+            config.redis_url, limit=config.auth_fail_limit, call_timeout=config.counters_timeout
+        ) as throttle:
+            yield throttle
+
+
 async def run_server(
     config: Config,
     *,
@@ -110,6 +128,7 @@ async def run_server(
                     log.info("migrations applied", extra={"migrations": ",".join(applied)})
             async with (
                 open_counters(config) as counters,
+                open_auth_throttle(config) as auth_throttle,
                 open_backends(
                     config.effective_backends,
                     pool_size=config.upstream_pool_size,
@@ -119,7 +138,7 @@ async def run_server(
             ):
                 counters = METRICS.watch_counters(counters)
                 registry = Registry(backends)
-                authenticator = Authenticator.from_config(store, config)
+                authenticator = Authenticator.from_config(store, config, throttle=auth_throttle)
                 # A lease outlives the longest wait for a first byte; streams extend it as they
                 # go. It only matters after a crash: that is how long a dead slot stays taken.
                 limiter = Limiter(

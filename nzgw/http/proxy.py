@@ -34,7 +34,7 @@ from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
-from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
+from nzgw.ports import CountersUnavailableError, StoreError, UpstreamError, UpstreamResponse
 from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
 
 R = paths.RouteId
@@ -140,6 +140,13 @@ async def _authenticate(gateway: Gateway, info: RequestInfo) -> Principal:
         raise Refused(503, "service busy, try again", refusal="auth_busy", headers=retry) from None
     except StoreError:
         raise Refused(503, "service unavailable, try again", refusal="store_unavailable") from None
+    except CountersUnavailableError:  # the failure throttle's store: fail closed
+        raise Refused(
+            503,
+            "service unavailable, try again",
+            refusal="counters_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
     info.principal = principal
     return principal
 

@@ -38,6 +38,7 @@ revocation cannot resurrect the key.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -54,7 +55,15 @@ import trio
 from nzgw.config import Argon2Params, Config
 from nzgw.core.keys import ParsedKey, parse_key
 from nzgw.core.models import Principal, Status
-from nzgw.ports import Change, ChangeFeed, KeyChanges, Store, StoreError
+from nzgw.ports import (
+    AuthThrottle,
+    Change,
+    ChangeFeed,
+    CountersUnavailableError,
+    KeyChanges,
+    Store,
+    StoreError,
+)
 from nzgw.services.coldgate import ColdGate, GateFullError
 
 log = logging.getLogger("nzgw.identity")
@@ -144,9 +153,9 @@ class KeyHasher:
 # --- failure throttle -----------------------------------------------------------------------------
 
 
-def throttle_key(client_addr: str) -> str:
-    """The throttled unit: an IPv4 address, an IPv6 /64 (one host's usual allocation), or the
-    string as given when it is not an IP address."""
+def throttle_key(client_addr: str, ipv6_prefix: int = 64) -> str:
+    """The throttled unit: an IPv4 address, an IPv6 /`ipv6_prefix` (/64: one host's usual
+    allocation), or the string as given when it is not an IP address."""
     try:
         address = ipaddress.ip_address(client_addr)
     except ValueError:
@@ -154,7 +163,7 @@ def throttle_key(client_addr: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
 
 
@@ -225,6 +234,28 @@ class FailureThrottle:
         return len(self._buckets)
 
 
+class MemoryAuthThrottle:
+    """The `AuthThrottle` port in this process (embedded mode): `FailureThrottle` on Trio's
+    clock. Never fails."""
+
+    def __init__(self, limit: int, *, window: float = 60.0) -> None:
+        self.buckets = FailureThrottle(limit, window=window)
+
+    async def try_acquire(self, address: str) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return self.buckets.try_acquire(address, trio.current_time())
+
+    async def record_failure(self, address: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.buckets.record_failure(address, trio.current_time())
+
+    async def refund(self, address: str) -> None:
+        self.buckets.refund(address)  # no checkpoint: also called from shielded cleanup
+
+    def prune(self) -> None:
+        self.buckets.prune(trio.current_time())
+
+
 # --- the authenticator ----------------------------------------------------------------------------
 
 
@@ -272,6 +303,8 @@ class Authenticator:
         cache_ttl: float,
         fail_limit: int,
         queue_max: int = 64,
+        throttle: AuthThrottle | None = None,
+        ipv6_prefix: int = 64,
         max_staleness: float = 1.0,
         wall_clock: WallClock = utc_now,
     ) -> None:
@@ -282,7 +315,8 @@ class Authenticator:
         self._cache_ttl = cache_ttl
         self._max_staleness = max_staleness
         self._wall_clock = wall_clock
-        self._throttle = FailureThrottle(fail_limit)
+        self._throttle: AuthThrottle = throttle or MemoryAuthThrottle(fail_limit)
+        self._ipv6_prefix = ipv6_prefix
         self._secret = secrets.token_bytes(32)  # per process: cache entries mean nothing outside
         self._cache: dict[str, _CacheEntry] = {}
         self._generation = 0  # bumped whenever the cache is emptied
@@ -297,7 +331,12 @@ class Authenticator:
 
     @classmethod
     def from_config(
-        cls, store: Store, config: Config, *, wall_clock: WallClock = utc_now
+        cls,
+        store: Store,
+        config: Config,
+        *,
+        throttle: AuthThrottle | None = None,
+        wall_clock: WallClock = utc_now,
     ) -> Authenticator:
         return cls(
             store,
@@ -306,6 +345,8 @@ class Authenticator:
             cache_ttl=config.auth_cache_ttl,
             fail_limit=config.auth_fail_limit,
             queue_max=config.auth_queue_max,
+            throttle=throttle,
+            ipv6_prefix=config.auth_ipv6_prefix,
             max_staleness=max(1.0, 2 * config.revocation_poll_interval),
             wall_clock=wall_clock,
         )
@@ -319,10 +360,10 @@ class Authenticator:
         nothing is cached and the throttle attempt is given back.
         """
         now = trio.current_time()
-        address = throttle_key(client_addr)
+        address = throttle_key(client_addr, self._ipv6_prefix)
         parsed = parse_key(presented)
         if parsed is None:
-            self._throttle.record_failure(address, now)
+            await self._record_failure(address)
             self.stats.failures += 1
             raise AuthenticationError()
 
@@ -344,21 +385,26 @@ class Authenticator:
 
         # The same key being verified already (a burst from one client on a cold cache):
         # share that verification, which costs this request no throttle allowance.
-        while (flight := self._inflight.get(mac)) is not None:
-            await flight.done.wait()
-            if flight.principal is not None:
-                self._last_used[flight.principal.key.id] = self._wall_clock()
-                return flight.principal
-            if flight.refused:
-                self._throttle.record_failure(address, trio.current_time())
-                self.stats.failures += 1
-                raise AuthenticationError()
-            # The leader was cancelled or the store failed: verify ourselves.
-
-        retry_after = self._throttle.try_acquire(address, now)
-        if retry_after is not None:
-            self.stats.throttled += 1
-            raise AuthThrottledError(retry_after)
+        while True:
+            while (flight := self._inflight.get(mac)) is not None:
+                await flight.done.wait()
+                if flight.principal is not None:
+                    self._last_used[flight.principal.key.id] = self._wall_clock()
+                    return flight.principal
+                if flight.refused:
+                    await self._record_failure(address)
+                    self.stats.failures += 1
+                    raise AuthenticationError()
+                # The leader was cancelled or the store failed: verify ourselves.
+            retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
+            if retry_after is not None:
+                self.stats.throttled += 1
+                raise AuthThrottledError(retry_after)
+            if mac not in self._inflight:
+                break
+            # Another request with this key started verifying while we asked the throttle:
+            # give the attempt back and share that verification.
+            await self._refund(address)
         try:
             principal = await self._lead(parsed, mac, address)
         except AuthenticationError:
@@ -366,14 +412,25 @@ class Authenticator:
             raise  # the attempt stays spent
         except AuthBusyError:
             self.stats.busy += 1
-            self._throttle.refund(address)
+            await self._refund(address)
             raise
         except BaseException:
-            self._throttle.refund(address)
+            await self._refund(address)
             raise
-        self._throttle.refund(address)
+        await self._refund(address)
         self._last_used[principal.key.id] = self._wall_clock()
         return principal
+
+    async def _record_failure(self, address: str) -> None:
+        """Best effort: the answer is a refusal anyway (the counter store logs its outage)."""
+        with contextlib.suppress(CountersUnavailableError):
+            await self._throttle.record_failure(address)
+
+    async def _refund(self, address: str) -> None:
+        """Best effort, shielded (it also runs on the way out of a cancelled request); on a
+        counter store failure the address loses one attempt until its bucket refills."""
+        with trio.CancelScope(shield=True), contextlib.suppress(CountersUnavailableError):
+            await self._throttle.refund(address)
 
     async def _lead(self, parsed: ParsedKey, mac: bytes, address: str) -> Principal:
         """Verify, publishing the outcome to concurrent requests with the same key; cache it
@@ -497,7 +554,7 @@ class Authenticator:
         now = trio.current_time()
         for prefix in [p for p, e in self._cache.items() if e.expires <= now]:
             del self._cache[prefix]
-        self._throttle.prune(now)
+        self._throttle.prune()
 
     # --- last-used times --------------------------------------------------------------------------
 
