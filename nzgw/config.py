@@ -61,6 +61,8 @@ class Config:
     max_body_bytes: int
     trusted_proxies: tuple[str, ...]
     metrics_bind: str
+    metrics_token: str
+    metrics_tenant_labels: bool
     # Upstream
     upstream_connect_timeout: float
     upstream_first_byte_timeout: float
@@ -347,6 +349,21 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_bind,
         "",
         "Prometheus /metrics listener host:port (empty: off)",
+    ),
+    Setting(
+        "NZGW_METRICS_TOKEN",
+        "metrics_token",
+        _str,
+        "",
+        "Bearer token a /metrics scrape must send (empty: none)",
+        secret=True,
+    ),
+    Setting(
+        "NZGW_METRICS_TENANT_LABELS",
+        "metrics_tenant_labels",
+        _bool,
+        "true",
+        "Label token totals with tenant names (false: one series for all tenants)",
     ),
     Setting(
         "NZGW_UPSTREAM_CONNECT_TIMEOUT",

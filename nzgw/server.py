@@ -158,11 +158,17 @@ async def run_server(
                     )
                 )
                 live = LiveCollector(registry)  # read at scrape time
+                METRICS.tenant_labels = config.metrics_tenant_labels
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(
-                        partial(serve_metrics, config.metrics_bind, live=live)
+                        partial(
+                            serve_metrics,
+                            config.metrics_bind,
+                            token=config.metrics_token,
+                            live=live,
+                        )
                     )
                 await services.start(
                     partial(
