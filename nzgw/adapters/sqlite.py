@@ -15,6 +15,7 @@ processes are serialised. Needs SQLite >= 3.35 (RETURNING).
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -98,6 +99,7 @@ def _connect(path: str) -> sqlite3.Connection:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        _make_private(path)
     except (OSError, sqlite3.Error) as exc:
         raise StoreUnavailableError(
             f"SQLite database unavailable: cannot open {path}: {exc}"
@@ -108,12 +110,27 @@ def _connect(path: str) -> sqlite3.Connection:
         _enable_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.Error as exc:
+        _make_private(path)  # -wal and -shm exist now
+    except (OSError, sqlite3.Error) as exc:
         conn.close()
         raise StoreUnavailableError(
             f"SQLite database unavailable: cannot open {path}: {exc}"
         ) from exc
     return conn
+
+
+def _make_private(path: str) -> None:
+    """The database holds key hashes, the audit log and prompt logs: owner-only, also when an
+    older nzgw (or a loose umask) created it 0644. Files of another owner are left alone."""
+    if path == ":memory:":
+        return
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(name, 0o600)
 
 
 def _encode(value: Any) -> Any:
