@@ -231,3 +231,39 @@ async def caught_up(h: Harness) -> None:
     # The watch has no event to wait on: poll its position (the caller holds a fail_after).
     while (h.running.authenticator.feed_position or -1) < epoch:  # noqa: ASYNC110
         await trio.sleep(0.01)
+
+
+async def test_a_flooding_address_never_holds_the_last_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = ColdGate(2, 8)
+    started: list[str] = []
+    holds: dict[int, trio.Event] = {}
+
+    async def verify(n: int, address: str) -> None:
+        await gate.acquire(address)
+        try:
+            started.append(address)
+            holds[n] = trio.Event()
+            await holds[n].wait()
+        finally:
+            gate.release()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for n in range(6):  # x asks 6 times: light for its first 3, then heavy
+                nursery.start_soon(verify, n, "x")
+                await trio.testing.wait_all_tasks_blocked()
+            assert started == ["x", "x"] and gate.waiting == 4
+            holds[0].set()
+            await trio.testing.wait_all_tasks_blocked()
+            # x is heavy now: it may not take the freed slot, which stays for a light address.
+            assert started == ["x", "x"] and gate.running == 1
+            nursery.start_soon(verify, 6, "y")
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == ["x", "x", "y"] and gate.running == 2
+            while gate.running or gate.waiting:  # let everything finish
+                for event in list(holds.values()):
+                    event.set()
+                await trio.testing.wait_all_tasks_blocked()
+        assert started.count("x") == 6 and gate.running == 0

@@ -13,7 +13,10 @@ front of an honest client's first request:
   waiter's takes its place (the worst gets `GateFullError`). So an address that has not been
   verifying — the honest client with a new key — is neither refused nor kept waiting by
   addresses that flood: it waits for the verifications already running, whatever the queue
-  holds (an address sharing the flooders' count is served in arrival order).
+  holds (an address sharing the flooders' count is served in arrival order);
+- with two slots or more, one is kept for "light" addresses (at most `LIGHT` cold verifications
+  lately): addresses that flood never hold every slot, so a new client does not even wait for
+  the verifications already running, and its own runs beside at most `slots - 1` of theirs.
 
 Cached keys never come here. Not thread-safe: one gate per `trio.run`.
 """
@@ -25,6 +28,8 @@ import math
 
 import attrs
 import trio
+
+LIGHT = 3.0  # an address that asked for at most this many cold verifications lately
 
 
 class GateFullError(Exception):
@@ -68,6 +73,7 @@ class ColdGate:
         self._half_life = half_life
         self._max_tracked = max_tracked
         self._running = 0
+        self._heavy_slots = slots - 1 if slots > 1 else slots  # one kept for light addresses
         self._waiters: list[_Waiter] = []  # at most queue_max: scanned, not sorted
         self._seq = itertools.count()
         self._usage: dict[str, _Usage] = {}
@@ -91,14 +97,15 @@ class ColdGate:
         await trio.lowlevel.checkpoint_if_cancelled()
         now = trio.current_time()
         mine = self._charge(address, now)
-        if self._running < self.slots and not self._waiters:
-            self._running += 1
+        if not self._waiters and self._running < self._limit(mine):
+            self._running += 1  # a free slot, nobody ahead
             return
         if len(self._waiters) >= self.queue_max and not self._evict_worse_than(mine, now):
             self.refused += 1
             raise GateFullError(1.0)
         waiter = _Waiter(address, next(self._seq))
         self._waiters.append(waiter)
+        self._dispatch(now)
         try:
             await waiter.event.wait()
         except BaseException:
@@ -114,13 +121,22 @@ class ColdGate:
     def release(self) -> None:
         """Give a slot back; the best waiter gets it. Never blocks."""
         self._running -= 1
-        if self._waiters and self._running < self.slots:
-            now = trio.current_time()
+        self._dispatch(trio.current_time())
+
+    def _dispatch(self, now: float) -> None:
+        """Start the best waiters while there are slots they may use."""
+        while self._waiters:
             best = min(self._waiters, key=lambda w: (self._usage_of(w.address, now), w.seq))
+            if self._running >= self._limit(self._usage_of(best.address, now)):
+                return
             self._waiters.remove(best)
             best.granted = True
             self._running += 1
             best.event.set()
+
+    def _limit(self, usage: float) -> int:
+        """Slots an address with this usage may start in: all but one unless it is light."""
+        return self.slots if usage <= LIGHT else self._heavy_slots
 
     def _evict_worse_than(self, usage: float, now: float) -> bool:
         """Refuse the worst waiter if its address asked for more than `usage`; True if done."""
