@@ -108,7 +108,9 @@ class RedisAuthThrottle:
                     keys=[self.key(address)], args=[op, self._limit, self._window_ms]
                 )
             except (RedisError, OSError) as exc:
-                log.warning("counter store: auth throttle %s failed: %r", op, exc)
+                # A string, not the exception: a log record must not keep coredis' connection
+                # (and its streams) alive through the traceback.
+                log.warning("counter store: auth throttle %s failed: %s", op, repr(exc))
                 raise CountersUnavailableError(f"counter store: {exc!r}") from exc
             finally:
                 self._slots.release()

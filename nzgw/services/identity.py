@@ -11,9 +11,11 @@
    attacker throttling a shared address does not lock out the clients behind it.
 3. A verification of the very same key already in flight (a cold-cache burst) is waited for
    and shared: one Argon2id run, no throttle allowance spent by the waiters.
-4. The failure throttle per client address (IPv6: per /64): a token bucket of
-   `fail_limit` per minute. A token is taken BEFORE any store or Argon2id work and given back
-   only on success, so concurrent guesses cannot overrun it either.
+4. The failure throttle per client address (IPv6: per /`ipv6_prefix`, 64 by default): a token
+   bucket of `fail_limit` per minute behind the `AuthThrottle` port (in Redis, shared by every
+   process, when configured; `MemoryAuthThrottle` otherwise). A token is taken BEFORE any store
+   or Argon2id work and given back only on success, so concurrent guesses cannot overrun it
+   either. If the throttle's store cannot answer, `CountersUnavailableError` (HTTP: 503).
 5. The global bound (`nzgw.services.coldgate`): at most `max_concurrency` cold verifications
    run and `queue_max` wait, the least busy address first; beyond that `AuthBusyError` at once
    (the throttle allowance is given back: a busy gateway is not the client's fault).
