@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from nzgw.core.redact import MASK, redact
+
 
 class ConfigError(Exception):
     """A configuration value is invalid. The message names the variable."""
@@ -62,6 +64,8 @@ class Config:
     max_body_uploads_per_client: int
     trusted_proxies: tuple[str, ...]
     metrics_bind: str
+    metrics_token: str
+    metrics_tenant_labels: bool
     # Upstream
     upstream_connect_timeout: float
     upstream_first_byte_timeout: float
@@ -72,6 +76,8 @@ class Config:
     argon2_max_concurrency: int
     auth_cache_ttl: float
     auth_fail_limit: int
+    auth_queue_max: int
+    auth_ipv6_prefix: int
     revocation_poll_interval: float
     # Limits
     default_max_tokens: int
@@ -112,6 +118,18 @@ def _int(minimum: int) -> Callable[[str], int]:
             raise ValueError(f"expected a whole number, got {raw!r}") from None
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _int_range(minimum: int, maximum: int) -> Callable[[str], int]:
+    at_least = _int(minimum)
+
+    def parse(raw: str) -> int:
+        value = at_least(raw)
+        if value > maximum:
+            raise ValueError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -235,6 +253,7 @@ class Setting:
     parse: Callable[[str], Any]
     default: str
     doc: str
+    secret: bool = False  # may hold a credential: never echoed in errors
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -244,6 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
         _http_url,
         "http://127.0.0.1:11434",
         "The Ollama server when OLLAMA_BACKENDS is empty",
+        secret=True,
     ),
     Setting(
         "OLLAMA_AUTH_TOKEN",
@@ -251,6 +271,7 @@ SETTINGS: tuple[Setting, ...] = (
         _str,
         "",
         "Bearer token sent to OLLAMA_BASE_URL (empty: none)",
+        secret=True,
     ),
     Setting(
         "OLLAMA_BACKENDS",
@@ -259,6 +280,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         'JSON list [{"name","url","auth_token"}] in priority order; empty: one "default" '
         "backend from the two above",
+        secret=True,
     ),
     Setting(
         "DATABASE_URL",
@@ -266,6 +288,7 @@ SETTINGS: tuple[Setting, ...] = (
         _database_url,
         "sqlite:///./var/nzgw.db",
         "Store: postgresql://user@host/db or sqlite:///path",
+        secret=True,
     ),
     Setting(
         "REDIS_URL",
@@ -273,6 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
         _redis_url,
         "",
         "Counters: redis://host:port/db; empty: in-process counters (single process only)",
+        secret=True,
     ),
     Setting(
         "NZGW_MIGRATE_ON_START",
@@ -354,6 +378,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Prometheus /metrics listener host:port (empty: off)",
     ),
     Setting(
+        "NZGW_METRICS_TOKEN",
+        "metrics_token",
+        _str,
+        "",
+        "Bearer token a /metrics scrape must send (empty: none)",
+        secret=True,
+    ),
+    Setting(
+        "NZGW_METRICS_TENANT_LABELS",
+        "metrics_tenant_labels",
+        _bool,
+        "true",
+        "Label token totals with tenant names (false: one series for all tenants)",
+    ),
+    Setting(
         "NZGW_UPSTREAM_CONNECT_TIMEOUT",
         "upstream_connect_timeout",
         _seconds,
@@ -410,6 +449,20 @@ SETTINGS: tuple[Setting, ...] = (
         _int(1),
         "20",
         "Failed authentications per client address per minute before throttling",
+    ),
+    Setting(
+        "NZGW_AUTH_QUEUE_MAX",
+        "auth_queue_max",
+        _int(0),
+        "64",
+        "Cold key verifications (Argon2id) that may wait for a thread; beyond: 503 + Retry-After",
+    ),
+    Setting(
+        "NZGW_AUTH_IPV6_PREFIX",
+        "auth_ipv6_prefix",
+        _int_range(1, 128),
+        "64",
+        "IPv6 prefix length that counts as one client address for the failure throttle",
     ),
     Setting(
         "NZGW_REVOCATION_POLL_INTERVAL",
@@ -545,7 +598,7 @@ def config_from_values(values: Mapping[str, str]) -> Config:
         try:
             value = setting.parse(raw.strip() if setting.env != "OLLAMA_AUTH_TOKEN" else raw)
         except ValueError as exc:
-            raise ConfigError(f"{setting.env}: {exc}") from None
+            raise ConfigError(f"{setting.env}: {_shown(setting, raw, str(exc))}") from None
         if setting.field.startswith("argon2."):
             argon2[setting.field.removeprefix("argon2.")] = value
         else:
@@ -559,6 +612,16 @@ def config_from_values(values: Mapping[str, str]) -> Config:
             "(in-process counters cannot be shared between processes)"
         )
     return config
+
+
+def _shown(setting: Setting, raw: str, message: str) -> str:
+    """An error message fit for logs: credentials redacted; a secret setting's value never
+    shown, not even in part."""
+    if setting.secret:
+        for value in {raw, raw.strip()}:
+            if len(value) >= 4:
+                message = message.replace(repr(value), repr(MASK)).replace(value, MASK)
+    return redact(message)
 
 
 def test_config(**overrides: Any) -> Config:

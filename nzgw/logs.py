@@ -1,7 +1,9 @@
 """Logging set-up: one line per event, JSON or text, with the structured fields of the record.
 
 Nothing here ever formats a request body or a key: callers pass only ids, prefixes, paths and
-numbers in `extra`, and those are the only fields written.
+numbers in `extra`, and those are the only fields written. As a last line of defence every
+line goes through `nzgw.core.redact` (URL userinfo, tokens, API key secrets: `***`), so a
+library exception that quotes a connection URL cannot leak its password.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from nzgw.core.redact import redact
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -34,7 +38,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, separators=(",", ":"))
+        return redact(json.dumps(line, default=str, separators=(",", ":")))
 
 
 class TextFormatter(logging.Formatter):
@@ -47,7 +51,7 @@ class TextFormatter(logging.Formatter):
             line += " " + fields
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 def setup_logging(fmt: str, level: str) -> None:

@@ -251,12 +251,32 @@ class AuditStore(Protocol):
         ...
 
 
+@attrs.frozen
+class Change:
+    """One entry of the change feed: a key (`key_id`) or a whole tenant (`key_id` None)."""
+
+    seq: int
+    tenant_id: int
+    key_id: int | None
+
+
+@attrs.frozen
+class ChangeFeed:
+    """What changed after a position: `epoch` is the new position; `changes` in seq order, or
+    None when the store cannot tell (too many, pruned, or the epoch moved back): then treat
+    everything as changed."""
+
+    epoch: int
+    changes: tuple[Change, ...] | None
+
+
 class Store(AuditStore, Protocol):
     """Tenants, keys and the usage ledger; the audit log (`AuditStore`). Errors: the
     `StoreError` family above, nothing else.
 
-    Every change to a tenant or a key (create, update, revoke) bumps the revocation epoch in the
-    same transaction, except an update that only replaces `key_hash` (rehash-on-verify).
+    Every change to a tenant or a key (create, update, revoke) bumps the revocation epoch and
+    records what changed in the change feed in the same transaction, except an update that only
+    replaces `key_hash` (rehash-on-verify).
     A revoked key is final: any other change to it raises `ConflictError`.
     """
 
@@ -308,6 +328,12 @@ class Store(AuditStore, Protocol):
 
     async def revocation_epoch(self) -> int:
         """A number that grows whenever a key or tenant changes (revoke, disable, limits)."""
+        ...
+
+    async def changes_since(self, after: int, *, limit: int = 1000) -> ChangeFeed:
+        """The changes with `after` < seq <= the current epoch, read in one snapshot (each
+        epoch bump writes its change with seq = the new epoch; at most `limit` are returned,
+        more means `changes` None)."""
         ...
 
     async def add_usage(self, rows: Sequence[UsageRow]) -> None:
@@ -371,4 +397,31 @@ class Counters(Protocol):
 
     async def seed(self, seed: BudgetSeed) -> bool:
         """Set the budget counters unless the tenant's are present; True: this call set them."""
+        ...
+
+
+# --- the failed-authentication throttle (DESIGN §5) -----------------------------------------------
+
+
+class AuthThrottle(Protocol):
+    """The failed-authentication allowance per client address (a throttle key: an IPv4 address,
+    an IPv6 prefix): a token bucket of `limit` per minute, shared by every process that uses
+    the same counter store (Redis), or by one process (memory). Errors:
+    `CountersUnavailableError` only; implementations bound every call themselves."""
+
+    async def try_acquire(self, address: str) -> float | None:
+        """Take one attempt: None if allowed, else the seconds until one is."""
+        ...
+
+    async def record_failure(self, address: str) -> None:
+        """A failure that took no attempt first (a malformed key): one token less, if any."""
+        ...
+
+    async def refund(self, address: str) -> None:
+        """Give back an attempt taken by `try_acquire` (it succeeded, or was not the client's
+        fault)."""
+        ...
+
+    def prune(self) -> None:
+        """Housekeeping (memory only; Redis keys expire by themselves)."""
         ...

@@ -30,6 +30,7 @@ import trio
 from nzgw.adapters.memory_counters import MemoryCounters
 from nzgw.adapters.ollama import open_backends
 from nzgw.adapters.redis import open_redis_counters
+from nzgw.adapters.redis_throttle import open_redis_throttle
 from nzgw.adapters.stores import open_store
 from nzgw.config import Config
 from nzgw.core.limits import budget_zone
@@ -40,11 +41,16 @@ from nzgw.http.gateway import Gateway
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
 from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
-from nzgw.ports import Counters, CountersUnavailableError, Store
+from nzgw.ports import AuthThrottle, Counters, CountersUnavailableError, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
 from nzgw.services.deadlines import bound_store_calls
 from nzgw.services.discovery import run_discovery
-from nzgw.services.identity import Authenticator, run_last_used_flush, run_revocation_watch
+from nzgw.services.identity import (
+    Authenticator,
+    MemoryAuthThrottle,
+    run_last_used_flush,
+    run_revocation_watch,
+)
 from nzgw.services.limiter import Limiter, run_usage_flusher
 from nzgw.services.registry import Registry
 
@@ -90,6 +96,18 @@ async def open_counters(config: Config) -> AsyncIterator[Counters]:
             yield counters
 
 
+@contextlib.asynccontextmanager
+async def open_auth_throttle(config: Config) -> AsyncIterator[AuthThrottle]:
+    """The failed-authentication throttle: in Redis (shared by every process) when configured."""
+    if config.embedded_counters:
+        yield MemoryAuthThrottle(config.auth_fail_limit)
+    else:
+        async with open_redis_throttle(
+            config.redis_url, limit=config.auth_fail_limit, call_timeout=config.counters_timeout
+        ) as throttle:
+            yield throttle
+
+
 async def run_server(
     config: Config,
     *,
@@ -112,6 +130,7 @@ async def run_server(
                     log.info("migrations applied", extra={"migrations": ",".join(applied)})
             async with (
                 open_counters(config) as counters,
+                open_auth_throttle(config) as auth_throttle,
                 open_backends(
                     config.effective_backends,
                     pool_size=config.upstream_pool_size,
@@ -128,6 +147,7 @@ async def run_server(
                 authenticator = Authenticator.from_config(
                     bound_store_calls(store, timeout=config.store_timeout, nursery=services),
                     config,
+                    throttle=auth_throttle,
                 )
                 # Leases are refreshed from admission on (the keeper below): the ttl is only how
                 # long a crashed process's slots and reservations stay taken.
@@ -146,6 +166,7 @@ async def run_server(
                     )
                 )
                 live = LiveCollector(registry)  # read at scrape time
+                METRICS.tenant_labels = config.metrics_tenant_labels
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 live.track_counter(
                     "nzgw_counters_reclaimed_tokens",
@@ -156,7 +177,12 @@ async def run_server(
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(
-                        partial(serve_metrics, config.metrics_bind, live=live)
+                        partial(
+                            serve_metrics,
+                            config.metrics_bind,
+                            token=config.metrics_token,
+                            live=live,
+                        )
                     )
                 await services.start(
                     partial(

@@ -95,8 +95,9 @@ def _authenticate(url: str, key: str) -> Principal:
 
 
 def test_the_whole_workflow(cli: Cli) -> None:
-    applied = cli.json("migrate")["applied"]
-    assert applied[:3] == ["0001_init", "0002_audit", "0003_model_controls"]
+    every = sorted(p.stem for p in (Path(__file__).parents[1] / "schema").glob("*.sql"))
+    assert every[:2] == ["0001_init", "0002_audit"]
+    assert cli.json("migrate") == {"applied": every}
     assert "up to date" in cli("migrate").stdout
 
     tenant = cli.json(

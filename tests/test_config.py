@@ -105,7 +105,10 @@ def test_unknown_toml_key_and_bad_toml_are_errors(tmp_path: Path) -> None:
         load_config({"NZGW_CONFIG": str(bad)}, cwd=tmp_path)
 
 
-@pytest.mark.parametrize(("name", "value"), [INVALID[0], INVALID[2], ("NZGW_WORKERS", "2")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [INVALID[0], INVALID[2], ("NZGW_WORKERS", "2"), ("REDIS_URL", "redis://:S3cret@")],
+)
 def test_serve_exits_2_with_one_line(tmp_path: Path, name: str, value: str) -> None:
     env = {"PATH": "/usr/bin:/bin", name: value}
     result = subprocess.run(
@@ -119,6 +122,7 @@ def test_serve_exits_2_with_one_line(tmp_path: Path, name: str, value: str) -> N
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {name}: "), result.stderr
+    assert "S3cret" not in result.stdout + result.stderr  # issue #14: secrets never echoed
 
 
 def test_env_example_documents_every_variable_with_its_default() -> None:

@@ -307,11 +307,25 @@ def test_only_caddy_is_published_and_ollama_sits_on_an_internal_network(
         assert neighbours == {"nzgw"}, name
     # Caddy reaches nzgw and nothing behind it.
     assert _networks(services["caddy"]) == {"edge"} and not internal("edge")
-    assert _networks(services["nzgw"]) == {"edge", "models", "data"}
+    assert _networks(services["nzgw"]) == {"edge", "models", "data", "monitoring"}
     # The model puller is a one-off tool (a profile), never up by default, never published.
     puller = services["ollama-pull"]
     assert puller["profiles"] == ["tools"] and not puller.get("ports")
     assert "models" not in _networks(puller)
+
+
+def test_metrics_listen_on_the_monitoring_network_only(stack: dict[str, Any]) -> None:
+    """/metrics is bound to nzgw's fixed address on `monitoring`, an internal network that
+    none of Ollama, PostgreSQL, Redis or Caddy joins (issue #14)."""
+    services: dict[str, dict[str, Any]] = stack["services"]
+    assert stack["networks"]["monitoring"]["internal"]
+    address = services["nzgw"]["networks"]["monitoring"]["ipv4_address"]
+    environment = services["nzgw"]["environment"]
+    assert environment["NZGW_METRICS_BIND"] == f"{address}:9100"
+    assert not environment["NZGW_METRICS_BIND"].startswith("0.0.0.0")
+    on_monitoring = {n for n, s in services.items() if "monitoring" in _networks(s)}
+    assert on_monitoring == {"nzgw"}
+    assert "NZGW_METRICS_TOKEN" in environment
 
 
 def test_the_gateway_trusts_exactly_caddys_fixed_address(stack: dict[str, Any]) -> None:

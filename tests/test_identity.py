@@ -26,7 +26,7 @@ import trio.testing
 from nzgw.config import Argon2Params, test_config
 from nzgw.core.keys import KEY_LEN, generate_key
 from nzgw.core.models import ApiKey, Principal, Status, Tenant
-from nzgw.ports import KeyChanges, Store, StoreUnavailableError
+from nzgw.ports import Change, ChangeFeed, KeyChanges, Store, StoreUnavailableError
 from nzgw.services.identity import (
     AuthenticationError,
     Authenticator,
@@ -62,14 +62,16 @@ class FakeStore:
         self.down = False
         self.gate: trio.Event | None = None  # find_key waits for it when set
         self.touched: list[dict[int, datetime]] = []
+        self.feed: list[Change] = []  # `epoch += 1` alone leaves a gap: "everything changed"
 
     def add(self, hasher: KeyHasher, **key_fields: object) -> str:
         tenant_fields = cast(dict[str, object], key_fields.pop("tenant", {}))
+        tenant_id = cast(int, key_fields.pop("tenant_id", 1))
         full, prefix = generate_key()
-        tenant = Tenant(id=1, name="acme", **tenant_fields)  # type: ignore[arg-type]
+        tenant = Tenant(id=tenant_id, name=f"t{tenant_id}", **tenant_fields)  # type: ignore[arg-type]
         key = ApiKey(
             id=len(self.keys) + 1,
-            tenant_id=1,
+            tenant_id=tenant_id,
             name="k",
             prefix=prefix,
             key_hash=hasher.hash(full),
@@ -97,11 +99,24 @@ class FakeStore:
         self.set_key(prefix, key_hash=changes.key_hash)
         return self.keys[prefix].key
 
+    def record_change(self, tenant_id: int, key_id: int | None) -> None:
+        self.epoch += 1
+        self.feed.append(Change(self.epoch, tenant_id, key_id))
+
     async def revocation_epoch(self) -> int:
         if self.down:
             raise StoreUnavailableError("down")
         await trio.lowlevel.checkpoint()
         return self.epoch
+
+    async def changes_since(self, after: int, *, limit: int = 1000) -> ChangeFeed:
+        if self.down:
+            raise StoreUnavailableError("down")
+        await trio.lowlevel.checkpoint()
+        rows = tuple(c for c in self.feed if after < c.seq <= self.epoch)
+        if self.epoch < after or len(rows) != self.epoch - after or len(rows) > limit:
+            return ChangeFeed(self.epoch, None)
+        return ChangeFeed(self.epoch, rows)
 
     async def touch_keys(self, last_used: dict[int, datetime]) -> None:
         if self.down:

@@ -31,6 +31,7 @@ from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
+    ChangeFeed,
     ConflictError,
     KeyChanges,
     NewKey,
@@ -304,8 +305,9 @@ class PostgresStore:
                     row = await conn.fetchrow(_pg(q.INSERT_TENANT), *params)
                 except asyncpg.UniqueViolationError as exc:
                     raise ConflictError(f"a tenant named {name!r} exists already") from exc
-                await conn.execute(q.BUMP_EPOCH)
-            return q.tenant_from_row(row, _decode_time)
+                tenant = q.tenant_from_row(row, _decode_time)
+                await _record_change(conn, tenant.id, None, self._clock())
+            return tenant
 
         return await self._run(work)
 
@@ -336,7 +338,7 @@ class PostgresStore:
                     row = await conn.fetchrow(sql, *columns.values(), now, current.id)
                 except asyncpg.UniqueViolationError as exc:
                     raise ConflictError(f"a tenant named {changes.name!r} exists already") from exc
-                await conn.execute(q.BUMP_EPOCH)
+                await _record_change(conn, current.id, None, now)
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -368,8 +370,9 @@ class PostgresStore:
                     row = await conn.fetchrow(_pg(q.INSERT_KEY), *params)
                 except asyncpg.UniqueViolationError as exc:
                     raise ConflictError(f"the prefix {new.prefix} is taken") from exc
-                await conn.execute(q.BUMP_EPOCH)
-            return q.key_from_row(row, _decode_time)
+                key = q.key_from_row(row, _decode_time)
+                await _record_change(conn, key.tenant_id, key.id, now)
+            return key
 
         return await self._run(work)
 
@@ -412,7 +415,7 @@ class PostgresStore:
                 sql = _pg(q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT))
                 row = await conn.fetchrow(sql, *columns.values(), now, current.id)
                 if q.changes_bump_epoch(columns):
-                    await conn.execute(q.BUMP_EPOCH)
+                    await _record_change(conn, current.tenant_id, current.id, now)
             return q.key_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -434,6 +437,13 @@ class PostgresStore:
             if epoch is None:
                 raise StoreError("the revocation epoch row is missing (run `nzgw migrate`)")
             return int(epoch)
+
+        return await self._run(work)
+
+    async def changes_since(self, after: int, *, limit: int = 1000) -> ChangeFeed:
+        async def work(conn: Connection) -> ChangeFeed:
+            rows = await conn.fetch(_pg(q.SELECT_CHANGES), after, limit + 1)
+            return q.change_feed(after, limit, rows)
 
         return await self._run(work)
 
@@ -622,6 +632,15 @@ def _decode_day(value: Any) -> date:
 
 
 # --- helpers running on the asyncio side ----------------------------------------------------------
+
+
+async def _record_change(
+    conn: Connection, tenant_id: int, key_id: int | None, now: datetime
+) -> None:
+    """Bump the epoch and record what changed under it (inside the caller's transaction)."""
+    seq = int(await conn.fetchval(q.BUMP_EPOCH_RETURNING))
+    await conn.execute(_pg(q.INSERT_CHANGE), seq, tenant_id, key_id, now)
+    await conn.execute(_pg(q.PRUNE_CHANGES), seq - q.CHANGE_FEED_KEEP)
 
 
 async def _get_tenant(

@@ -15,6 +15,7 @@ processes are serialised. Needs SQLite >= 3.35 (RETURNING).
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
+    ChangeFeed,
     ConflictError,
     KeyChanges,
     NewKey,
@@ -97,6 +99,7 @@ def _connect(path: str) -> sqlite3.Connection:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        _make_private(path)
     except (OSError, sqlite3.Error) as exc:
         raise StoreUnavailableError(
             f"SQLite database unavailable: cannot open {path}: {exc}"
@@ -107,12 +110,27 @@ def _connect(path: str) -> sqlite3.Connection:
         _enable_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.Error as exc:
+        _make_private(path)  # -wal and -shm exist now
+    except (OSError, sqlite3.Error) as exc:
         conn.close()
         raise StoreUnavailableError(
             f"SQLite database unavailable: cannot open {path}: {exc}"
         ) from exc
     return conn
+
+
+def _make_private(path: str) -> None:
+    """The database holds key hashes, the audit log and prompt logs: owner-only, also when an
+    older nzgw (or a loose umask) created it 0644. Files of another owner are left alone."""
+    if path == ":memory:":
+        return
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(name, 0o600)
 
 
 def _encode(value: Any) -> Any:
@@ -132,6 +150,15 @@ def _params(values: Sequence[Any]) -> list[Any]:
 
 def _decode_time(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
+
+
+def _record_change(
+    conn: sqlite3.Connection, tenant_id: int, key_id: int | None, now: datetime
+) -> None:
+    """Bump the epoch and record what changed under it (inside the caller's transaction)."""
+    seq = int(conn.execute(q.BUMP_EPOCH_RETURNING).fetchone()[0])
+    conn.execute(q.INSERT_CHANGE, _params([seq, tenant_id, key_id, now]))
+    conn.execute(q.PRUNE_CHANGES, (seq - q.CHANGE_FEED_KEEP,))
 
 
 @contextmanager
@@ -251,8 +278,9 @@ class SqliteStore:
                     if _is_unique(exc):
                         raise ConflictError(f"a tenant named {name!r} exists already") from exc
                     raise
-                conn.execute(q.BUMP_EPOCH)
-            return q.tenant_from_row(row, _decode_time)
+                tenant = q.tenant_from_row(row, _decode_time)
+                _record_change(conn, tenant.id, None, self._clock())
+            return tenant
 
         return await self._run(work)
 
@@ -286,7 +314,7 @@ class SqliteStore:
                             f"a tenant named {changes.name!r} exists already"
                         ) from exc
                     raise
-                conn.execute(q.BUMP_EPOCH)
+                _record_change(conn, current.id, None, now)
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -322,8 +350,9 @@ class SqliteStore:
                     if _is_unique(exc):
                         raise ConflictError(f"the prefix {new.prefix} is taken") from exc
                     raise
-                conn.execute(q.BUMP_EPOCH)
-            return q.key_from_row(row, _decode_time)
+                key = q.key_from_row(row, _decode_time)
+                _record_change(conn, key.tenant_id, key.id, now)
+            return key
 
         return await self._run(work)
 
@@ -366,7 +395,7 @@ class SqliteStore:
                 sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
                 row = conn.execute(sql, _params([*columns.values(), now, current.id])).fetchone()
                 if q.changes_bump_epoch(columns):
-                    conn.execute(q.BUMP_EPOCH)
+                    _record_change(conn, current.tenant_id, current.id, now)
             return q.key_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -388,6 +417,13 @@ class SqliteStore:
             if row is None:
                 raise StoreError("the revocation epoch row is missing (run `nzgw migrate`)")
             return int(row[0])
+
+        return await self._run(work)
+
+    async def changes_since(self, after: int, *, limit: int = 1000) -> ChangeFeed:
+        def work(conn: sqlite3.Connection) -> ChangeFeed:
+            rows = conn.execute(q.SELECT_CHANGES, (after, limit + 1)).fetchall()
+            return q.change_feed(after, limit, rows)
 
         return await self._run(work)
 

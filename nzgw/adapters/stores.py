@@ -34,9 +34,12 @@ from nzgw.core.models import ApiKey, Budgets, Limits, Status, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
+    Change,
+    ChangeFeed,
     KeyChanges,
     PromptLog,
     Store,
+    StoreError,
     TenantChanges,
     UsageQuery,
     UsageReportRow,
@@ -200,6 +203,17 @@ TOUCH_KEY = (
 )
 BUMP_EPOCH = "UPDATE revocation_epoch SET epoch = epoch + 1 WHERE id = 1"
 SELECT_EPOCH = "SELECT epoch FROM revocation_epoch WHERE id = 1"
+# The change feed (schema/0005_change_feed.sql): the bumped epoch is the change's seq.
+BUMP_EPOCH_RETURNING = BUMP_EPOCH + " RETURNING epoch"
+INSERT_CHANGE = "INSERT INTO change_feed (seq, tenant_id, key_id, changed_at) VALUES (?, ?, ?, ?)"
+PRUNE_CHANGES = "DELETE FROM change_feed WHERE seq <= ?"
+CHANGE_FEED_KEEP = 10_000
+# One statement, so one snapshot: the epoch and the rows up to it. Parameters: after, limit.
+SELECT_CHANGES = (
+    "SELECT e.epoch, c.seq, c.tenant_id, c.key_id FROM revocation_epoch e "
+    "LEFT JOIN change_feed c ON c.seq > ? AND c.seq <= e.epoch WHERE e.id = 1 "
+    "ORDER BY c.seq LIMIT ?"
+)
 UPSERT_USAGE = (
     "INSERT INTO usage_ledger (day, tenant_id, key_id, model, requests, prompt_tokens, "
     "completion_tokens, refusals) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
@@ -310,6 +324,21 @@ def changes_bump_epoch(columns: Mapping[str, Any]) -> bool:
     """Every change bumps the revocation epoch except a rehash (it does not change who is let in,
     and bumping would empty every gateway's key cache once per key after a parameter change)."""
     return bool(set(columns) - {"key_hash"})
+
+
+def change_feed(after: int, limit: int, rows: Sequence[Any]) -> ChangeFeed:
+    """The `changes_since` answer from the rows of `SELECT_CHANGES` (asked for `limit + 1`)."""
+    if not rows:
+        raise StoreError("the revocation epoch row is missing (run `nzgw migrate`)")
+    epoch = int(rows[0][0])
+    changes = tuple(
+        Change(int(r[1]), int(r[2]), None if r[3] is None else int(r[3]))
+        for r in rows
+        if r[1] is not None
+    )
+    if epoch < after or epoch - after > limit or len(changes) != epoch - after:
+        return ChangeFeed(epoch, None)  # moved back, too many, or a gap: cannot be told
+    return ChangeFeed(epoch, changes)
 
 
 def update_sql(table: str, columns: Mapping[str, Any], where: str, returning: str) -> str:

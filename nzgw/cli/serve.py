@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ import click
 import trio
 
 from nzgw.adapters.stores import open_store
-from nzgw.cli._common import load_config_or_exit
+from nzgw.cli._common import CliInputError, load_config_or_exit
 from nzgw.cli.schema_check import require_current_schema
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
 from nzgw.core.keys import generate_key, parse_key
+from nzgw.core.models import Status
+from nzgw.http.listen import bind_socket
 from nzgw.http.metrics import METRICS
 from nzgw.logs import setup_logging
 from nzgw.ports import ConflictError, NewKey, NotFoundError, Store
@@ -34,6 +37,7 @@ DEV_TENANT = "dev"
 def serve() -> None:
     """Run the gateway (configuration from the environment, .env and NZGW_CONFIG)."""
     config = load_config_or_exit()
+    os.umask(0o077)  # the database, its -wal/-shm and everything else nzgw creates: 0600/0700
     setup_logging(config.log_format, config.log_level)
     worker = current_worker()
     if worker is None:  # workers: their supervisor checked
@@ -65,9 +69,23 @@ def dev(emulator: bool | None) -> None:
     config = load_config_or_exit()
     if emulator is None:
         emulator = not _backend_configured(config)
+    os.umask(0o077)  # the database, its -wal/-shm, the key file: this user's only
+    _check_port_free(config.bind)
     setup_logging(config.log_format, config.log_level)
-    DEV_DIR.mkdir(exist_ok=True)
+    DEV_DIR.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(DEV_DIR, 0o700)  # also when an older nzgw made it 0755: key hashes, audit, prompts
     trio.run(_dev_main, config, emulator)
+
+
+def _check_port_free(bind: str) -> None:
+    """One line and exit status 2 when the listening port is taken (not a traceback)."""
+    try:
+        bind_socket(bind, stall_timeout=0).close()
+    except OSError as exc:
+        raise CliInputError(
+            f"NZGW_BIND: cannot listen on {bind}: {exc.strerror or exc} "
+            "(another nzgw dev? set NZGW_BIND=127.0.0.1:<port>)"
+        ) from None
 
 
 async def _dev_main(config: Config, emulator: bool) -> None:
@@ -96,19 +114,30 @@ async def _run_emulator(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGN
 
 
 async def _ensure_dev_key(store: Store, config: Config) -> str:
-    """The dev key from ./var/dev-key if it still works, else a new one (file mode 0600)."""
+    """The dev key from ./var/dev-key if it still works, else a new one (file mode 0600),
+    saying why the old one was replaced."""
     key_file = trio.Path(DEV_KEY_FILE)
+    hasher = KeyHasher(config.argon2)
     if await key_file.exists():
         key = (await key_file.read_text()).strip()
-        parsed = parse_key(key)
-        if parsed is not None and await store.find_key(parsed.prefix) is not None:
+        problem = await _dev_key_problem(store, hasher, key)
+        if problem is None:
             return key
+        click.echo(
+            f"The dev key in {DEV_KEY_FILE} no longer works ({problem}); issuing a new one.",
+            err=True,
+        )
     try:
         tenant = await store.create_tenant(DEV_TENANT)
     except ConflictError:
         tenant = await store.get_tenant(DEV_TENANT)
+    if tenant.status is not Status.ACTIVE:
+        click.echo(
+            f"The {DEV_TENANT!r} tenant is {tenant.status.value}: its keys are refused until "
+            f"`nzgw update-tenant {DEV_TENANT} --status active`.",
+            err=True,
+        )
     key, prefix = generate_key()
-    hasher = KeyHasher(config.argon2)
     key_hash = await trio.to_thread.run_sync(hasher.hash, key)
     try:
         await store.create_key(NewKey(tenant.id, "dev", prefix, key_hash))
@@ -116,6 +145,23 @@ async def _ensure_dev_key(store: Store, config: Config) -> str:
         await store.create_key(NewKey(tenant.id, f"dev-{prefix[-4:]}", prefix, key_hash))
     await trio.to_thread.run_sync(_write_private, DEV_KEY_FILE, key + "\n")
     return key
+
+
+async def _dev_key_problem(store: Store, hasher: KeyHasher, key: str) -> str | None:
+    """Why `key` would be refused (None: it works)."""
+    parsed = parse_key(key)
+    if parsed is None:
+        return "malformed"
+    found = await store.find_key(parsed.prefix)
+    if found is None:
+        return "unknown to this database"
+    if not await trio.to_thread.run_sync(hasher.verify, found.key.key_hash, key):
+        return "it does not match"
+    if found.key.status is not Status.ACTIVE:
+        return found.key.status.value
+    if found.key.expires_at is not None and found.key.expires_at <= datetime.now(UTC):
+        return "expired"
+    return None
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 import h11
@@ -72,6 +73,8 @@ class GatewayMetrics:
     """Everything one gateway process counts. Use the process-wide `METRICS`."""
 
     def __init__(self, *, pid: int | None = None) -> None:
+        # False (NZGW_METRICS_TENANT_LABELS): token totals under tenant "_all", no tenant names.
+        self.tenant_labels = True
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "nzgw_requests",
@@ -165,6 +168,8 @@ class GatewayMetrics:
             self.first_byte.labels(surface, route).observe(info.first_byte - info.started)
         usage = info.usage
         tenant = info.tenant_name
+        if tenant is not None and not self.tenant_labels:
+            tenant = ALL_TENANTS
         if usage is not None and tenant is not None:
             if usage.prompt_tokens:
                 self.tokens.labels(tenant, "prompt").inc(usage.prompt_tokens)
@@ -356,9 +361,13 @@ def render(metrics: GatewayMetrics, live: LiveCollector | None = None) -> bytes:
 # --- the listener -----------------------------------------------------------------------------
 
 
+ALL_TENANTS = "_all"
+
+
 async def serve_metrics(
     bind: str,
     *,
+    token: str = "",
     metrics: GatewayMetrics = METRICS,
     live: LiveCollector | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
@@ -368,30 +377,32 @@ async def serve_metrics(
     `task_status.started(Bound)` once the socket listens (port 0 → the port chosen). Each
     connection gets one answer and is closed; a client that does not complete its scrape in
     `SCRAPE_TIMEOUT` seconds is dropped. Cancellation closes the listener and every connection.
+    With a `token` (NZGW_METRICS_TOKEN), a scrape without `Authorization: Bearer <token>` gets
+    401 and no metrics.
     """
     host, _, port = bind.rpartition(":")
     host = host.strip("[]")
     listeners = await trio.open_tcp_listeners(int(port), host=host)
     sockname = listeners[0].socket.getsockname()
-    handler = functools.partial(_serve_connection, metrics, live)
+    handler = functools.partial(_serve_connection, metrics, live, token)
     log.info("metrics listening", extra={"metrics_bind": f"{sockname[0]}:{sockname[1]}"})
     task_status.started(Bound(sockname[0], sockname[1]))
     await trio.serve_listeners(handler, listeners)
 
 
 async def _serve_connection(
-    metrics: GatewayMetrics, live: LiveCollector | None, stream: trio.SocketStream
+    metrics: GatewayMetrics, live: LiveCollector | None, token: str, stream: trio.SocketStream
 ) -> None:
     async with stream:
         with trio.move_on_after(SCRAPE_TIMEOUT):
             with contextlib.suppress(
                 h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
             ):
-                await _answer(metrics, live, stream)
+                await _answer(metrics, live, stream, token)
 
 
 async def _answer(
-    metrics: GatewayMetrics, live: LiveCollector | None, stream: trio.abc.Stream
+    metrics: GatewayMetrics, live: LiveCollector | None, stream: trio.abc.Stream, token: str = ""
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
     while True:
@@ -406,7 +417,11 @@ async def _answer(
             break
         return
     target = event.target.split(b"?", 1)[0]
-    if event.method not in (b"GET", b"HEAD"):
+    extra: list[tuple[bytes, bytes]] = []
+    if token and not _authorized(event.headers, token):
+        status, body, content_type = 401, b"unauthorized\n", "text/plain; charset=utf-8"
+        extra.append((b"www-authenticate", b"Bearer"))
+    elif event.method not in (b"GET", b"HEAD"):
         status, body, content_type = 405, b"method not allowed\n", "text/plain; charset=utf-8"
     elif target != b"/metrics":
         status, body, content_type = 404, b"not found: try /metrics\n", "text/plain; charset=utf-8"
@@ -416,12 +431,19 @@ async def _answer(
         (b"content-type", content_type.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
+        *extra,
     ]
     payload = conn.send(h11.Response(status_code=status, headers=headers)) or b""
     if event.method != b"HEAD":
         payload += conn.send(h11.Data(data=body)) or b""
     payload += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(payload)
+
+
+def _authorized(headers: Iterable[tuple[bytes, bytes]], token: str) -> bool:
+    expected = b"Bearer " + token.encode()
+    presented = [value for name, value in headers if name == b"authorization"]
+    return len(presented) == 1 and hmac.compare_digest(presented[0].strip(), expected)
 
 
 def parse_exposition(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -39,8 +39,8 @@ from nzgw.http.drain import CUT_MESSAGE, StreamCut
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.http.uploads import UploadsBusyError
-from nzgw.ports import StoreError, UpstreamError, UpstreamResponse
-from nzgw.services.identity import AuthenticationError, AuthThrottledError
+from nzgw.ports import CountersUnavailableError, StoreError, UpstreamError, UpstreamResponse
+from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
 
 R = paths.RouteId
 
@@ -144,8 +144,18 @@ async def _authenticate(gateway: Gateway, info: RequestInfo) -> Principal:
         ) from None
     except AuthenticationError:
         raise Refused(401, "invalid API key", refusal="auth", headers=unauthorized) from None
+    except AuthBusyError as exc:
+        retry = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))}
+        raise Refused(503, "service busy, try again", refusal="auth_busy", headers=retry) from None
     except StoreError:
         raise Refused(503, "service unavailable, try again", refusal="store_unavailable") from None
+    except CountersUnavailableError:  # the failure throttle's store: fail closed
+        raise Refused(
+            503,
+            "service unavailable, try again",
+            refusal="counters_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
     info.principal = principal
     return principal
 

@@ -1,8 +1,8 @@
 """Who is calling: API key verification, its cache, the failure throttle, revocation.
 
 `Authenticator.authenticate(presented, client_addr)` returns the `Principal` or raises
-`AuthenticationError` (HTTP: 401) / `AuthThrottledError` (HTTP: 429 with Retry-After). Neither
-says which part failed. The path, cheapest first:
+`AuthenticationError` (HTTP: 401) / `AuthThrottledError` (HTTP: 429 with Retry-After) /
+`AuthBusyError` (HTTP: 503 with Retry-After). None says which part failed. The path, cheapest first:
 
 1. `parse_key`: length and alphabet; garbage costs nothing more (and counts as a failure).
 2. The positive cache, indexed by the public prefix; an entry holds HMAC-SHA256(per-process
@@ -11,31 +11,42 @@ says which part failed. The path, cheapest first:
    attacker throttling a shared address does not lock out the clients behind it.
 3. A verification of the very same key already in flight (a cold-cache burst) is waited for
    and shared: one Argon2id run, no throttle allowance spent by the waiters.
-4. The failure throttle per client address (IPv6: per /64): a token bucket of
-   `fail_limit` per minute. A token is taken BEFORE any store or Argon2id work and given back
-   only on success, so concurrent guesses cannot overrun it either.
-5. `store.find_key(prefix)`, then Argon2id in a worker thread under a `CapacityLimiter`; an
+4. The failure throttle per client address (IPv6: per /`ipv6_prefix`, 64 by default): a token
+   bucket of `fail_limit` per minute behind the `AuthThrottle` port (in Redis, shared by every
+   process, when configured; `MemoryAuthThrottle` otherwise). A token is taken BEFORE any store
+   or Argon2id work and given back only on success, so concurrent guesses cannot overrun it
+   either. If the throttle's store cannot answer, `CountersUnavailableError` (HTTP: 503).
+5. The global bound (`nzgw.services.coldgate`): at most `max_concurrency` cold verifications
+   run and `queue_max` wait, the least busy address first; beyond that `AuthBusyError` at once
+   (the throttle allowance is given back: a busy gateway is not the client's fault).
+   Then `store.find_key(prefix)` and Argon2id in a worker thread under a `CapacityLimiter`; an
    unknown prefix is verified against a dummy hash, and the status checks come only after a
    successful verification, so neither timing nor answers reveal which prefixes exist or are
    revoked.
 6. Key and tenant active, key not expired (wall clock), rehash if the parameters changed, cache.
 
 Revocation within one second on every process (DESIGN §5): every change to a key or tenant
-bumps the store's revocation epoch in the same transaction. `run_revocation_watch` reads it every
-`interval` seconds and empties the cache when it moved. The cache is trusted only while the
-last successful read STARTED less than `max_staleness` seconds ago (1 s by default); when the
-watch falls behind (store slow or down, watch not running) every request takes the store path,
-which fails closed. A verification that began before an emptying does not refill the cache
-(generation check), so a fill racing a revocation cannot resurrect the key.
+bumps the store's revocation epoch and records what changed (the key, or the whole tenant) in
+the change feed, in the same transaction. `run_revocation_watch` reads the feed every
+`interval` seconds and drops only the cache entries of the keys and tenants that changed, so
+an operator's action does not turn every key cold at once (an Argon2id storm); when the feed
+cannot tell (first read, too many changes, a gap), the whole cache is emptied. The cache is
+trusted only while the last successful read STARTED less than `max_staleness` seconds ago
+(1 s by default); when the watch falls behind (store slow or down, watch not running) every
+request takes the store path, which fails closed. A verification that began before a change
+that concerns its key (or before an emptying) does not refill the cache, so a fill racing a
+revocation cannot resurrect the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import logging
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -46,7 +57,16 @@ import trio
 from nzgw.config import Argon2Params, Config
 from nzgw.core.keys import ParsedKey, parse_key
 from nzgw.core.models import Principal, Status
-from nzgw.ports import KeyChanges, Store, StoreError
+from nzgw.ports import (
+    AuthThrottle,
+    Change,
+    ChangeFeed,
+    CountersUnavailableError,
+    KeyChanges,
+    Store,
+    StoreError,
+)
+from nzgw.services.coldgate import ColdGate, GateFullError
 
 log = logging.getLogger("nzgw.identity")
 
@@ -69,6 +89,15 @@ class AuthThrottledError(AuthenticationError):
 
     def __init__(self, retry_after: float) -> None:
         super().__init__()
+        self.retry_after = retry_after
+
+
+class AuthBusyError(Exception):
+    """Too many cold key verifications in progress on this process; not the client's fault:
+    try again after `retry_after` s (HTTP: 503)."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("key verification queue full")
         self.retry_after = retry_after
 
 
@@ -126,9 +155,9 @@ class KeyHasher:
 # --- failure throttle -----------------------------------------------------------------------------
 
 
-def throttle_key(client_addr: str) -> str:
-    """The throttled unit: an IPv4 address, an IPv6 /64 (one host's usual allocation), or the
-    string as given when it is not an IP address."""
+def throttle_key(client_addr: str, ipv6_prefix: int = 64) -> str:
+    """The throttled unit: an IPv4 address, an IPv6 /`ipv6_prefix` (/64: one host's usual
+    allocation), or the string as given when it is not an IP address."""
     try:
         address = ipaddress.ip_address(client_addr)
     except ValueError:
@@ -136,7 +165,7 @@ def throttle_key(client_addr: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
 
 
@@ -207,6 +236,28 @@ class FailureThrottle:
         return len(self._buckets)
 
 
+class MemoryAuthThrottle:
+    """The `AuthThrottle` port in this process (embedded mode): `FailureThrottle` on Trio's
+    clock. Never fails."""
+
+    def __init__(self, limit: int, *, window: float = 60.0) -> None:
+        self.buckets = FailureThrottle(limit, window=window)
+
+    async def try_acquire(self, address: str) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return self.buckets.try_acquire(address, trio.current_time())
+
+    async def record_failure(self, address: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.buckets.record_failure(address, trio.current_time())
+
+    async def refund(self, address: str) -> None:
+        self.buckets.refund(address)  # no checkpoint: also called from shielded cleanup
+
+    def prune(self) -> None:
+        self.buckets.prune(trio.current_time())
+
+
 # --- the authenticator ----------------------------------------------------------------------------
 
 
@@ -220,6 +271,7 @@ class AuthStats:
     failures: int = 0
     throttled: int = 0
     rehashes: int = 0
+    busy: int = 0  # refused because the cold-verification queue was full
 
 
 @attrs.define
@@ -252,28 +304,41 @@ class Authenticator:
         max_concurrency: int,
         cache_ttl: float,
         fail_limit: int,
+        queue_max: int = 64,
+        throttle: AuthThrottle | None = None,
+        ipv6_prefix: int = 64,
         max_staleness: float = 1.0,
         wall_clock: WallClock = utc_now,
     ) -> None:
         self._store = store
         self._hasher = hasher
         self._limiter = trio.CapacityLimiter(max_concurrency)
+        self.gate = ColdGate(max_concurrency, queue_max)
         self._cache_ttl = cache_ttl
         self._max_staleness = max_staleness
         self._wall_clock = wall_clock
-        self._throttle = FailureThrottle(fail_limit)
+        self._throttle: AuthThrottle = throttle or MemoryAuthThrottle(fail_limit)
+        self._ipv6_prefix = ipv6_prefix
         self._secret = secrets.token_bytes(32)  # per process: cache entries mean nothing outside
         self._cache: dict[str, _CacheEntry] = {}
         self._generation = 0  # bumped whenever the cache is emptied
         self._inflight: dict[bytes, _Flight] = {}
         self._epoch: int | None = None
+        # Changes applied lately (seq order), so that a verification can tell whether one
+        # concerning its key happened while it ran.
+        self._applied: deque[Change] = deque(maxlen=4096)
         self._fresh_until = float("-inf")  # cache trusted until then (trio clock)
         self._last_used: dict[int, datetime] = {}
         self.stats = AuthStats()
 
     @classmethod
     def from_config(
-        cls, store: Store, config: Config, *, wall_clock: WallClock = utc_now
+        cls,
+        store: Store,
+        config: Config,
+        *,
+        throttle: AuthThrottle | None = None,
+        wall_clock: WallClock = utc_now,
     ) -> Authenticator:
         return cls(
             store,
@@ -281,6 +346,9 @@ class Authenticator:
             max_concurrency=config.argon2_max_concurrency,
             cache_ttl=config.auth_cache_ttl,
             fail_limit=config.auth_fail_limit,
+            queue_max=config.auth_queue_max,
+            throttle=throttle,
+            ipv6_prefix=config.auth_ipv6_prefix,
             max_staleness=max(1.0, 2 * config.revocation_poll_interval),
             wall_clock=wall_clock,
         )
@@ -294,10 +362,10 @@ class Authenticator:
         nothing is cached and the throttle attempt is given back.
         """
         now = trio.current_time()
-        address = throttle_key(client_addr)
+        address = throttle_key(client_addr, self._ipv6_prefix)
         parsed = parse_key(presented)
         if parsed is None:
-            self._throttle.record_failure(address, now)
+            await self._record_failure(address)
             self.stats.failures += 1
             raise AuthenticationError()
 
@@ -319,40 +387,60 @@ class Authenticator:
 
         # The same key being verified already (a burst from one client on a cold cache):
         # share that verification, which costs this request no throttle allowance.
-        while (flight := self._inflight.get(mac)) is not None:
-            await flight.done.wait()
-            if flight.principal is not None:
-                self._last_used[flight.principal.key.id] = self._wall_clock()
-                return flight.principal
-            if flight.refused:
-                self._throttle.record_failure(address, trio.current_time())
-                self.stats.failures += 1
-                raise AuthenticationError()
-            # The leader was cancelled or the store failed: verify ourselves.
-
-        retry_after = self._throttle.try_acquire(address, now)
-        if retry_after is not None:
-            self.stats.throttled += 1
-            raise AuthThrottledError(retry_after)
+        while True:
+            while (flight := self._inflight.get(mac)) is not None:
+                await flight.done.wait()
+                if flight.principal is not None:
+                    self._last_used[flight.principal.key.id] = self._wall_clock()
+                    return flight.principal
+                if flight.refused:
+                    await self._record_failure(address)
+                    self.stats.failures += 1
+                    raise AuthenticationError()
+                # The leader was cancelled or the store failed: verify ourselves.
+            retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
+            if retry_after is not None:
+                self.stats.throttled += 1
+                raise AuthThrottledError(retry_after)
+            if mac not in self._inflight:
+                break
+            # Another request with this key started verifying while we asked the throttle:
+            # give the attempt back and share that verification.
+            await self._refund(address)
         try:
-            principal = await self._lead(parsed, mac)
+            principal = await self._lead(parsed, mac, address)
         except AuthenticationError:
             self.stats.failures += 1
             raise  # the attempt stays spent
-        except BaseException:
-            self._throttle.refund(address)
+        except AuthBusyError:
+            self.stats.busy += 1
+            await self._refund(address)
             raise
-        self._throttle.refund(address)
+        except BaseException:
+            await self._refund(address)
+            raise
+        await self._refund(address)
         self._last_used[principal.key.id] = self._wall_clock()
         return principal
 
-    async def _lead(self, parsed: ParsedKey, mac: bytes) -> Principal:
+    async def _record_failure(self, address: str) -> None:
+        """Best effort: the answer is a refusal anyway (the counter store logs its outage)."""
+        with contextlib.suppress(CountersUnavailableError):
+            await self._throttle.record_failure(address)
+
+    async def _refund(self, address: str) -> None:
+        """Best effort, shielded (it also runs on the way out of a cancelled request); on a
+        counter store failure the address loses one attempt until its bucket refills."""
+        with trio.CancelScope(shield=True), contextlib.suppress(CountersUnavailableError):
+            await self._throttle.refund(address)
+
+    async def _lead(self, parsed: ParsedKey, mac: bytes, address: str) -> Principal:
         """Verify, publishing the outcome to concurrent requests with the same key; cache it
         unless the cache was emptied meanwhile."""
         flight = self._inflight[mac] = _Flight()
-        generation = self._generation
+        generation, position = self._generation, self._epoch
         try:
-            principal = await self._verify(parsed)
+            principal = await self._verify(parsed, address)
         except AuthenticationError:
             flight.refused = True
             raise
@@ -361,19 +449,26 @@ class Authenticator:
         finally:
             del self._inflight[mac]
             flight.done.set()
-        if generation == self._generation:
+        if generation == self._generation and not self._changed_since(position, principal):
             self._cache[parsed.prefix] = _CacheEntry(
                 mac, principal, trio.current_time() + self._cache_ttl
             )
         return principal
 
-    async def _verify(self, parsed: ParsedKey) -> Principal:
-        found = await self._store.find_key(parsed.prefix)
-        key_hash = found.key.key_hash if found is not None else None
-        self.stats.verifications += 1
-        matches = await trio.to_thread.run_sync(
-            self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
-        )
+    async def _verify(self, parsed: ParsedKey, address: str) -> Principal:
+        try:
+            await self.gate.acquire(address)
+        except GateFullError as exc:
+            raise AuthBusyError(exc.retry_after) from None
+        try:
+            found = await self._store.find_key(parsed.prefix)
+            key_hash = found.key.key_hash if found is not None else None
+            self.stats.verifications += 1
+            matches = await trio.to_thread.run_sync(
+                self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
+            )
+        finally:
+            self.gate.release()
         if found is None or not matches or not _usable(found, self._wall_clock()):
             raise AuthenticationError()
         if self._hasher.needs_rehash(found.key.key_hash):
@@ -402,9 +497,58 @@ class Authenticator:
             self.invalidate()
         self._fresh_until = max(self._fresh_until, read_started_at + self._max_staleness)
 
+    @property
+    def feed_position(self) -> int | None:
+        """The epoch this cache is up to date with (None before the first read)."""
+        return self._epoch
+
+    def changes_observed(self, feed: ChangeFeed, read_started_at: float) -> None:
+        """The change feed after `feed_position`, read by a query started at `read_started_at`.
+        Drops the entries of the keys and tenants that changed (all of them when the feed
+        cannot tell); trusts the cache for `max_staleness` after."""
+        if feed.changes is None or self._epoch is None:
+            self.epoch_observed(feed.epoch, read_started_at)
+            return
+        dropped = 0
+        for change in feed.changes:
+            dropped += self._drop(change)
+            self._applied.append(change)
+        if feed.changes:
+            log.info(
+                "keys changed: cache entries dropped",
+                extra={"changes": len(feed.changes), "dropped": dropped, "epoch": feed.epoch},
+            )
+        self._epoch = feed.epoch
+        self._fresh_until = max(self._fresh_until, read_started_at + self._max_staleness)
+
+    def _drop(self, change: Change) -> int:
+        doomed = [
+            prefix
+            for prefix, entry in self._cache.items()
+            if entry.principal.tenant.id == change.tenant_id
+            and change.key_id in (None, entry.principal.key.id)
+        ]
+        for prefix in doomed:
+            del self._cache[prefix]
+        return len(doomed)
+
+    def _changed_since(self, position: int | None, principal: Principal) -> bool:
+        """True if a change after `position` concerns `principal` (or may have: unknown)."""
+        if position == self._epoch:
+            return False
+        if position is None or not self._applied or self._applied[0].seq > position + 1:
+            return True
+        return any(
+            change.seq > position
+            and change.tenant_id == principal.tenant.id
+            and change.key_id in (None, principal.key.id)
+            for change in self._applied
+        )
+
     def invalidate(self) -> None:
         """Empty the cache; verifications in flight will not refill it."""
         self._cache.clear()
+        self._applied.clear()
         self._generation += 1
 
     def prune(self) -> None:
@@ -412,7 +556,7 @@ class Authenticator:
         now = trio.current_time()
         for prefix in [p for p, e in self._cache.items() if e.expires <= now]:
             del self._cache[prefix]
-        self._throttle.prune(now)
+        self._throttle.prune()
 
     # --- last-used times --------------------------------------------------------------------------
 
@@ -448,7 +592,8 @@ async def run_revocation_watch(
     interval: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Read the revocation epoch every `interval` seconds, forever; feed it to `authenticator`.
+    """Read the change feed every `interval` seconds, forever; feed it to `authenticator`
+    (the first read, and any read the feed cannot answer, empties its cache).
 
     Started after the first read (successful or not: a store that is down must not keep the
     gateway from starting; the cache is simply not trusted until a read succeeds). Store errors
@@ -460,7 +605,11 @@ async def run_revocation_watch(
         read_started_at = trio.current_time()
         with trio.move_on_after(max(4 * interval, 2.0)):
             try:
-                epoch = await store.revocation_epoch()
+                position = authenticator.feed_position
+                if position is None:
+                    feed = ChangeFeed(await store.revocation_epoch(), None)
+                else:
+                    feed = await store.changes_since(position)
             except StoreError as exc:
                 if not failing:
                     log.warning("cannot read the revocation epoch", extra={"error": str(exc)})
@@ -469,7 +618,7 @@ async def run_revocation_watch(
                 if failing:
                     log.info("revocation epoch readable again")
                 failing = False
-                authenticator.epoch_observed(epoch, read_started_at)
+                authenticator.changes_observed(feed, read_started_at)
         authenticator.prune()
         if not started:
             task_status.started()

@@ -13,6 +13,7 @@ import trio
 
 from nzgw.core.models import Budgets, Limits, Status
 from nzgw.ports import (
+    ChangeFeed,
     ConflictError,
     KeyChanges,
     NewKey,
@@ -314,6 +315,67 @@ async def test_epoch_seen_from_a_second_connection(
         before = await other.revocation_epoch()
         await store.create_tenant(f"s-{unique}")
         assert await other.revocation_epoch() > before
+
+
+# --- change feed (targeted revocation) --------------------------------------------------------
+
+
+async def test_the_change_feed_says_what_changed(store: Store, unique: str) -> None:
+    start = await store.revocation_epoch()
+    tenant = await store.create_tenant(f"f-{unique}")
+    key = await store.create_key(NewKey(tenant.id, "k", _prefix(unique), "h"))
+    await store.update_key(key.prefix, KeyChanges(name="k2"))
+    await store.update_key(key.prefix, KeyChanges(key_hash="rehashed"))  # not a change of access
+    await store.update_tenant(tenant.id, TenantChanges(status=Status.DISABLED))
+    await store.update_key(key.prefix, KeyChanges(status=Status.REVOKED))
+    feed = await store.changes_since(start)
+    assert feed.epoch == await store.revocation_epoch()
+    assert feed.changes is not None
+    assert [c.seq for c in feed.changes] == list(range(start + 1, feed.epoch + 1))
+    mine = [(c.tenant_id, c.key_id) for c in feed.changes if c.tenant_id == tenant.id]
+    assert mine == [
+        (tenant.id, None),
+        (tenant.id, key.id),
+        (tenant.id, key.id),
+        (tenant.id, None),
+        (tenant.id, key.id),
+    ]
+    assert await store.changes_since(feed.epoch) == ChangeFeed(feed.epoch, ())
+
+
+async def test_the_change_feed_cannot_tell_beyond_its_limit_or_backwards(
+    store: Store, unique: str
+) -> None:
+    start = await store.revocation_epoch()
+    for n in range(3):
+        await store.create_tenant(f"l{n}-{unique}")
+    epoch = await store.revocation_epoch()
+    assert (await store.changes_since(start, limit=2)) == ChangeFeed(epoch, None)
+    assert (await store.changes_since(epoch - 2, limit=2)).changes is not None
+    assert (await store.changes_since(epoch + 5)) == ChangeFeed(epoch, None)
+
+
+async def test_concurrent_writers_leave_no_gap_in_the_feed(
+    store_url: str, store: Store, unique: str
+) -> None:
+    from nzgw.adapters.stores import open_store
+
+    start = await store.revocation_epoch()
+    async with open_store(store_url) as other:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for n in range(10):
+                    target = store if n % 2 else other
+                    nursery.start_soon(target.create_tenant, f"c{n}-{unique}")
+        feed = await other.changes_since(start)
+    assert feed.changes is not None and len(feed.changes) == feed.epoch - start >= 10
+
+
+def test_a_gap_in_the_feed_means_everything_changed() -> None:
+    from nzgw.adapters.stores import change_feed
+
+    assert change_feed(10, 100, [(13, 11, 1, None), (13, 13, 1, 7)]) == ChangeFeed(13, None)
+    assert change_feed(10, 100, [(10, None, None, None)]) == ChangeFeed(10, ())
 
 
 # --- usage ledger -------------------------------------------------------------------------------
