@@ -45,6 +45,7 @@ from nzgw.services.discovery import run_discovery
 from nzgw.services.identity import Authenticator, run_last_used_flush, run_revocation_watch
 from nzgw.services.limiter import Limiter, run_usage_flusher
 from nzgw.services.registry import Registry
+from nzgw.services.slots import SlotPool
 
 log = logging.getLogger("nzgw.server")
 
@@ -118,15 +119,27 @@ async def run_server(
                 trio.open_nursery() as services,
             ):
                 counters = METRICS.watch_counters(counters)
-                registry = Registry(backends)
+                registry = Registry(
+                    backends, priorities={b.name: b.priority for b in config.effective_backends}
+                )
+                slots = SlotPool(
+                    {b.name: b.parallel for b in config.effective_backends},
+                    queue_timeout=config.queue_timeout,
+                    per_tenant=config.queue_per_tenant,
+                    is_loaded=registry.is_loaded,
+                )
                 authenticator = Authenticator.from_config(store, config)
                 # A lease outlives the longest wait for a first byte; streams extend it as they
                 # go. It only matters after a crash: that is how long a dead slot stays taken.
+                # A queued request holds its lease while it waits for a backend slot, too.
                 limiter = Limiter(
                     counters,
                     store,
                     timezone=config.budget_timezone,
-                    lease_ttl=max(60.0, config.upstream_first_byte_timeout + 60.0),
+                    lease_ttl=max(
+                        60.0,
+                        config.queue_timeout + config.upstream_first_byte_timeout + 60.0,
+                    ),
                 )
                 poll_timeout = max(0.5, min(config.discovery_interval, 5.0))
                 await services.start(
@@ -139,6 +152,7 @@ async def run_server(
                     )
                 )
                 live = LiveCollector(registry)  # read at scrape time
+                live.track_slots(slots)
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
@@ -183,6 +197,7 @@ async def run_server(
                     registry,
                     readiness={"store": store_ready, "counters": counters_ready},
                     admitter=LimiterAdmitter(limiter, config),
+                    slots=slots,
                 )
                 gateway.finish_hooks.append(METRICS.observe_request)
                 gateway.audit = audit  # fail closed while its queue is full

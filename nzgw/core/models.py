@@ -60,6 +60,7 @@ class Tenant:
     budgets: Budgets = Budgets()
     allowed_models: tuple[str, ...] = ()  # glob patterns over normalised names; empty: all
     created_at: datetime | None = None
+    weight: int = 1  # share of saturated backend slots relative to other tenants
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ from nzgw.core import paths
 from nzgw.core.framing import Usage
 from nzgw.core.models import Principal
 from nzgw.ports import Backend
+from nzgw.services.slots import SlotPool
 
 log = logging.getLogger("nzgw.gateway")
 
@@ -35,6 +36,10 @@ class Registry(Protocol):
     def hosts(self, model: str) -> bool: ...
 
     def candidates(self, model: str) -> Sequence[Backend]: ...
+
+    def candidate_tiers(self, model: str) -> Sequence[Sequence[Backend]]: ...
+
+    def note_routed(self, backend_name: str, model: str) -> None: ...
 
     def record_failure(self, backend_name: str) -> None: ...
 
@@ -69,6 +74,7 @@ class RequestInfo:
     request_body: bytes | None = None  # kept only for keys that opted in to prompt logging
     response_text: str | None = None
     target: bytes = b""  # the raw request target (the audit keeps a cleaned prefix for 404/405)
+    queue_wait: float | None = None  # seconds waited for backend slots (None: never queued)
 
     @property
     def log_path(self) -> str:
@@ -148,6 +154,7 @@ class Gateway:
     finish_hooks: list[FinishHook] = attrs.Factory(list)
     readiness_timeout: float = 2.0
     audit: AuditGate | None = None  # fail closed: new requests get 503 while it is refusing
+    slots: SlotPool | None = None  # backend slots and the fair queue; None: no queueing
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""
