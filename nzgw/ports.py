@@ -88,6 +88,7 @@ class TenantChanges:
     limits: Limits | None = None
     budgets: Budgets | None = None
     allowed_models: tuple[str, ...] | None = None
+    weight: int | None = None  # share of saturated backend slots (1..1000)
 
 
 @attrs.frozen
@@ -276,6 +277,7 @@ class Store(AuditStore, Protocol):
         limits: Limits = ...,
         budgets: Budgets = ...,
         allowed_models: tuple[str, ...] = ...,
+        weight: int = ...,
     ) -> Tenant: ...
 
     async def get_tenant(self, name_or_id: str | int) -> Tenant:

@@ -146,6 +146,7 @@ TENANT_COLUMNS = (
     *BUDGET_COLUMNS,
     "allowed_models",
     "created_at",
+    "weight",
 )
 KEY_COLUMNS = (
     "id",
@@ -172,8 +173,8 @@ SELECT_TENANT_BY_ID = f"SELECT {TENANT_SELECT} FROM tenants WHERE id = ?"
 SELECT_TENANTS = f"SELECT {TENANT_SELECT} FROM tenants ORDER BY id"
 INSERT_TENANT = (
     f"INSERT INTO tenants (name, status, {', '.join(LIMIT_COLUMNS)}, "
-    f"{', '.join(BUDGET_COLUMNS)}, allowed_models, created_at, updated_at) "
-    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {TENANT_SELECT}"
+    f"{', '.join(BUDGET_COLUMNS)}, allowed_models, created_at, updated_at, weight) "
+    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {TENANT_SELECT}"
 )
 
 SELECT_KEY_BY_PREFIX = f"SELECT {KEY_SELECT} FROM api_keys WHERE prefix = ?"
@@ -221,7 +222,12 @@ SELECT_MIGRATIONS = "SELECT name FROM schema_migrations"
 
 
 def tenant_insert_params(
-    name: str, limits: Limits, budgets: Budgets, allowed_models: tuple[str, ...], now: datetime
+    name: str,
+    limits: Limits,
+    budgets: Budgets,
+    allowed_models: tuple[str, ...],
+    now: datetime,
+    weight: int = 1,
 ) -> list[Any]:
     return [
         name,
@@ -231,6 +237,7 @@ def tenant_insert_params(
         encode_models(allowed_models),
         now,
         now,
+        weight,
     ]
 
 
@@ -261,6 +268,8 @@ def tenant_assignments(changes: TenantChanges) -> dict[str, Any]:
         columns.update(zip(BUDGET_COLUMNS, budgets_values(changes.budgets), strict=True))
     if changes.allowed_models is not None:
         columns["allowed_models"] = encode_models(changes.allowed_models)
+    if changes.weight is not None:
+        columns["weight"] = changes.weight
     return columns
 
 
@@ -332,6 +341,7 @@ def tenant_from_row(row: Row, decode_time: Decode, prefix: str = "") -> Tenant:
         budgets=Budgets(*(col(c) for c in BUDGET_COLUMNS)),
         allowed_models=tuple(json.loads(col("allowed_models"))),
         created_at=decode_time(col("created_at")),
+        weight=int(col("weight")),
     )
 
 

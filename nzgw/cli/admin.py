@@ -293,6 +293,7 @@ def _tenant_row(t: Tenant) -> list[Any]:
         t.budgets.daily_tokens,
         t.budgets.monthly_tokens,
         t.budgets.lifetime_tokens,
+        t.weight,
         t.allowed_models,
         t.created_at,
     ]
@@ -330,7 +331,9 @@ def _echo_tenants(tenants: list[Tenant], as_json: bool) -> None:
     if as_json:
         echo_json([tenant_json(t) for t in tenants])
     else:
-        echo_table((*_TENANT_HEADERS, "MODELS", "CREATED"), [_tenant_row(t) for t in tenants])
+        echo_table(
+            (*_TENANT_HEADERS, "WEIGHT", "MODELS", "CREATED"), [_tenant_row(t) for t in tenants]
+        )
 
 
 def _echo_keys(keys: list[tuple[ApiKey, str]], as_json: bool) -> None:
@@ -361,11 +364,33 @@ def migrate(as_json: bool) -> None:
         click.echo("the schema is up to date")
 
 
+class WeightType(click.ParamType[int]):
+    """A tenant weight: a whole number from 1 to 1000."""
+
+    name = "weight"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"\d+", text) or not 1 <= int(text) <= 1000:
+            raise _bad(param, f"expected a whole number from 1 to 1000, got {value!r}")
+        return int(text)
+
+
+_weight_option = click.option(
+    "--weight",
+    type=WeightType(),
+    help="Share of saturated backend slots relative to other tenants (default 1).",
+)
+
+
 @click.command("create-tenant")
 @click.option("--name", required=True, help="Unique tenant name.")
 @_limit_options(clearable=False)
+@_weight_option
 @_json_option
-def create_tenant(name: str, as_json: bool, models: tuple[str, ...] | None, **opts: Any) -> None:
+def create_tenant(
+    name: str, as_json: bool, models: tuple[str, ...] | None, weight: int | None, **opts: Any
+) -> None:
     """Create a tenant with its limits, budgets and allowed models."""
     config = load_config_or_exit()
     _tenant_name(name)
@@ -373,7 +398,11 @@ def create_tenant(name: str, as_json: bool, models: tuple[str, ...] | None, **op
     async def work(store: Store) -> Tenant:
         try:
             return await store.create_tenant(
-                name, limits=_limits(opts), budgets=_budgets(opts), allowed_models=models or ()
+                name,
+                limits=_limits(opts),
+                budgets=_budgets(opts),
+                allowed_models=models or (),
+                weight=weight or 1,
             )
         except ConflictError:
             raise CliError(f"a tenant named {name!r} exists already") from None
@@ -393,9 +422,15 @@ def list_tenants(as_json: bool) -> None:
 @click.argument("name")
 @click.option("--rename", help="A new unique name.")
 @_limit_options(clearable=True)
+@_weight_option
 @_json_option
 def update_tenant(
-    name: str, rename: str | None, as_json: bool, models: tuple[str, ...] | None, **opts: Any
+    name: str,
+    rename: str | None,
+    as_json: bool,
+    models: tuple[str, ...] | None,
+    weight: int | None,
+    **opts: Any,
 ) -> None:
     """Change a tenant's name, limits, budgets or allowed models."""
     config = load_config_or_exit()
@@ -409,6 +444,7 @@ def update_tenant(
             limits=_changed_limits(opts, current.limits),
             budgets=_changed_budgets(opts, current.budgets),
             allowed_models=models,
+            weight=weight,
         )
         try:
             return await store.update_tenant(current.id, changes)
