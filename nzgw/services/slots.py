@@ -116,6 +116,7 @@ class SlotPool:
         self._is_loaded = is_loaded
         self.clock = clock
         self._mean_hold = INITIAL_HOLD
+        self._changed = trio.Event()
 
     # --- reads ---
 
@@ -145,6 +146,15 @@ class SlotPool:
         """Running mean of the slot-time of released requests (seconds)."""
         return self._mean_hold
 
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds, re-checked after every change (tests, tools)."""
+        while not predicate():
+            await self._changed.wait()
+
+    def _announce(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
     # --- acquire / release ---
 
     async def acquire(
@@ -166,10 +176,12 @@ class SlotPool:
         waiter = _Waiter(tuple(backends), model, label, self.clock())
         self._queue.push(tenant, waiter, weight=weight)
         self._dispatch()
+        self._announce()
         if waiter.slot is not None:
             return waiter.slot
         if self._queue.depth(tenant) > self._per_tenant:
             self._queue.remove(tenant, waiter)
+            self._announce()
             raise QueueFullError
         try:
             with trio.move_on_after(self._timeout):
@@ -188,6 +200,7 @@ class SlotPool:
             waiter.slot.release()
         else:
             self._queue.remove(tenant, waiter)
+            self._announce()
 
     def _free(self, backend: str) -> bool:
         return self._in_flight.get(backend, 0) < self._parallel.get(backend, 0)
@@ -228,3 +241,4 @@ class SlotPool:
         if held > 0:
             self._mean_hold += _HOLD_SMOOTHING * (held - self._mean_hold)
         self._dispatch()
+        self._announce()
