@@ -12,10 +12,11 @@ from typing import Any
 
 import httpx
 import trio
+import trio.testing
 
 from nzgw.core.models import Limits
 from nzgw.services.slots import SlotPool
-from nzgw.testing import Emulator, EmulatorSettings
+from nzgw.testing import Emulator, EmulatorSettings, open_emulator
 from nzgw.testing._emu_config import Fault, default_models
 from tests.harness import Harness, open_harness
 
@@ -221,3 +222,25 @@ async def test_failover_across_tiers_releases_every_slot(tmp_path: Path) -> None
             infos = await h.wait_finished(1)
             assert infos[-1].backend == "backend-1"
             assert pool.in_flight("backend-0") == pool.in_flight("backend-1") == 0
+
+
+async def test_the_emulator_runs_num_parallel_generations_first_come_first_served() -> None:
+    hold = trio.Event()
+    settings = EmulatorSettings(num_parallel=2, hold=hold)
+    with trio.fail_after(60):
+        async with open_emulator(settings) as emulator, httpx.AsyncClient() as client:
+            results: list[int] = []
+
+            async def one() -> None:
+                response = await client.post(f"{emulator.url}/api/chat", json=CHAT)
+                results.append(response.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(one)
+                await emulator.wait_until(lambda: chats(emulator) == 4)
+                await trio.testing.wait_all_tasks_blocked()
+                assert emulator.generating == 2  # two wait for a slot, as in Ollama
+                hold.set()
+            assert results == [200] * 4
+            assert emulator.peak_generating == 2 and emulator.generating == 0
