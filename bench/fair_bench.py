@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,32 +29,13 @@ import time
 from pathlib import Path
 
 import trio
+from gateway_bench import free_port, nzgw, pct, wait_port  # run as bench/fair_bench.py
 
-ROOT = Path(__file__).resolve().parent.parent
 SLOTS = 2
 FLOOD = 50
 TOKENS = 10
 TOKEN_DELAY = 0.01
 FIRST_TOKEN_DELAY = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def nzgw(*args: str, env: dict[str, str]) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "nzgw", *args],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    return result.stdout
 
 
 def chat_request(key: str) -> bytes:
@@ -88,23 +68,6 @@ async def one_stream(port: int, raw: bytes) -> float:
                 if status != b"200":
                     raise RuntimeError(f"HTTP {status!r}: {data[:300]!r}")
     return first
-
-
-async def wait_port(port: int) -> None:
-    with trio.fail_after(60):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
 async def interactive(port: int, key: str, count: int) -> list[float]:

@@ -66,9 +66,12 @@ class Load:
                 await trio.sleep(think)
 
 
-@pytest.mark.parametrize("parallel", [1, 2, 4])
+@pytest.mark.parametrize(
+    ("parallel", "think", "joins_at"),
+    [(1, 0.0, 3.5), (2, 0.0, 3.5), (4, 0.0, 3.5), (2, 3.3, 2.25)],
+)
 async def test_interactive_tenant_waits_at_most_one_service_time_beside_a_flood(
-    autojump_clock: trio.testing.MockClock, parallel: int
+    autojump_clock: trio.testing.MockClock, parallel: int, think: float, joins_at: float
 ) -> None:
     slots = pool({"gpu": parallel})
     load = Load(slots, ["gpu"])
@@ -77,35 +80,17 @@ async def test_interactive_tenant_waits_at_most_one_service_time_beside_a_flood(
         async with trio.open_nursery() as nursery:
             for _ in range(50):
                 nursery.start_soon(load.client, "flood", 1.0)
-            await trio.sleep(3.5)  # the flood has the backend and a deep queue
-            nursery.start_soon(load.client, "chat", 1.0)
+            await trio.sleep(joins_at)  # the flood has the backend and a deep queue
+            nursery.start_soon(partial(load.client, "chat", 1.0, think=think))
     chat = load.waits["chat"]
-    assert len(chat) > 100
+    assert len(chat) >= 100
     # An idle system answers at once; beside the flood, the interactive tenant waits for the
-    # next slot to free and then goes first: never more than one service time.
+    # next slot to free and then goes first: never more than one service time. With think
+    # time it arrives at odd moments and still never waits behind a flood request.
     assert max(chat) <= SERVICE
     # Under FIFO it would wait behind the ~50 queued flood requests every time.
     assert max(load.waits["flood"]) >= 40 * SERVICE / parallel
     assert load.peak["gpu"] == parallel  # never more in flight than the slots
-
-
-async def test_interactive_tenant_with_think_time_goes_next(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    slots = pool({"gpu": 2})
-    load = Load(slots, ["gpu"])
-    load.until = 300.0
-    with trio.fail_after(10_000):
-        async with trio.open_nursery() as nursery:
-            for _ in range(50):
-                nursery.start_soon(load.client, "flood", 1.0)
-            await trio.sleep(2.25)
-            nursery.start_soon(partial(load.client, "chat", 1.0, think=3.3))
-    # Arriving at odd times (think time), it waits only for the next slot to free (the flood's
-    # slots free together, on whole seconds), never behind a flood request queued before it.
-    chat = load.waits["chat"]
-    assert len(chat) > 50
-    assert max(chat) <= SERVICE
 
 
 @pytest.mark.parametrize(
