@@ -112,6 +112,9 @@ async def test_queue_full_is_429_in_the_callers_shape(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(post, h, results)
                 await reached(h.emulator, 1, results)
+                # /api/show reads metadata: it takes no slot, so it is answered at once.
+                show = await h.client.post("/api/show", json={"model": "llama3"}, headers=h.auth)
+                assert show.status_code == 200 and "x-queue-wait-ms" not in show.headers
                 native = await h.client.post("/api/chat", json=CHAT, headers=h.auth)
                 openai = await h.client.post(
                     "/v1/chat/completions", json={**CHAT, "stream": True}, headers=h.auth
@@ -124,8 +127,8 @@ async def test_queue_full_is_429_in_the_callers_shape(tmp_path: Path) -> None:
             assert openai.json()["error"]["code"] == "rate_limit_exceeded"
             for body in (native.text, openai.text):
                 assert "backend" not in body and "127.0.0.1" not in body
-            infos = await h.wait_finished(3)
-            assert sorted(i.refusal or "" for i in infos) == ["", "queue_full", "queue_full"]
+            infos = await h.wait_finished(4)
+            assert sorted(i.refusal or "" for i in infos) == ["", "", "queue_full", "queue_full"]
             assert chats(h.emulator) == 1
 
 

@@ -322,7 +322,7 @@ async def _open_with_failover(
     timeout = gateway.config.upstream_first_byte_timeout
     path = route.path.encode("ascii")
     attempts = not_found = 0
-    async for backend in BackendAttempts(gateway, info, model):
+    async for backend in BackendAttempts(gateway, info, model, generates=route.route is not R.SHOW):
         attempts += 1
         response: UpstreamResponse | None = None
         try:

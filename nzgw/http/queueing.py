@@ -12,6 +12,9 @@ the upstream response is closed:
 * the release is also on the request's cleanup stack from the moment the slot is granted, in
   case the request is cut between the grant and `open` (it is idempotent).
 
+Slots are per backend, not per model: a backend that runs several models at once can take a
+larger `parallel`. `/api/show` takes no slot (Ollama answers it without a runner).
+
 Refusals, in the caller's API shape: a tenant with too many waiting requests gets 429
 (`queue_full`), a request that waited `NZGW_QUEUE_TIMEOUT` gets 503 with `Retry-After`
 (`queue_timeout`). Neither says anything about backends.
@@ -36,14 +39,17 @@ from nzgw.services.slots import QueueFullError, QueueTimeoutError, Slot
 class BackendAttempts:
     """Async iterator over the backends to try for one request (see the module docstring)."""
 
-    def __init__(self, gateway: Gateway, info: RequestInfo, model: str) -> None:
+    def __init__(
+        self, gateway: Gateway, info: RequestInfo, model: str, *, generates: bool = True
+    ) -> None:
         self._gateway = gateway
         self._info = info
         self._model = model
         self._plain: Iterator[Backend] | None = None
         self._tiers: list[list[Backend]] = []
         self._remaining: list[Backend] = []
-        if gateway.slots is None:
+        # Only requests that run the model take a slot (`/api/show` reads metadata).
+        if gateway.slots is None or not generates:
             self._plain = iter(gateway.registry.candidates(model))
         else:
             self._tiers = [list(tier) for tier in gateway.registry.candidate_tiers(model)]
@@ -125,7 +131,8 @@ class SlotBackend:
         except BaseException:
             self._slot.release()
             raise
-        self._gateway.registry.note_routed(self.name, self._model)
+        if response.status < 400:  # Ollama loaded the model to answer
+            self._gateway.registry.note_routed(self.name, self._model)
         return SlotResponse(response, self._slot)
 
     async def get_json(self, path: str, *, limit: int = 16 * 1024 * 1024) -> Any:
