@@ -7,9 +7,11 @@ so nothing depends on timing; queue states are awaited with `SlotPool.wait_until
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import trio
 import trio.testing
@@ -44,6 +46,34 @@ def held(hold: trio.Event) -> Any:
     return lambda i: EmulatorSettings(hold=hold)
 
 
+def held_harness(tmp_path: Path, hold: trio.Event, **overrides: Any) -> Any:
+    """One emulated backend (1 slot) whose generations wait for `hold`."""
+    return open_harness(
+        tmp_path, discovery_interval=SLOW_DISCOVERY, settings=held(hold), **overrides
+    )
+
+
+def two_backends(
+    tmp_path: Path, settings: Callable[[int], EmulatorSettings], fields: dict[str, Any]
+) -> Any:
+    """Two emulated backends with the same `fields` (`"index"`: the backend's index)."""
+    return open_harness(
+        tmp_path,
+        discovery_interval=SLOW_DISCOVERY,
+        backends=2,
+        settings=settings,
+        backend_fields=lambda i: {k: i if v == "index" else v for k, v in fields.items()},
+    )
+
+
+async def hold_one(
+    h: Harness, nursery: trio.Nursery, results: list[httpx.Response], key: str | None = None
+) -> None:
+    """Start a chat and wait until it holds the backend (its answer lands in `results`)."""
+    nursery.start_soon(post, h, results, key)
+    await reached(h.emulator, 1, results)
+
+
 def chats(emulator: Emulator) -> int:
     """Inference requests the emulator received (discovery polls it too)."""
     return sum(1 for r in emulator.requests if r.path == "/api/chat")
@@ -69,15 +99,12 @@ async def test_a_queued_request_counts_for_concurrency_and_pays_nothing_for_wait
     for a slot; waiting adds nothing to what it is charged."""
     hold = trio.Event()
     with trio.fail_after(60):
-        async with open_harness(
-            tmp_path, discovery_interval=SLOW_DISCOVERY, settings=held(hold)
-        ) as h:
+        async with held_harness(tmp_path, hold) as h:
             key = await h.new_key(name="two", limits=Limits(concurrent_requests=2))
             pool = slots_of(h)
             results: list[httpx.Response] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(post, h, results, key)
-                await reached(h.emulator, 1, results)
+                await hold_one(h, nursery, results, key)
                 nursery.start_soon(post, h, results, key)
                 await pool.wait_until(lambda: pool.waiting == 1)
                 third = await h.client.post("/api/chat", json=CHAT, headers=_auth(key))
@@ -105,13 +132,10 @@ def _auth(key: str) -> dict[str, str]:
 async def test_queue_full_is_429_in_the_callers_shape(tmp_path: Path) -> None:
     hold = trio.Event()
     with trio.fail_after(60):
-        async with open_harness(
-            tmp_path, discovery_interval=SLOW_DISCOVERY, settings=held(hold), queue_per_tenant=0
-        ) as h:
+        async with held_harness(tmp_path, hold, queue_per_tenant=0) as h:
             results: list[httpx.Response] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(post, h, results)
-                await reached(h.emulator, 1, results)
+                await hold_one(h, nursery, results)
                 # /api/show reads metadata: it takes no slot, so it is answered at once.
                 show = await h.client.post("/api/show", json={"model": "llama3"}, headers=h.auth)
                 assert show.status_code == 200 and "x-queue-wait-ms" not in show.headers
@@ -135,14 +159,11 @@ async def test_queue_full_is_429_in_the_callers_shape(tmp_path: Path) -> None:
 async def test_queue_timeout_is_503_with_retry_after_and_settles(tmp_path: Path) -> None:
     hold = trio.Event()
     with trio.fail_after(60):
-        async with open_harness(
-            tmp_path, discovery_interval=SLOW_DISCOVERY, settings=held(hold), queue_timeout=0.2
-        ) as h:
+        async with held_harness(tmp_path, hold, queue_timeout=0.2) as h:
             key = await h.new_key(name="one", limits=Limits(concurrent_requests=2))
             results: list[httpx.Response] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(post, h, results, key)
-                await reached(h.emulator, 1, results)
+                await hold_one(h, nursery, results, key)
                 timed_out = await h.client.post("/api/chat", json=CHAT, headers=_auth(key))
                 assert timed_out.status_code == 503
                 assert int(timed_out.headers["retry-after"]) >= 1
@@ -162,14 +183,11 @@ async def test_a_client_that_leaves_while_queued_frees_its_place_at_once(
 ) -> None:
     hold = trio.Event()
     with trio.fail_after(60):
-        async with open_harness(
-            tmp_path, discovery_interval=SLOW_DISCOVERY, settings=held(hold)
-        ) as h:
+        async with held_harness(tmp_path, hold) as h:
             pool = slots_of(h)
             results: list[httpx.Response] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(post, h, results)
-                await reached(h.emulator, 1, results)
+                await hold_one(h, nursery, results)
                 leaving = trio.CancelScope()
 
                 async def leave() -> None:
@@ -196,17 +214,11 @@ async def test_equal_backends_all_traffic_to_the_loaded_one_until_it_is_busy(
 
     def settings(i: int) -> EmulatorSettings:
         # llama3 is loaded (listed by /api/ps) on backend-1 only.
-        models = [attrs_evolve_loaded(m, i == 1) for m in default_models()]
+        models = [attrs.evolve(m, loaded=i == 1) for m in default_models()]
         return EmulatorSettings(models=models, hold=hold)
 
     with trio.fail_after(60):
-        async with open_harness(
-            tmp_path,
-            discovery_interval=SLOW_DISCOVERY,
-            backends=2,
-            settings=settings,
-            backend_fields=lambda i: {"parallel": 2, "priority": 0},
-        ) as h:
+        async with two_backends(tmp_path, settings, {"parallel": 2, "priority": 0}) as h:
             cold, warm = h.emulators
             pool = slots_of(h)
             results: list[httpx.Response] = []
@@ -223,24 +235,12 @@ async def test_equal_backends_all_traffic_to_the_loaded_one_until_it_is_busy(
             assert pool.in_flight("backend-0") == pool.in_flight("backend-1") == 0
 
 
-def attrs_evolve_loaded(model: Any, loaded: bool) -> Any:
-    import attrs
-
-    return attrs.evolve(model, loaded=loaded)
-
-
 async def test_failover_across_tiers_releases_every_slot(tmp_path: Path) -> None:
     def settings(i: int) -> EmulatorSettings:
         return EmulatorSettings(model_faults={"*": Fault.HTTP_500} if i == 0 else {})
 
     with trio.fail_after(60):
-        async with open_harness(
-            tmp_path,
-            discovery_interval=SLOW_DISCOVERY,
-            backends=2,
-            settings=settings,
-            backend_fields=lambda i: {"priority": i},
-        ) as h:
+        async with two_backends(tmp_path, settings, {"priority": "index"}) as h:
             pool = slots_of(h)
             response = await h.client.post("/api/chat", json=CHAT, headers=h.auth)
             assert response.status_code == 200
