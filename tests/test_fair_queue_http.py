@@ -281,3 +281,25 @@ async def test_the_emulator_runs_num_parallel_generations_first_come_first_serve
                 hold.set()
             assert results == [200] * 4
             assert emulator.peak_generating == 2 and emulator.generating == 0
+
+
+async def test_never_more_in_flight_on_a_backend_than_its_slots(tmp_path: Path) -> None:
+    hold = trio.Event()
+    with trio.fail_after(60):
+        async with open_harness(
+            tmp_path,
+            discovery_interval=SLOW_DISCOVERY,
+            settings=lambda i: EmulatorSettings(hold=hold, num_parallel=100),
+            backend_fields=lambda i: {"parallel": 2},
+        ) as h:
+            pool = slots_of(h)
+            results: list[httpx.Response] = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(post, h, results)
+                await pool.wait_until(lambda: pool.waiting == 8)
+                await h.emulator.wait_until(lambda: chats(h.emulator) == 2)
+                hold.set()
+            assert [r.status_code for r in results] == [200] * 10
+            assert chats(h.emulator) == 10
+            assert h.emulator.peak_generating == 2  # the other 8 waited in nzgw, not in Ollama
