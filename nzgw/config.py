@@ -53,6 +53,7 @@ class Config:
     # Backends
     ollama_base_url: str
     ollama_auth_token: str
+    ollama_parallel: int
     backends: tuple[BackendConfig, ...]
     # Storage
     database_url: str
@@ -101,7 +102,11 @@ class Config:
     def effective_backends(self) -> tuple[BackendConfig, ...]:
         if self.backends:
             return self.backends
-        return (BackendConfig("default", self.ollama_base_url, self.ollama_auth_token),)
+        return (
+            BackendConfig(
+                "default", self.ollama_base_url, self.ollama_auth_token, self.ollama_parallel
+            ),
+        )
 
 
 # --- parsers ------------------------------------------------------------------------------------
@@ -273,13 +278,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Bearer token sent to OLLAMA_BASE_URL (empty: none)",
     ),
     Setting(
+        "OLLAMA_PARALLEL",
+        "ollama_parallel",
+        _int(1),
+        str(DEFAULT_PARALLEL),
+        "Slots of the OLLAMA_BASE_URL backend: requests run on it at once "
+        "(its OLLAMA_NUM_PARALLEL)",
+    ),
+    Setting(
         "OLLAMA_BACKENDS",
         "backends",
         _backends,
         "",
         'JSON list [{"name","url","auth_token","parallel","priority"}] in priority order '
         "(parallel: slots, default 1; priority: smaller first, default the list position); "
-        'empty: one "default" backend from the two above',
+        'empty: one "default" backend from the three above',
     ),
     Setting(
         "DATABASE_URL",
