@@ -156,5 +156,5 @@ def test_backend_slots_and_priorities(tmp_path: Path) -> None:
 def test_the_default_backend_takes_its_slots_from_ollama_parallel(tmp_path: Path) -> None:
     config = load_config({"OLLAMA_PARALLEL": "4"}, cwd=tmp_path)
     assert [(b.name, b.parallel) for b in config.effective_backends] == [("default", 4)]
-    with pytest.raises(ConfigError, match="^OLLAMA_PARALLEL: "):
+    with pytest.raises(ConfigError, match=r"^OLLAMA_PARALLEL: "):
         load_config({"OLLAMA_PARALLEL": "0"}, cwd=tmp_path)
