@@ -28,11 +28,19 @@ class ConfigError(Exception):
     """A configuration value is invalid. The message names the variable."""
 
 
+# Ollama's own default for OLLAMA_NUM_PARALLEL: one request at a time per model.
+DEFAULT_PARALLEL = 1
+
+
 @attrs.frozen
 class BackendConfig:
     name: str
     url: str
     auth_token: str = ""
+    # Requests nzgw lets run on this backend at once (its slots); more wait in nzgw's fair queue.
+    parallel: int = DEFAULT_PARALLEL
+    # Smaller is tried first; backends sharing a priority share the load. None: list position.
+    priority: int | None = None
 
 
 @attrs.frozen
@@ -47,6 +55,7 @@ class Config:
     # Backends
     ollama_base_url: str
     ollama_auth_token: str
+    ollama_parallel: int
     backends: tuple[BackendConfig, ...]
     # Storage
     database_url: str
@@ -71,6 +80,10 @@ class Config:
     upstream_first_byte_timeout: float
     upstream_pool_size: int
     discovery_interval: float
+    # Fair queue for backend slots
+    queue_timeout: float
+    queue_per_tenant: int
+    queue_wait_header: bool
     # Identity
     argon2: Argon2Params
     argon2_max_concurrency: int
@@ -100,7 +113,11 @@ class Config:
     def effective_backends(self) -> tuple[BackendConfig, ...]:
         if self.backends:
             return self.backends
-        return (BackendConfig("default", self.ollama_base_url, self.ollama_auth_token),)
+        return (
+            BackendConfig(
+                "default", self.ollama_base_url, self.ollama_auth_token, self.ollama_parallel
+            ),
+        )
 
 
 # --- parsers ------------------------------------------------------------------------------------
@@ -216,11 +233,24 @@ def _backends(raw: str) -> tuple[BackendConfig, ...]:
             url = _http_url(item["url"])
         except ValueError as exc:
             raise ValueError(f"item {index}: {exc}") from None
-        backends.append(BackendConfig(item["name"], url, token))
+        parallel = _backend_int(item, "parallel", index, minimum=1, default=DEFAULT_PARALLEL)
+        priority = item.get("priority")
+        if priority is not None:
+            priority = _backend_int(item, "priority", index, minimum=0, default=0)
+        backends.append(BackendConfig(item["name"], url, token, parallel, priority))
     names = [b.name for b in backends]
     if len(set(names)) != len(names):
         raise ValueError("backend names must be unique")
     return tuple(backends)
+
+
+def _backend_int(
+    item: dict[str, Any], field: str, index: int, *, minimum: int, default: int
+) -> int:
+    value = item.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"item {index}: {field!r} must be a whole number >= {minimum}")
+    return value
 
 
 def _csv(raw: str) -> tuple[str, ...]:
@@ -274,12 +304,21 @@ SETTINGS: tuple[Setting, ...] = (
         secret=True,
     ),
     Setting(
+        "OLLAMA_PARALLEL",
+        "ollama_parallel",
+        _int(1),
+        str(DEFAULT_PARALLEL),
+        "Slots of the OLLAMA_BASE_URL backend: requests run on it at once "
+        "(its OLLAMA_NUM_PARALLEL)",
+    ),
+    Setting(
         "OLLAMA_BACKENDS",
         "backends",
         _backends,
         "",
-        'JSON list [{"name","url","auth_token"}] in priority order; empty: one "default" '
-        "backend from the two above",
+        'JSON list [{"name","url","auth_token","parallel","priority"}] in priority order '
+        "(parallel: slots, default 1; priority: smaller first, default the list position); "
+        'empty: one "default" backend from the three above',
         secret=True,
     ),
     Setting(
@@ -419,6 +458,27 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "10",
         "Seconds between backend discovery rounds",
+    ),
+    Setting(
+        "NZGW_QUEUE_TIMEOUT",
+        "queue_timeout",
+        _seconds,
+        "60",
+        "Seconds a request may wait for a backend slot before it is answered 503 with Retry-After",
+    ),
+    Setting(
+        "NZGW_QUEUE_PER_TENANT",
+        "queue_per_tenant",
+        _int(0),
+        "512",
+        "Requests one tenant may have waiting for backend slots (429 beyond)",
+    ),
+    Setting(
+        "NZGW_QUEUE_WAIT_HEADER",
+        "queue_wait_header",
+        _bool,
+        "true",
+        "Send X-Queue-Wait-Ms (milliseconds waited for a backend slot) on model answers",
     ),
     Setting("NZGW_ARGON2_TIME_COST", "argon2.time_cost", _int(1), "2", "Argon2id iterations"),
     Setting(

@@ -89,6 +89,7 @@ class TenantChanges:
     budgets: Budgets | None = None
     allowed_models: tuple[str, ...] | None = None
     allow_model_controls: bool | None = None
+    weight: int | None = None  # share of saturated backend slots (1..1000)
 
 
 @attrs.frozen
@@ -297,6 +298,7 @@ class Store(AuditStore, Protocol):
         limits: Limits = ...,
         budgets: Budgets = ...,
         allowed_models: tuple[str, ...] = ...,
+        weight: int = ...,
     ) -> Tenant: ...
 
     async def get_tenant(self, name_or_id: str | int) -> Tenant:

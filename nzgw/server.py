@@ -53,6 +53,7 @@ from nzgw.services.identity import (
 )
 from nzgw.services.limiter import Limiter, run_usage_flusher
 from nzgw.services.registry import Registry
+from nzgw.services.slots import SlotPool
 
 log = logging.getLogger("nzgw.server")
 
@@ -142,7 +143,15 @@ async def run_server(
                 # Connect (and read Redis' clock) before the first burst; down: fail closed later.
                 with contextlib.suppress(CountersUnavailableError):
                     await counters.ping()
-                registry = Registry(backends)
+                registry = Registry(
+                    backends, priorities={b.name: b.priority for b in config.effective_backends}
+                )
+                slots = SlotPool(
+                    {b.name: b.parallel for b in config.effective_backends},
+                    queue_timeout=config.queue_timeout,
+                    per_tenant=config.queue_per_tenant,
+                    is_loaded=registry.is_loaded,
+                )
                 # A hung store answers requests with 503 within NZGW_STORE_TIMEOUT.
                 authenticator = Authenticator.from_config(
                     bound_store_calls(store, timeout=config.store_timeout, nursery=services),
@@ -167,6 +176,7 @@ async def run_server(
                 )
                 live = LiveCollector(registry)  # read at scrape time
                 METRICS.tenant_labels = config.metrics_tenant_labels
+                live.track_slots(slots)
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 live.track_counter(
                     "nzgw_counters_reclaimed_tokens",
@@ -222,6 +232,7 @@ async def run_server(
                     registry,
                     readiness={"store": store_ready, "counters": counters_ready},
                     admitter=LimiterAdmitter(limiter, config),
+                    slots=slots,
                 )
                 gateway.finish_hooks.append(METRICS.observe_request)
                 gateway.audit = audit  # fail closed while its queue is full

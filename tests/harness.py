@@ -96,6 +96,7 @@ async def open_harness(
     *,
     backends: int = 1,
     settings: Callable[[int], EmulatorSettings] | None = None,
+    backend_fields: Callable[[int], dict[str, Any]] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     async with contextlib.AsyncExitStack() as stack:
@@ -111,7 +112,10 @@ async def open_harness(
             "migrate_on_start": True,
             "argon2": FAST_ARGON2,
             "backends": tuple(
-                BackendConfig(f"backend-{i}", emu.url) for i, emu in enumerate(emulators)
+                BackendConfig(
+                    f"backend-{i}", emu.url, **(backend_fields(i) if backend_fields else {})
+                )
+                for i, emu in enumerate(emulators)
             ),
             "discovery_interval": 0.2,
             "graceful_timeout": 5.0,

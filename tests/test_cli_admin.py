@@ -265,3 +265,15 @@ def test_as_a_real_process(lite: Cli, sqlite_url: str, tmp_path: Path) -> None:
     failed = nzgw("create-key", "--tenant", "nope", "--name", "k")
     assert failed.returncode == 1
     assert failed.stderr.strip() == "Error: unknown tenant 'nope'"
+
+
+def test_tenant_weight(lite: Cli) -> None:
+    assert lite.json("create-tenant", "--name", "acme")[0]["weight"] == 1
+    assert lite.json("create-tenant", "--name", "big", "--weight", "3")[0]["weight"] == 3
+    assert lite.json("update-tenant", "acme", "--weight", "5")[0]["weight"] == 5
+    assert lite.json("update-tenant", "acme", "--rpm", "7")[0]["weight"] == 5  # untouched
+    header, *rows = lite("list-tenants").stdout.splitlines()
+    column = header.split().index("WEIGHT")
+    assert [row.split()[column] for row in rows] == ["5", "3"]
+    assert "--weight" in lite.error("create-tenant", "--name", "b", "--weight", "0", code=2)
+    assert "--weight" in lite.error("update-tenant", "acme", "--weight", "1001", code=2)

@@ -135,3 +135,30 @@ def test_readme_configuration_table_lists_every_variable() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_backend_slots_and_priorities(tmp_path: Path) -> None:
+    raw = (
+        '[{"name":"a","url":"http://h1:11434","parallel":4,"priority":0},'
+        '{"name":"b","url":"http://h2:11434","priority":0},{"name":"c","url":"http://h3:11434"}]'
+    )
+    config = load_config({"OLLAMA_BACKENDS": raw}, cwd=tmp_path)
+    assert [(b.parallel, b.priority) for b in config.effective_backends] == [
+        (4, 0),
+        (1, 0),
+        (1, None),
+    ]
+    assert config.queue_timeout == 60 and config.queue_per_tenant == 512
+    assert config.queue_wait_header is True
+    for bad in ('"parallel":0', '"parallel":true', '"parallel":"2"', '"priority":-1'):
+        with pytest.raises(ConfigError, match=r"^OLLAMA_BACKENDS: item 0: '(parallel|priority)'"):
+            load_config(
+                {"OLLAMA_BACKENDS": f'[{{"name":"a","url":"http://h:1",{bad}}}]'}, cwd=tmp_path
+            )
+
+
+def test_the_default_backend_takes_its_slots_from_ollama_parallel(tmp_path: Path) -> None:
+    config = load_config({"OLLAMA_PARALLEL": "4"}, cwd=tmp_path)
+    assert [(b.name, b.parallel) for b in config.effective_backends] == [("default", 4)]
+    with pytest.raises(ConfigError, match=r"^OLLAMA_PARALLEL: "):
+        load_config({"OLLAMA_PARALLEL": "0"}, cwd=tmp_path)

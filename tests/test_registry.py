@@ -356,3 +356,41 @@ def test_health_changes_logged_once(caplog: pytest.LogCaptureFixture) -> None:
         ("WARNING", "backend a: down (timeout: no answer)"),
         ("INFO", "backend a: up (version 0.33.0, 0 models)"),
     ]
+
+
+# --- priority tiers and loaded models (issue #16) -------------------------------------------------
+
+
+def test_priorities_group_candidates_into_tiers_in_config_order() -> None:
+    backends = {n: Named(n) for n in ("a", "b", "c", "d")}
+    registry = Registry(
+        list(backends.values()), clock=Clock(), priorities={"a": 1, "b": 0, "c": None, "d": 0}
+    )
+    registry.publish(snap(*(up(n, [tag("llama3")]) for n in "abcd")))
+    # c has no priority: its position (2); a=1, b=0, d=0.
+    tiers = registry.candidate_tiers("llama3:latest")
+    assert [[b.name for b in tier] for tier in tiers] == [["b", "d"], ["a"], ["c"]]
+    assert [b.name for b in registry.candidates("llama3:latest")] == ["b", "d", "a", "c"]
+    # Without priorities every backend is its own tier, in list order (the old behaviour).
+    plain, _, _ = make("x", "y")
+    plain.publish(snap(up("x", [tag("llama3")]), up("y", [tag("llama3")])))
+    assert [[b.name for b in t] for t in plain.candidate_tiers("llama3:latest")] == [["x"], ["y"]]
+
+
+def test_loaded_is_from_ps_or_from_what_was_routed_since_the_round_began() -> None:
+    registry, _, clock = make("a", "b")
+    expires = "2030-01-01T00:00:00Z"
+    registry.publish(
+        snap(up("a", [tag("llama3")], [ps("llama3", expires=expires)]), up("b", [tag("llama3")]))
+    )
+    assert registry.is_loaded("a", "llama3:latest")
+    assert not registry.is_loaded("b", "llama3:latest")
+    clock.now = 5.0
+    registry.note_routed("b", "llama3:latest")
+    assert registry.is_loaded("b", "llama3:latest")
+    # A round that started after the routing is authoritative (Ollama may have unloaded it).
+    registry.publish(snap(up("a", [tag("llama3")]), up("b", [tag("llama3")]), taken_at=6.0))
+    assert not registry.is_loaded("b", "llama3:latest")
+    assert not registry.is_loaded("a", "llama3:latest")
+    with pytest.raises(KeyError):
+        registry.note_routed("nope", "llama3:latest")

@@ -296,8 +296,11 @@ class PostgresStore:
         limits: Limits = q.NO_LIMITS,
         budgets: Budgets = q.NO_BUDGETS,
         allowed_models: tuple[str, ...] = (),
+        weight: int = 1,
     ) -> Tenant:
-        params = q.tenant_insert_params(name, limits, budgets, allowed_models, self._clock())
+        params = q.tenant_insert_params(
+            name, limits, budgets, allowed_models, self._clock(), weight
+        )
 
         async def work(conn: Connection) -> Tenant:
             async with conn.transaction():

@@ -265,9 +265,10 @@ class SqliteStore:
         limits: Limits = q.NO_LIMITS,
         budgets: Budgets = q.NO_BUDGETS,
         allowed_models: tuple[str, ...] = (),
+        weight: int = 1,
     ) -> Tenant:
         params = _params(
-            q.tenant_insert_params(name, limits, budgets, allowed_models, self._clock())
+            q.tenant_insert_params(name, limits, budgets, allowed_models, self._clock(), weight)
         )
 
         def work(conn: sqlite3.Connection) -> Tenant:

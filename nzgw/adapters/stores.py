@@ -150,6 +150,7 @@ TENANT_COLUMNS = (
     "allowed_models",
     "created_at",
     "allow_model_controls",
+    "weight",
 )
 KEY_COLUMNS = (
     "id",
@@ -176,8 +177,8 @@ SELECT_TENANT_BY_ID = f"SELECT {TENANT_SELECT} FROM tenants WHERE id = ?"
 SELECT_TENANTS = f"SELECT {TENANT_SELECT} FROM tenants ORDER BY id"
 INSERT_TENANT = (
     f"INSERT INTO tenants (name, status, {', '.join(LIMIT_COLUMNS)}, "
-    f"{', '.join(BUDGET_COLUMNS)}, allowed_models, created_at, updated_at) "
-    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {TENANT_SELECT}"
+    f"{', '.join(BUDGET_COLUMNS)}, allowed_models, created_at, updated_at, weight) "
+    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {TENANT_SELECT}"
 )
 
 SELECT_KEY_BY_PREFIX = f"SELECT {KEY_SELECT} FROM api_keys WHERE prefix = ?"
@@ -236,7 +237,12 @@ SELECT_MIGRATIONS = "SELECT name FROM schema_migrations"
 
 
 def tenant_insert_params(
-    name: str, limits: Limits, budgets: Budgets, allowed_models: tuple[str, ...], now: datetime
+    name: str,
+    limits: Limits,
+    budgets: Budgets,
+    allowed_models: tuple[str, ...],
+    now: datetime,
+    weight: int = 1,
 ) -> list[Any]:
     return [
         name,
@@ -246,6 +252,7 @@ def tenant_insert_params(
         encode_models(allowed_models),
         now,
         now,
+        weight,
     ]
 
 
@@ -278,6 +285,8 @@ def tenant_assignments(changes: TenantChanges) -> dict[str, Any]:
         columns["allowed_models"] = encode_models(changes.allowed_models)
     if changes.allow_model_controls is not None:
         columns["allow_model_controls"] = changes.allow_model_controls
+    if changes.weight is not None:
+        columns["weight"] = changes.weight
     return columns
 
 
@@ -365,6 +374,7 @@ def tenant_from_row(row: Row, decode_time: Decode, prefix: str = "") -> Tenant:
         allowed_models=tuple(json.loads(col("allowed_models"))),
         created_at=decode_time(col("created_at")),
         allow_model_controls=bool(col("allow_model_controls")),
+        weight=int(col("weight")),
     )
 
 

@@ -293,6 +293,7 @@ def _tenant_row(t: Tenant) -> list[Any]:
         t.budgets.daily_tokens,
         t.budgets.monthly_tokens,
         t.budgets.lifetime_tokens,
+        t.weight,
         t.allowed_models,
         "allowed" if t.allow_model_controls else "stripped",
         t.created_at,
@@ -332,7 +333,7 @@ def _echo_tenants(tenants: list[Tenant], as_json: bool) -> None:
         echo_json([tenant_json(t) for t in tenants])
     else:
         echo_table(
-            (*_TENANT_HEADERS, "MODELS", "MODEL CONTROLS", "CREATED"),
+            (*_TENANT_HEADERS, "WEIGHT", "MODELS", "MODEL CONTROLS", "CREATED"),
             [_tenant_row(t) for t in tenants],
         )
 
@@ -365,6 +366,25 @@ def migrate(as_json: bool) -> None:
         click.echo("the schema is up to date")
 
 
+class WeightType(click.ParamType[int]):
+    """A tenant weight: a whole number from 1 to 1000."""
+
+    name = "weight"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"\d+", text) or not 1 <= int(text) <= 1000:
+            raise _bad(param, f"expected a whole number from 1 to 1000, got {value!r}")
+        return int(text)
+
+
+_weight_option = click.option(
+    "--weight",
+    type=WeightType(),
+    help="Share of saturated backend slots relative to other tenants (default 1).",
+)
+
+
 _model_controls_option = click.option(
     "--model-controls/--no-model-controls",
     "model_controls",
@@ -378,12 +398,14 @@ _model_controls_option = click.option(
 @click.option("--name", required=True, help="Unique tenant name.")
 @_limit_options(clearable=False)
 @_model_controls_option
+@_weight_option
 @_json_option
 def create_tenant(
     name: str,
     as_json: bool,
     models: tuple[str, ...] | None,
     model_controls: bool | None,
+    weight: int | None,
     **opts: Any,
 ) -> None:
     """Create a tenant with its limits, budgets and allowed models."""
@@ -393,7 +415,11 @@ def create_tenant(
     async def work(store: Store) -> Tenant:
         try:
             tenant = await store.create_tenant(
-                name, limits=_limits(opts), budgets=_budgets(opts), allowed_models=models or ()
+                name,
+                limits=_limits(opts),
+                budgets=_budgets(opts),
+                allowed_models=models or (),
+                weight=weight or 1,
             )
         except ConflictError:
             raise CliError(f"a tenant named {name!r} exists already") from None
@@ -417,6 +443,7 @@ def list_tenants(as_json: bool) -> None:
 @click.option("--rename", help="A new unique name.")
 @_limit_options(clearable=True)
 @_model_controls_option
+@_weight_option
 @_json_option
 def update_tenant(
     name: str,
@@ -424,6 +451,7 @@ def update_tenant(
     as_json: bool,
     models: tuple[str, ...] | None,
     model_controls: bool | None,
+    weight: int | None,
     **opts: Any,
 ) -> None:
     """Change a tenant's name, limits, budgets or allowed models."""
@@ -439,6 +467,7 @@ def update_tenant(
             budgets=_changed_budgets(opts, current.budgets),
             allowed_models=models,
             allow_model_controls=model_controls,
+            weight=weight,
         )
         try:
             return await store.update_tenant(current.id, changes)

@@ -17,6 +17,7 @@ def settings_from_options(
     token_delay: float,
     first_token_delay: float,
     models: str | None,
+    parallel: int = 0,
 ) -> EmulatorSettings:
     names = [name.strip() for name in (models or "").split(",") if name.strip()]
     return EmulatorSettings(
@@ -24,6 +25,7 @@ def settings_from_options(
         tokens_per_reply=tokens,
         token_delay=token_delay,
         first_token_delay=first_token_delay,
+        num_parallel=parallel,
     )
 
 
@@ -64,6 +66,14 @@ async def _serve_until_signalled(settings: EmulatorSettings, host: str, port: in
     help="Seconds before the first token.",
 )
 @click.option(
+    "--parallel",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Generations at once, like OLLAMA_NUM_PARALLEL; more wait first come, first served "
+    "(0: unlimited).",
+)
+@click.option(
     "--models",
     default=None,
     help="Comma-separated model names (default: llama3, qwen3, all-minilm).",
@@ -75,9 +85,14 @@ def emulate_ollama(
     token_delay: float,
     first_token_delay: float,
     models: str | None,
+    parallel: int,
 ) -> None:
     """Serve a deterministic emulated Ollama (native, OpenAI and Anthropic APIs)."""
     settings = settings_from_options(
-        tokens=tokens, token_delay=token_delay, first_token_delay=first_token_delay, models=models
+        tokens=tokens,
+        token_delay=token_delay,
+        first_token_delay=first_token_delay,
+        models=models,
+        parallel=parallel,
     )
     trio.run(_serve_until_signalled, settings, host, port)

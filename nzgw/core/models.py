@@ -62,6 +62,7 @@ class Tenant:
     created_at: datetime | None = None
     # keep_alive and load-time options reach the (shared) backend only when True
     allow_model_controls: bool = False
+    weight: int = 1  # share of saturated backend slots relative to other tenants
 
 
 @attrs.frozen

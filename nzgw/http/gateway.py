@@ -20,6 +20,7 @@ from nzgw.core.models import Principal
 from nzgw.http.drain import StreamCut
 from nzgw.http.uploads import UploadGate
 from nzgw.ports import Backend
+from nzgw.services.slots import SlotPool
 
 log = logging.getLogger("nzgw.gateway")
 
@@ -37,6 +38,10 @@ class Registry(Protocol):
     def hosts(self, model: str) -> bool: ...
 
     def candidates(self, model: str) -> Sequence[Backend]: ...
+
+    def candidate_tiers(self, model: str) -> Sequence[Sequence[Backend]]: ...
+
+    def note_routed(self, backend_name: str, model: str) -> None: ...
 
     def record_failure(self, backend_name: str) -> None: ...
 
@@ -71,6 +76,7 @@ class RequestInfo:
     request_body: bytes | None = None  # kept only for keys that opted in to prompt logging
     response_text: str | None = None
     target: bytes = b""  # the raw request target (the audit keeps a cleaned prefix for 404/405)
+    queue_wait: float | None = None  # seconds waited for backend slots (None: never queued)
 
     @property
     def log_path(self) -> str:
@@ -159,6 +165,7 @@ class Gateway:
     # Worker threads that decode big request bodies at once (nzgw.http.bodies).
     body_workers: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
     stream_cut: StreamCut | None = None  # streams left at the end of the drain: error frame
+    slots: SlotPool | None = None  # backend slots and the fair queue; None: no queueing
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""

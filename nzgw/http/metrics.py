@@ -53,6 +53,7 @@ from nzgw.http.gateway import RequestInfo
 from nzgw.http.listen import Bound
 from nzgw.ports import ConflictError, CountersUnavailableError, NotFoundError, StoreError
 from nzgw.services.registry import Snapshot
+from nzgw.services.slots import SlotPool
 
 log = logging.getLogger("nzgw.metrics")
 
@@ -115,6 +116,13 @@ class GatewayMetrics:
             "Backend attempts that failed before the first byte (the request moved on to the "
             "next backend, if any); reason: transport, timeout, http_5xx, not_found, empty",
             ["backend", "reason"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "nzgw_queue_wait_seconds",
+            "Time requests waited in the fair queue for a backend slot, by tenant",
+            ["tenant"],
+            buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.failovers = Counter(
@@ -282,14 +290,21 @@ class LiveCollector:
     def track_counter(self, name: str, documentation: str, value: Callable[[], int]) -> None:
         """Report `value()` as the counter `name` (without `_total`) at every scrape."""
         self._counters[name] = (documentation, value)
+        self._slots: SlotPool | None = None
 
     def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
         """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
         self._backlog[queue] = size
 
+    def track_slots(self, pool: SlotPool) -> None:
+        """Report the fair queue's depth per tenant and each backend's slots at every scrape."""
+        self._slots = pool
+
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if self._backends is not None:
             yield from self._backend_families(self._backends)
+        if self._slots is not None:
+            yield from self._slot_families(self._slots)
         backlog = GaugeMetricFamily(
             "nzgw_flush_backlog",
             "Rows waiting to be written to the store, by queue (usage aggregate, audit rows)",
@@ -305,6 +320,28 @@ class LiveCollector:
             family = CounterMetricFamily(name, documentation)
             family.add_metric([], value())
             yield family
+
+    @staticmethod
+    def _slot_families(pool: SlotPool) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "nzgw_queue_depth",
+            "Requests waiting in the fair queue for a backend slot now, by tenant",
+            labels=["tenant"],
+        )
+        for tenant, waiting in sorted(pool.waiting_by_label().items()):
+            depth.add_metric([tenant], waiting)
+        busy = GaugeMetricFamily(
+            "nzgw_backend_slots_busy",
+            "Slots of the backend held by requests now",
+            labels=["backend"],
+        )
+        slots = GaugeMetricFamily(
+            "nzgw_backend_slots", "Slots of the backend (`parallel`)", labels=["backend"]
+        )
+        for name in pool.backends:
+            busy.add_metric([name], pool.in_flight(name))
+            slots.add_metric([name], pool.slots(name))
+        yield from (depth, busy, slots)
 
     @staticmethod
     def _backend_families(health: BackendHealth) -> Iterator[GaugeMetricFamily]:

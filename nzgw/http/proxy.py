@@ -38,6 +38,7 @@ from nzgw.http.bodies import prepare_body
 from nzgw.http.drain import CUT_MESSAGE, StreamCut
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
+from nzgw.http.queueing import BackendAttempts
 from nzgw.http.uploads import UploadsBusyError
 from nzgw.ports import CountersUnavailableError, StoreError, UpstreamError, UpstreamResponse
 from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
@@ -268,6 +269,8 @@ async def _model_request(
         request_cleanup().push_async_callback(ticket.settle, info)
 
     upstream = await _open_with_failover(gateway, info, route, name, body, stream)
+    if info.queue_wait is not None and gateway.config.queue_wait_header:
+        headers["X-Queue-Wait-Ms"] = str(round(info.queue_wait * 1000))
     if stream and upstream.response.status == 200:
         kind = _STREAM_KIND[route.route]
         watcher = StreamWatcher(kind, strip_usage=strip_usage)
@@ -320,6 +323,7 @@ async def _open_with_failover(
     A transport error, a timeout to the first byte, a 5xx (Ollama's 503 "busy" included), an
     empty stream, or a 404 for the model (a stale snapshot) moves on to the next backend. The
     whole loop runs in the request's cancel scope: a client that leaves cancels every attempt.
+    With backend slots, each attempt first waits for a slot in the fair queue (`BackendAttempts`).
     """
     registry = gateway.registry
     stack = request_cleanup()
@@ -327,7 +331,7 @@ async def _open_with_failover(
     timeout = gateway.config.upstream_first_byte_timeout
     path = route.path.encode("ascii")
     attempts = not_found = 0
-    for backend in registry.candidates(model):
+    async for backend in BackendAttempts(gateway, info, model, generates=route.route is not R.SHOW):
         attempts += 1
         response: UpstreamResponse | None = None
         try:

@@ -6,12 +6,12 @@ plain dict and set lookups on the current snapshot, with no lock and no await: p
 single synchronous call, so under Trio a reader sees either the old snapshot or the new one,
 never half of each.
 
-Routing order. `OLLAMA_BACKENDS` order is the priority, and every backend has its own priority
-(its position), so `candidates` is simply the hosting backends in rotation, in config order.
-DESIGN §7 prefers a backend where the model is already loaded "within the same priority"; with
-one backend per priority level that preference never reorders anything, so it is not applied.
-If priority groups are ever added to the configuration, sort the hosting backends of each
-model by `(group, not loaded, position)` in `build_snapshot` (the loaded sets are there).
+Routing order. Every backend has a priority (`priority` in `OLLAMA_BACKENDS`, smaller first;
+its list position by default). `candidates` lists the hosting backends in rotation by priority,
+configuration order within one; `candidate_tiers` groups them by priority, for the slot pool
+(`nzgw.services.slots`), which chooses among the backends of one tier: the one with the model
+loaded (`is_loaded`: /api/ps from the last discovery round, refreshed by what nzgw routed
+since that round started), then the one with the fewest requests in flight.
 
 In rotation = discovery saw the backend healthy in its last poll AND the circuit breaker has
 not tripped. The breaker counts consecutive live-request failures (`record_failure`; any
@@ -39,6 +39,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import attrs
 import trio
 
+from nzgw.core.balance import tiers
 from nzgw.core.names import InvalidModelNameError, normalize_model_name
 
 log = logging.getLogger("nzgw.registry")
@@ -215,6 +216,7 @@ class Registry(Generic[B]):
         *,
         breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD,
         clock: Callable[[], float] = trio.current_time,
+        priorities: Mapping[str, int | None] | None = None,
     ) -> None:
         if breaker_threshold < 1:
             raise ValueError("breaker_threshold must be >= 1")
@@ -222,6 +224,12 @@ class Registry(Generic[B]):
         if len(set(names)) != len(names):
             raise ValueError("backend names must be unique")
         self._backends: dict[str, B] = {b.name: b for b in backends}
+        given = priorities or {}
+        self._priority = {
+            name: p if (p := given.get(name)) is not None else position
+            for position, name in enumerate(names)
+        }
+        self._routed: dict[tuple[str, str], float] = {}  # (backend, model) → clock time
         self._threshold = breaker_threshold
         self._clock = clock
         self._failures: dict[str, int] = {}
@@ -244,12 +252,34 @@ class Registry(Generic[B]):
 
     def candidates(self, model: str) -> list[B]:
         """Backends in rotation hosting `model` (normalised), priority order. Fresh list."""
+        return [b for tier in self.candidate_tiers(model) for b in tier]
+
+    def candidate_tiers(self, model: str) -> list[list[B]]:
+        """`candidates` grouped by priority, the first tier first; config order inside."""
         rotation = self._rotation
-        return [
+        hosting = [
             self._backends[name]
             for name in self._snapshot.model_index.get(model, ())
             if name in rotation
         ]
+        return tiers(hosting, lambda backend: self._priority[backend.name])
+
+    def priority(self, backend_name: str) -> int:
+        return self._priority[backend_name]
+
+    def is_loaded(self, backend_name: str, model: str) -> bool:
+        """Whether `model` is loaded on the backend: in its last /api/ps, or routed there by
+        nzgw after that discovery round started (Ollama loads what it is asked for)."""
+        state = self._snapshot.by_name.get(backend_name)
+        if state is not None and model in state.loaded:
+            return True
+        routed = self._routed.get((backend_name, model))
+        return routed is not None and routed >= self._snapshot.taken_at
+
+    def note_routed(self, backend_name: str, model: str) -> None:
+        """A request for `model` went to the backend (it has the model loaded now)."""
+        self._check(backend_name)
+        self._routed[(backend_name, model)] = self._clock()
 
     def hosts(self, model: str) -> bool:
         """Whether any backend's last known list has `model`, in rotation or not."""

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 import attrs
+import trio
 
 
 class Fault(enum.Enum):
@@ -251,6 +252,12 @@ class EmulatorSettings:
     die_after_frames: int = 2
     #: Ollama bound to loopback answers 403 (empty body) unless `Host` is local (reference §0.6).
     check_host: bool = True
+    #: Generations running at once, like OLLAMA_NUM_PARALLEL (0: unlimited); more wait first
+    #: come, first served, like Ollama's queue. Read when the emulator starts.
+    num_parallel: int = 0
+    #: When set, every generation waits for this event before its first token (tests hold
+    #: requests in flight with it, then let them all go).
+    hold: trio.Event | None = None
     _fault_listeners: list[Callable[[Fault, Fault], None]] = attrs.field(
         factory=list, init=False, repr=False
     )

@@ -15,7 +15,7 @@ import socket as stdlib_socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
@@ -106,6 +106,12 @@ class Emulator:
         self._listening = trio.Event()
         #: While REFUSE holds the port: bound, not listening (a connect gets a RST).
         self._reserved: stdlib_socket.socket | None = None
+        #: Generations running now and the most ever seen at once (`num_parallel` bounds them).
+        self.generating = 0
+        self.peak_generating = 0
+        self._generation_slots = (
+            trio.Semaphore(settings.num_parallel) if settings.num_parallel > 0 else None
+        )
 
     @property
     def url(self) -> str:
@@ -361,7 +367,18 @@ class Emulator:
             record.status = reply.status
             is_head = head.method == b"HEAD"
             paced = self.settings.first_token_delay > 0 or self.settings.token_delay > 0
-            if reply.chunks is None and reply.fault is None:
+            queued = reply.chunks is not None and (
+                self._generation_slots is not None or self.settings.hold is not None
+            )
+            if queued:
+
+                async def generate() -> None:
+                    nonlocal sent_whole
+                    async with self._generation():
+                        sent_whole = await self._send_paced(conn, connection, reply, is_head)
+
+                await self._watching_peer(conn, connection, generate)
+            elif reply.chunks is None and reply.fault is None:
                 await connection.stream.send_all(self._whole(conn, reply, reply.body, is_head))
                 sent_whole = True
             elif not paced and reply.fault is None:
@@ -379,6 +396,21 @@ class Emulator:
         record.finished_at = trio.current_time()
         self._announce()
         return sent_whole
+
+    @asynccontextmanager
+    async def _generation(self) -> AsyncIterator[None]:
+        """A generation slot (FIFO, like Ollama's queue), then the `hold` gate."""
+        async with AsyncExitStack() as stack:
+            if self._generation_slots is not None:
+                await stack.enter_async_context(self._generation_slots)
+            self.generating += 1
+            self.peak_generating = max(self.peak_generating, self.generating)
+            try:
+                if self.settings.hold is not None:
+                    await self.settings.hold.wait()
+                yield
+            finally:
+                self.generating -= 1
 
     async def _watching_peer(
         self, conn: h11.Connection, connection: _Connection, job: Callable[[], Awaitable[object]]

@@ -71,6 +71,17 @@ async def test_tenant_defaults(store: Store, unique: str) -> None:
     assert created.limits == Limits()
     assert created.budgets == Budgets()
     assert created.allowed_models == ()
+    assert created.weight == 1
+
+
+async def test_tenant_weight_is_stored_and_changed(store: Store, unique: str) -> None:
+    created = await store.create_tenant(f"heavy-{unique}", weight=4)
+    assert created.weight == 4
+    assert (await store.get_tenant(created.id)).weight == 4
+    updated = await store.update_tenant(created.id, TenantChanges(weight=9))
+    assert updated.weight == 9
+    assert (await store.update_tenant(created.id, TenantChanges(name=f"h-{unique}"))).weight == 9
+    assert [t.weight for t in await store.list_tenants() if t.id == created.id] == [9]
 
 
 async def test_duplicate_tenant_name_conflicts(store: Store, unique: str) -> None:
