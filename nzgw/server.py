@@ -186,7 +186,9 @@ async def run_server(
                 )
                 gateway.finish_hooks.append(METRICS.observe_request)
                 gateway.audit = audit  # fail closed while its queue is full
-                gateway.finish_hooks.append(audit_hook(audit, zone=audit_zone))
+                gateway.finish_hooks.append(
+                    audit_hook(audit, zone=audit_zone, probes=config.audit_probes)
+                )
                 gateway.readiness["audit"] = audit.ready
                 app = create_app(gateway)
                 # HTTP runs in a nursery of its own: leaving it means the drain is over, and

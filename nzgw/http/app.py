@@ -24,6 +24,7 @@ from nzgw.core import paths
 from nzgw.core.audit import AUDIT_QUEUE_FULL
 from nzgw.core.surfaces import Surface, error_response
 from nzgw.http.asgi import GatewayHTTPConnection, request_cleanup
+from nzgw.http.audit import is_probe
 from nzgw.http.gateway import Gateway, RequestInfo
 from nzgw.http.proxy import error, handle_route
 
@@ -95,7 +96,7 @@ async def _dispatch(gateway: Gateway) -> Response:
 
 async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
     decision = info.decision
-    if gateway.audit is not None and gateway.audit.refusing and not _is_probe(decision):
+    if gateway.audit is not None and gateway.audit.refusing and not is_probe(decision):
         # Fail closed: no room to audit this request. Probes still answer (readyz says 503).
         info.refusal, info.outcome = AUDIT_QUEUE_FULL, "refused"
         return error(decision.surface, 503, "service unavailable, try again", {"Retry-After": "1"})
@@ -117,13 +118,6 @@ async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
         body = b"" if request.method == "HEAD" else b"Ollama is running"
         return Response(body, 200, content_type="text/plain; charset=utf-8")
     return await handle_route(gateway, info, route)
-
-
-_PROBES = frozenset({paths.RouteId.HEALTHZ, paths.RouteId.READYZ})
-
-
-def _is_probe(decision: paths.Decision) -> bool:
-    return isinstance(decision, paths.Route) and decision.route in _PROBES
 
 
 async def _readyz(gateway: Gateway) -> Response:
