@@ -91,6 +91,8 @@ async def _dispatch(gateway: Gateway) -> Response:
     response = await _respond(gateway, info)
     info.status = response.status_code
     response.headers["X-Request-Id"] = request_id
+    if decision.surface is Surface.ANTHROPIC:
+        response.headers["request-id"] = request_id  # what the Anthropic SDKs read
     return response
 
 
