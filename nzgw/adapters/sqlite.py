@@ -34,6 +34,7 @@ from nzgw.ports import (
     ChainHead,
     ConflictError,
     KeyChanges,
+    KeyNameTakenError,
     NewKey,
     NotFoundError,
     PromptLog,
@@ -320,7 +321,9 @@ class SqliteStore:
                     row = conn.execute(q.INSERT_KEY, params).fetchone()
                 except sqlite3.IntegrityError as exc:
                     if _is_unique(exc):
-                        raise ConflictError(f"the prefix {new.prefix} is taken") from exc
+                        raise _key_conflict(
+                            exc, new.name, f"the prefix {new.prefix} is taken"
+                        ) from exc
                     raise
                 conn.execute(q.BUMP_EPOCH)
             return q.key_from_row(row, _decode_time)
@@ -364,7 +367,14 @@ class SqliteStore:
                 if not columns or current.status is Status.REVOKED:
                     return current
                 sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
-                row = conn.execute(sql, _params([*columns.values(), now, current.id])).fetchone()
+                try:
+                    row = conn.execute(
+                        sql, _params([*columns.values(), now, current.id])
+                    ).fetchone()
+                except sqlite3.IntegrityError as exc:
+                    if _is_unique(exc):
+                        raise _key_conflict(exc, changes.name, "another key conflicts") from exc
+                    raise
                 if q.changes_bump_epoch(columns):
                     conn.execute(q.BUMP_EPOCH)
             return q.key_from_row(row, _decode_time)
@@ -554,6 +564,13 @@ def _aware(value: Any) -> datetime:
 
 def _is_unique(exc: sqlite3.IntegrityError) -> bool:
     return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
+
+
+def _key_conflict(exc: sqlite3.IntegrityError, name: str | None, otherwise: str) -> ConflictError:
+    """The unique (tenant, name) index of 0006 names its columns in SQLite's message."""
+    if "api_keys.name" in str(exc):
+        return KeyNameTakenError(f"a key named {name!r} exists already in this tenant")
+    return ConflictError(otherwise)
 
 
 def _get_tenant(conn: sqlite3.Connection, name_or_id: str | int) -> Tenant:
