@@ -87,6 +87,7 @@ async def _dispatch(gateway: Gateway) -> Response:
         target=raw_target,
     )
     stack = request_cleanup()
+    gateway.in_flight += 1  # until _finish, which the stack runs whatever happens
     stack.push_async_callback(_finish, gateway, info)
     response = await _respond(gateway, info)
     info.status = response.status_code
@@ -132,6 +133,7 @@ async def _readyz(gateway: Gateway) -> Response:
 
 async def _finish(gateway: Gateway, info: RequestInfo) -> None:
     """Runs in the connection's shielded cleanup, after the last byte (or the disconnect)."""
+    gateway.in_flight -= 1
     info.finished = trio.current_time()
     if info.status == 0:
         # No response was produced: the client left (or shutdown cut in) before the answer.

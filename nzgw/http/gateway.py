@@ -148,6 +148,7 @@ class Gateway:
     finish_hooks: list[FinishHook] = attrs.Factory(list)
     readiness_timeout: float = 2.0
     audit: AuditGate | None = None  # fail closed: new requests get 503 while it is refusing
+    in_flight: int = 0  # requests dispatched and not settled yet (logged when draining)
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""
