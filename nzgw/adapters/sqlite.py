@@ -277,16 +277,12 @@ class SqliteStore:
                 if not columns:
                     return current
                 sql = q.update_sql("tenants", columns, "id = ?", q.TENANT_SELECT)
-                try:
-                    row = conn.execute(
-                        sql, _params([*columns.values(), now, current.id])
-                    ).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise ConflictError(
-                            f"a tenant named {changes.name!r} exists already"
-                        ) from exc
-                    raise
+                row = _fetch_one_unique(
+                    conn,
+                    sql,
+                    _params([*columns.values(), now, current.id]),
+                    lambda _: ConflictError(f"a tenant named {changes.name!r} exists already"),
+                )
                 conn.execute(q.BUMP_EPOCH)
             return q.tenant_from_row(row, _decode_time)
 
@@ -317,14 +313,12 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> ApiKey:
             with _transaction(conn):
                 _get_tenant(conn, new.tenant_id)
-                try:
-                    row = conn.execute(q.INSERT_KEY, params).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise _key_conflict(
-                            exc, new.name, f"the prefix {new.prefix} is taken"
-                        ) from exc
-                    raise
+                row = _fetch_one_unique(
+                    conn,
+                    q.INSERT_KEY,
+                    params,
+                    lambda exc: _key_conflict(exc, new.name, f"the prefix {new.prefix} is taken"),
+                )
                 conn.execute(q.BUMP_EPOCH)
             return q.key_from_row(row, _decode_time)
 
@@ -367,14 +361,12 @@ class SqliteStore:
                 if not columns or current.status is Status.REVOKED:
                     return current
                 sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
-                try:
-                    row = conn.execute(
-                        sql, _params([*columns.values(), now, current.id])
-                    ).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise _key_conflict(exc, changes.name, "another key conflicts") from exc
-                    raise
+                row = _fetch_one_unique(
+                    conn,
+                    sql,
+                    _params([*columns.values(), now, current.id]),
+                    lambda exc: _key_conflict(exc, changes.name, "another key conflicts"),
+                )
                 if q.changes_bump_epoch(columns):
                     conn.execute(q.BUMP_EPOCH)
             return q.key_from_row(row, _decode_time)
@@ -564,6 +556,21 @@ def _aware(value: Any) -> datetime:
 
 def _is_unique(exc: sqlite3.IntegrityError) -> bool:
     return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
+
+
+def _fetch_one_unique(
+    conn: sqlite3.Connection,
+    sql: str,
+    params: Sequence[Any],
+    conflict: Callable[[sqlite3.IntegrityError], ConflictError],
+) -> Any:
+    """`execute(sql, params).fetchone()`; a unique-constraint violation raises `conflict(exc)`."""
+    try:
+        return conn.execute(sql, params).fetchone()
+    except sqlite3.IntegrityError as exc:
+        if _is_unique(exc):
+            raise conflict(exc) from exc
+        raise
 
 
 def _key_conflict(exc: sqlite3.IntegrityError, name: str | None, otherwise: str) -> ConflictError:
