@@ -21,21 +21,34 @@ _nzgw_bootstrap() {
     want="$(_nzgw_stamp)"
     [ -f "$NZGW_ROOT/.venv/.nzgw-stamp" ] && have="$(cat "$NZGW_ROOT/.venv/.nzgw-stamp")"
     [ "$want" = "$have" ] && [ -x "$NZGW_ROOT/.venv/bin/python" ] && return 0
-    echo "nzgw: syncing .venv with pdm.lock ..." >&2
+    # Say what is happening as it happens: a first run downloads and installs everything.
+    local started=$SECONDS packages
+    packages="$(grep -c '^\[\[package\]\]' "$NZGW_ROOT/pdm.lock" || true)"
+    if [ -x "$NZGW_ROOT/.venv/bin/python" ]; then
+        echo "nzgw: pdm.lock, pyproject.toml or bin/_bootstrap.sh changed: syncing .venv ($packages packages locked) ..." >&2
+    else
+        echo "nzgw: first run: setting up the environment (a few minutes; later runs skip this)" >&2
+    fi
     if [ ! -x "$NZGW_ROOT/.venv-tools/bin/pdm" ]; then
+        echo "nzgw: [1/3] creating .venv-tools and installing pdm into it ..." >&2
         "$_py" -m venv "$NZGW_ROOT/.venv-tools"
         "$NZGW_ROOT/.venv-tools/bin/pip" install --quiet --disable-pip-version-check "${_pdm_spec[@]}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
         [ -x "$NZGW_ROOT/.venv-tools/bin/pdm" ] || { echo "nzgw: could not install pdm" >&2; exit 1; }
     fi
-    [ -x "$NZGW_ROOT/.venv/bin/python" ] || "$_py" -m venv "$NZGW_ROOT/.venv"
+    if [ ! -x "$NZGW_ROOT/.venv/bin/python" ]; then
+        echo "nzgw: [2/3] creating the project environment .venv ..." >&2
+        "$_py" -m venv "$NZGW_ROOT/.venv"
+    fi
+    echo "nzgw: [3/3] pdm sync: installing into .venv what it lacks of the $packages locked packages ..." >&2
     (cd "$NZGW_ROOT" && PDM_IGNORE_ACTIVE_VENV=1 PDM_CHECK_UPDATE=false \
-        "$NZGW_ROOT/.venv-tools/bin/pdm" sync --quiet --clean -G dev --venv in-project >&2) || {
+        "$NZGW_ROOT/.venv-tools/bin/pdm" sync --clean -G dev --venv in-project >&2) || {
         # pdm may not know the venv yet: point it at .venv explicitly and retry once.
         (cd "$NZGW_ROOT" && PDM_CHECK_UPDATE=false \
             "$NZGW_ROOT/.venv-tools/bin/pdm" use --quiet -f "$NZGW_ROOT/.venv/bin/python" >&2 &&
             PDM_CHECK_UPDATE=false "$NZGW_ROOT/.venv-tools/bin/pdm" sync --quiet --clean -G dev >&2)
     }
     echo "$want" > "$NZGW_ROOT/.venv/.nzgw-stamp"
+    echo "nzgw: .venv is ready ($packages packages, $((SECONDS - started)) s)" >&2
 }
 
 _nzgw_bootstrap

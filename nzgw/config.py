@@ -101,6 +101,7 @@ class Config:
     # Audit
     audit_queue_max: int
     flush_interval: float
+    audit_probes: bool
     # Logging
     log_format: str
     log_level: str
@@ -579,6 +580,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "2",
         "Seconds between flushes of usage and audit rows to the store",
+    ),
+    Setting(
+        "NZGW_AUDIT_PROBES",
+        "audit_probes",
+        _bool,
+        "false",
+        "Also audit health probes (GET /healthz, /readyz); by default they leave no audit row",
     ),
     Setting("NZGW_LOG_FORMAT", "log_format", _choice("json", "text"), "text", "Log line format"),
     Setting(

@@ -33,6 +33,10 @@ class ConflictError(StoreError):
     """A unique name or prefix is taken already, or the change is not allowed (revoked key)."""
 
 
+class KeyNameTakenError(ConflictError):
+    """Another key of the tenant (not revoked) has this name already."""
+
+
 class CountersUnavailableError(Exception):
     """The counter store could not answer: the request must be refused (fail closed)."""
 
@@ -310,7 +314,8 @@ class Store(AuditStore, Protocol):
     async def update_tenant(self, name_or_id: str | int, changes: TenantChanges) -> Tenant: ...
 
     async def create_key(self, new: NewKey) -> ApiKey:
-        """`NotFoundError`: no such tenant; `ConflictError`: the prefix is taken."""
+        """`NotFoundError`: no such tenant; `KeyNameTakenError`: another key of the tenant that
+        is not revoked has this name; `ConflictError`: the prefix is taken."""
         ...
 
     async def find_key(self, prefix: str) -> Principal | None:

@@ -38,6 +38,7 @@ from nzgw.http.app import GatewayApp, create_app
 from nzgw.http.audit import audit_hook
 from nzgw.http.drain import StreamCut
 from nzgw.http.gateway import Gateway
+from nzgw.http.lifecycle import StartupLog, discovered, report_drain, store_kind
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
 from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
@@ -115,20 +116,28 @@ async def run_server(
     shutdown_trigger: ShutdownTrigger = wait_for_signal,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the gateway until `shutdown_trigger` returns and the drain is over."""
+    """Run the gateway until `shutdown_trigger` returns and the drain is over.
+
+    Each start-up step is logged as it completes (`step_ms`: since the start), and so is the
+    shutdown: draining (requests in flight, when the grace period ends), the grace period
+    running out with requests still in flight, drained, stopped."""
+    steps = StartupLog()
     # Bind first: a port already in use should fail before anything else is opened.
     sock = bind_socket(
         config.bind,
         stall_timeout=config.client_stall_timeout,
         reuse_port=config.workers > 1,
     )
+    steps.done("port bound", bind=config.bind)
     try:
         async with open_store(config.database_url) as store:
             store = METRICS.watch_store(store)  # failures counted
+            steps.done("store opened", store=store_kind(config.database_url))
             if config.migrate_on_start:
                 applied = await store.migrate()
                 if applied:
                     log.info("migrations applied", extra={"migrations": ",".join(applied)})
+                steps.done("migrations checked", applied=len(applied))
             async with (
                 open_counters(config) as counters,
                 open_auth_throttle(config) as auth_throttle,
@@ -140,6 +149,11 @@ async def run_server(
                 trio.open_nursery() as services,
             ):
                 counters = METRICS.watch_counters(counters)
+                steps.done(
+                    "counters and backend clients opened",
+                    counters="in-process" if config.embedded_counters else "redis",
+                    backends=len(backends),
+                )
                 # Connect (and read Redis' clock) before the first burst; down: fail closed later.
                 with contextlib.suppress(CountersUnavailableError):
                     await counters.ping()
@@ -174,6 +188,7 @@ async def run_server(
                         poll_timeout=poll_timeout,
                     )
                 )
+                steps.done("first discovery round done", **discovered(registry))
                 live = LiveCollector(registry)  # read at scrape time
                 METRICS.tenant_labels = config.metrics_tenant_labels
                 live.track_slots(slots)
@@ -217,6 +232,7 @@ async def run_server(
                     partial(run_audit_flusher, audit, store, interval=config.flush_interval)
                 )
                 await services.start(partial(run_prompt_purge, store))
+                steps.done("service tasks started")
 
                 async def store_ready() -> bool:
                     await store.ping()
@@ -236,7 +252,9 @@ async def run_server(
                 )
                 gateway.finish_hooks.append(METRICS.observe_request)
                 gateway.audit = audit  # fail closed while its queue is full
-                gateway.finish_hooks.append(audit_hook(audit, zone=audit_zone))
+                gateway.finish_hooks.append(
+                    audit_hook(audit, zone=audit_zone, probes=config.audit_probes)
+                )
                 gateway.readiness["audit"] = audit.ready
                 gateway.stream_cut = StreamCut()
                 shutdown_started = trio.Event()
@@ -250,9 +268,11 @@ async def run_server(
 
                 async def shutdown_then_cut() -> None:
                     await shutdown_trigger()
+                    report_drain(gateway, config.graceful_timeout, services)
                     shutdown_started.set()
 
                 app = create_app(gateway)
+
                 # HTTP runs in a nursery of its own: leaving it means the drain is over, and
                 # only then are the service tasks stopped (their last flushes see every request).
                 async with trio.open_nursery() as http:
@@ -262,10 +282,13 @@ async def run_server(
                     ready: dict[str, object] = {"bind": f"{bound.host}:{bound.port}"}
                     if metrics_bound is not None:
                         ready["metrics"] = f"{metrics_bound.host}:{metrics_bound.port}"
-                    log.info("nzgw ready", extra={**ready, "pid": os.getpid()})
+                    log.info("nzgw ready", extra={**ready, "pid": os.getpid(), **steps.since()})
                     task_status.started(
                         Running(bound, app, gateway, store, limiter, authenticator, metrics_bound)
                     )
+                log.info("drained", extra={"in_flight": gateway.in_flight})
                 services.cancel_scope.cancel()
+            log.info("service tasks stopped")
     finally:
         sock.close()
+    log.info("stopped")

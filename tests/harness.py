@@ -140,7 +140,13 @@ async def open_harness(
         )
         harness = Harness(running.url, "", config, running, emulators, client, shutdown, stopped)
         running.gateway.finish_hooks.append(_as_hook(harness))
-        harness.key = await harness.new_key(name="default")
+        # Key names are unique per tenant: a harness reopened on the same database needs another.
+        taken = {k.name for k in await running.store.list_keys()}
+        harness.key = await harness.new_key(
+            name=next(
+                n for n in ("default", *(f"default-{i}" for i in range(1, 99))) if n not in taken
+            )
+        )
         try:
             yield harness
         finally:

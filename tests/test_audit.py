@@ -176,9 +176,10 @@ async def test_every_outcome_leaves_exactly_one_row_with_the_right_fields(
 
         requests = len(ids) + 1  # and the one that left
         rows = await flushed_rows(h, requests)
-        assert len(rows) == requests
+        assert len(rows) == requests - 1  # the health probe leaves no row (NZGW_AUDIT_PROBES)
         by_id = {r.event.request_id: r.event for r in rows}
-        assert len(by_id) == requests  # exactly one row each
+        assert len(by_id) == requests - 1  # exactly one row each
+        assert ids["healthz"] not in by_id
         (gone,) = [r.event for r in rows if r.event.request_id not in ids.values()]
 
         e = by_id[ids["ok"]]
@@ -213,7 +214,6 @@ async def test_every_outcome_leaves_exactly_one_row_with_the_right_fields(
 
         expected = {
             "listing": (200, "ok", None, "/api/tags"),
-            "healthz": (200, "ok", None, "/healthz"),
             "blocked": (403, "refused", "blocked_endpoint", "/api/pull"),
             "not_found": (404, "refused", "not_found", "/nope/x"),
             "method": (405, "refused", "method_not_allowed", "/api/chat"),
@@ -250,7 +250,7 @@ async def test_every_outcome_leaves_exactly_one_row_with_the_right_fields(
         assert by_id[ids["truncated"]].completion_tokens >= 1
         # and the chain of this process verifies
         reports = await verify_audit(h.running.store)
-        assert [(r.rows, r.broken) for r in reports] == [(requests, None)]
+        assert [(r.rows, r.broken) for r in reports] == [(requests - 1, None)]
 
 
 # --- batching, and no store round trip on the request path ----------------------------------------
@@ -287,7 +287,7 @@ async def test_rows_are_written_in_batches_off_the_request_path(
 async def test_a_full_batch_is_written_before_the_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with open_harness(tmp_path, flush_interval=3600.0) as h:
+    async with open_harness(tmp_path, flush_interval=3600.0, audit_probes=True) as h:
         audit = audit_of(h)
         audit.batch_max = 20
         with trio.fail_after(30):
@@ -296,6 +296,21 @@ async def test_a_full_batch_is_written_before_the_interval(
             await audit.wait_written(40)  # two full batches; the interval is an hour
             await h.wait_finished(45)
         assert audit.batches_written == 2 and audit.pending == 5
+
+
+async def test_health_probes_leave_no_row_unless_configured(tmp_path: Path) -> None:
+    for probes in (False, True):
+        async with open_harness(tmp_path / str(probes), audit_probes=probes) as h:
+            with trio.fail_after(30):
+                for path in ("/healthz", "/readyz", "/healthz"):
+                    assert (await h.client.get(path)).status_code == 200
+                assert (await h.client.get("/api/tags", headers=h.auth)).status_code == 200
+                rows = await flushed_rows(h, 4)
+        paths = sorted(r.event.path for r in rows)
+        if probes:
+            assert paths == ["/api/tags", "/healthz", "/healthz", "/readyz"]
+        else:
+            assert paths == ["/api/tags"]
 
 
 # --- the store goes away and comes back -----------------------------------------------------------
@@ -337,7 +352,11 @@ async def test_a_full_queue_refuses_new_requests_with_503_and_counts_them(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="nzgw.audit")
     async with open_harness(
-        tmp_path, database_url=database_url, audit_queue_max=4, flush_interval=0.05
+        tmp_path,
+        database_url=database_url,
+        audit_queue_max=4,
+        flush_interval=0.05,
+        audit_probes=True,
     ) as h:
         switch = StoreSwitch(h.running.store, monkeypatch)
         switch.down = True

@@ -35,7 +35,9 @@ async def _populate(url: str, tmp_path: Path) -> dict[str, str]:
     """One gateway run: an ordinary request, an opted-in one, a forbidden model, a blocked
     endpoint. Returns their request ids and the two key prefixes."""
     async with open_harness(tmp_path, database_url=url) as h:
-        logged = await h.new_key(name="logged", log_prompts=True, prompt_ttl_seconds=3600)
+        logged = await h.new_key(
+            name=f"logged-{tmp_path.name}", log_prompts=True, prompt_ttl_seconds=3600
+        )
         logged_auth = {"Authorization": f"Bearer {logged}"}
         marked = {**CHAT, "messages": [{"role": "user", "content": "CLI-MARKER"}]}
         answers = {
@@ -172,7 +174,8 @@ def test_prompts_show_and_purge(database_url: str, tmp_path: Path) -> None:
     ids = populate(database_url, tmp_path)
     cli = Cli(database_url, tmp_path)
 
-    (shown,) = cli.json("prompts", "show", ids["logged"])
+    shown = cli.json("prompts", "show", ids["logged"])
+    assert isinstance(shown, dict) and "also" not in shown  # one request: one object
     assert "CLI-MARKER" in shown["request_body"] and "tok" in shown["response"]
     assert shown["key_prefix"] == ids["logged_prefix"] and shown["expires_at"] is not None
     sql(

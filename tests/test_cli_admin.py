@@ -174,6 +174,60 @@ def test_the_whole_workflow(cli: Cli) -> None:
     assert cli.json("list-keys")[0]["status"] == "revoked"
 
 
+def test_list_keys_shows_what_applies_with_the_tenant_and_where_it_comes_from(cli: Cli) -> None:
+    cli("migrate")
+    cli("create-tenant", "--name", "acme", "--rpm", "600", "--tpm", "1000", "--models", "llama3*")
+    cli("create-tenant", "--name", "open")
+    ci = cli.json("create-key", "--tenant", "acme", "--name", "ci", "--rpm", "60", "--tpm", "5000")
+    cli("create-key", "--tenant", "acme", "--name", "bot", "--models", "llama3:8b")
+    cli("create-key", "--tenant", "open", "--name", "free")
+    cli("disable-tenant", "acme")
+
+    table = {line.split()[2]: line for line in cli("list-keys").stdout.splitlines()[1:]}
+    ci_row = table["ci"].split()
+    assert ci_row[3:9] == ["disabled", "(tenant)", "60", "(key)", "1000", "(tenant)"]
+    assert "llama3* (tenant)" in table["ci"]
+    assert "llama3:8b (key) & llama3* (tenant)" in table["bot"]
+    assert table["free"].split()[3:5] == ["active", "-"]
+
+    listed = {k["name"]: k for k in cli.json("list-keys")}
+    ci_json = listed["ci"]
+    assert ci_json["prefix"] == ci["prefix"]
+    assert ci_json["status"] == "active"  # the key's own state, as stored
+    assert ci_json["limits"]["tokens_per_minute"] == 5000
+    effective = ci_json["effective"]
+    assert effective["status"] == {"value": "disabled", "source": "tenant"}
+    assert effective["requests_per_minute"] == {"value": 60, "source": "key"}
+    assert effective["tokens_per_minute"] == {"value": 1000, "source": "tenant"}
+    assert effective["concurrent_requests"] == {"value": None, "source": None}
+    assert effective["models"] == {"key": [], "tenant": ["llama3*"]}
+    assert listed["bot"]["effective"]["requests_per_minute"] == {"value": 600, "source": "tenant"}
+    assert listed["bot"]["effective"]["models"] == {"key": ["llama3:8b"], "tenant": ["llama3*"]}
+    assert listed["free"]["effective"]["status"] == {"value": "active", "source": None}
+
+    cli("enable-tenant", "acme")
+    cli("update-key", "--prefix", ci["prefix"], "--disable")
+    [after] = cli.json("list-keys", "--tenant", "acme")[:1]
+    assert after["effective"]["status"] == {"value": "disabled", "source": "key"}
+
+
+def test_duplicate_key_names_in_a_tenant_are_refused(cli: Cli) -> None:
+    cli("migrate")
+    cli("create-tenant", "--name", "acme")
+    cli("create-tenant", "--name", "other")
+    first = cli.json("create-key", "--tenant", "acme", "--name", "ci")["prefix"]
+    assert "a key named 'ci' exists already in tenant 'acme'" in cli.error(
+        "create-key", "--tenant", "acme", "--name", "ci"
+    )
+    cli("create-key", "--tenant", "other", "--name", "ci")  # another tenant: fine
+    second = cli.json("create-key", "--tenant", "acme", "--name", "ci-2")["prefix"]
+    assert "named 'ci' already" in cli.error("update-key", "--prefix", second, "--name", "ci")
+    assert [k["name"] for k in cli.json("list-keys", "--tenant", "acme")] == ["ci", "ci-2"]
+    # Rotation: a revoked key's name can be given to its replacement.
+    cli("revoke-key", "--prefix", first)
+    cli("create-key", "--tenant", "acme", "--name", "ci")
+
+
 def test_create_key_prints_the_key_exactly_once(lite: Cli) -> None:
     lite("create-tenant", "--name", "acme")
     result = lite("create-key", "--tenant", "acme", "--name", "laptop")

@@ -145,6 +145,14 @@ async def test_list_models_grouped_then_union(tmp_path: Path) -> None:
     lines = text.stdout.decode().splitlines()
     assert lines[0] == "alpha: up"
     assert lines[-1] == "4 distinct models on the backends that are up"
+    # The columns line up across every backend: each starts where its header's does.
+    headers = [line for line in lines if line.lstrip().startswith("MODEL")]
+    rows = [line for line in lines if line.startswith("  ") and line not in headers]
+    assert len(headers) == 3 and len(set(headers)) == 1 and len(rows) == 6
+    for column in ("DIGEST", "LOADED"):
+        start = headers[0].index(column)
+        assert all(row[start - 2 : start] == "  " and row[start] != " " for row in rows), column
+    assert {row.split()[0] for row in rows} == set(doc["union"])
 
 
 async def test_list_models_with_a_backend_down(tmp_path: Path) -> None:

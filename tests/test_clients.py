@@ -138,7 +138,7 @@ async def test_openai_client_chat_completions_embeddings_models(tmp_path: Path) 
         models = await in_thread(lambda: [m.id for m in client.models.list()])
         assert sorted(models) == ["all-minilm:latest", "llama3:latest", "qwen3:latest"]
         model = await in_thread(lambda: client.models.retrieve("llama3"))
-        assert model.id == "llama3"
+        assert model.id == "llama3:latest"  # the canonical id, as the list shows it
 
         with pytest.raises(openai.PermissionDeniedError):
             await in_thread(lambda: client.chat.completions.create(model="nope", messages=MESSAGES))

@@ -34,6 +34,7 @@ from nzgw.ports import (
     ChangeFeed,
     ConflictError,
     KeyChanges,
+    KeyNameTakenError,
     NewKey,
     NotFoundError,
     PromptLog,
@@ -171,6 +172,15 @@ async def _admin(admin_url: str, statement: str) -> None:
             await trio_asyncio.aio_as_trio(work, loop=loop)()
         except Exception as exc:
             raise _translate(exc) from exc
+
+
+def _key_conflict(
+    exc: asyncpg.UniqueViolationError, name: str | None, otherwise: str
+) -> ConflictError:
+    """Which unique index refused the key: 0006's (tenant, name), or the prefix."""
+    if getattr(exc, "constraint_name", None) == "api_keys_tenant_name":
+        return KeyNameTakenError(f"a key named {name!r} exists already in this tenant")
+    return ConflictError(otherwise)
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -372,7 +382,7 @@ class PostgresStore:
                 try:
                     row = await conn.fetchrow(_pg(q.INSERT_KEY), *params)
                 except asyncpg.UniqueViolationError as exc:
-                    raise ConflictError(f"the prefix {new.prefix} is taken") from exc
+                    raise _key_conflict(exc, new.name, f"the prefix {new.prefix} is taken") from exc
                 key = q.key_from_row(row, _decode_time)
                 await _record_change(conn, key.tenant_id, key.id, now)
             return key
@@ -416,7 +426,10 @@ class PostgresStore:
                 if not columns or current.status is Status.REVOKED:
                     return current
                 sql = _pg(q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT))
-                row = await conn.fetchrow(sql, *columns.values(), now, current.id)
+                try:
+                    row = await conn.fetchrow(sql, *columns.values(), now, current.id)
+                except asyncpg.UniqueViolationError as exc:
+                    raise _key_conflict(exc, changes.name, "another key conflicts") from exc
                 if q.changes_bump_epoch(columns):
                     await _record_change(conn, current.tenant_id, current.id, now)
             return q.key_from_row(row, _decode_time)

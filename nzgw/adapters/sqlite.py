@@ -36,6 +36,7 @@ from nzgw.ports import (
     ChangeFeed,
     ConflictError,
     KeyChanges,
+    KeyNameTakenError,
     NewKey,
     NotFoundError,
     PromptLog,
@@ -305,16 +306,12 @@ class SqliteStore:
                 if not columns:
                     return current
                 sql = q.update_sql("tenants", columns, "id = ?", q.TENANT_SELECT)
-                try:
-                    row = conn.execute(
-                        sql, _params([*columns.values(), now, current.id])
-                    ).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise ConflictError(
-                            f"a tenant named {changes.name!r} exists already"
-                        ) from exc
-                    raise
+                row = _fetch_one_unique(
+                    conn,
+                    sql,
+                    _params([*columns.values(), now, current.id]),
+                    lambda _: ConflictError(f"a tenant named {changes.name!r} exists already"),
+                )
                 _record_change(conn, current.id, None, now)
             return q.tenant_from_row(row, _decode_time)
 
@@ -345,12 +342,12 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> ApiKey:
             with _transaction(conn):
                 _get_tenant(conn, new.tenant_id)
-                try:
-                    row = conn.execute(q.INSERT_KEY, params).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise ConflictError(f"the prefix {new.prefix} is taken") from exc
-                    raise
+                row = _fetch_one_unique(
+                    conn,
+                    q.INSERT_KEY,
+                    params,
+                    lambda exc: _key_conflict(exc, new.name, f"the prefix {new.prefix} is taken"),
+                )
                 key = q.key_from_row(row, _decode_time)
                 _record_change(conn, key.tenant_id, key.id, now)
             return key
@@ -394,7 +391,12 @@ class SqliteStore:
                 if not columns or current.status is Status.REVOKED:
                     return current
                 sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
-                row = conn.execute(sql, _params([*columns.values(), now, current.id])).fetchone()
+                row = _fetch_one_unique(
+                    conn,
+                    sql,
+                    _params([*columns.values(), now, current.id]),
+                    lambda exc: _key_conflict(exc, changes.name, "another key conflicts"),
+                )
                 if q.changes_bump_epoch(columns):
                     _record_change(conn, current.tenant_id, current.id, now)
             return q.key_from_row(row, _decode_time)
@@ -591,6 +593,28 @@ def _aware(value: Any) -> datetime:
 
 def _is_unique(exc: sqlite3.IntegrityError) -> bool:
     return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_UNIQUE"
+
+
+def _fetch_one_unique(
+    conn: sqlite3.Connection,
+    sql: str,
+    params: Sequence[Any],
+    conflict: Callable[[sqlite3.IntegrityError], ConflictError],
+) -> Any:
+    """`execute(sql, params).fetchone()`; a unique-constraint violation raises `conflict(exc)`."""
+    try:
+        return conn.execute(sql, params).fetchone()
+    except sqlite3.IntegrityError as exc:
+        if _is_unique(exc):
+            raise conflict(exc) from exc
+        raise
+
+
+def _key_conflict(exc: sqlite3.IntegrityError, name: str | None, otherwise: str) -> ConflictError:
+    """The unique (tenant, name) index of 0006 names its columns in SQLite's message."""
+    if "api_keys.name" in str(exc):
+        return KeyNameTakenError(f"a key named {name!r} exists already in this tenant")
+    return ConflictError(otherwise)
 
 
 def _get_tenant(conn: sqlite3.Connection, name_or_id: str | int) -> Tenant:

@@ -32,13 +32,16 @@ from nzgw.cli._common import (
     load_config_or_exit,
     run_with_store,
     tenant_json,
+    to_json,
 )
+from nzgw.core.effective import LIMIT_FIELDS, effective
 from nzgw.core.keys import is_prefix, parse_duration, parse_expiry, parse_key
 from nzgw.core.models import ApiKey, Budgets, Limits, Status, Tenant
 from nzgw.core.names import InvalidModelNameError, ModelPatterns
 from nzgw.ports import (
     ConflictError,
     KeyChanges,
+    KeyNameTakenError,
     NewKey,
     NotFoundError,
     Store,
@@ -300,23 +303,32 @@ def _tenant_row(t: Tenant) -> list[Any]:
     ]
 
 
-def _key_row(k: ApiKey, tenant: str) -> list[Any]:
+def _key_row(k: ApiKey, tenant: Tenant, now: datetime) -> list[Any]:
+    """The EFFECTIVE values (key and tenant together), each labelled with its source."""
+    applies = effective(k, tenant, now)
     return [
         k.prefix,
-        tenant,
+        tenant.name,
         k.name,
-        k.status.value,
-        k.limits.requests_per_minute,
-        k.limits.tokens_per_minute,
-        k.limits.concurrent_requests,
-        k.budgets.daily_tokens,
-        k.budgets.monthly_tokens,
-        k.budgets.lifetime_tokens,
-        k.allowed_models,
+        applies.status.label(),
+        *(applies.limits[name].label() for _, name in LIMIT_FIELDS),
+        applies.models_label(),
         _ttl(k.prompt_ttl_seconds) if k.log_prompts else False,
         k.expires_at,
         k.last_used_at,
     ]
+
+
+def _key_listing_json(k: ApiKey, tenant: Tenant, now: datetime) -> dict[str, Any]:
+    """The key's own settings (as stored) and, under `effective`, what applies with its tenant."""
+    data = key_json(k, tenant.name)
+    applies = effective(k, tenant, now)
+    data["effective"] = {
+        "status": to_json(applies.status),
+        **{name: to_json(value) for name, value in applies.limits.items()},
+        "models": {"key": list(applies.key_models), "tenant": list(applies.tenant_models)},
+    }
+    return data
 
 
 def _ttl(seconds: int | None) -> str:
@@ -338,13 +350,14 @@ def _echo_tenants(tenants: list[Tenant], as_json: bool) -> None:
         )
 
 
-def _echo_keys(keys: list[tuple[ApiKey, str]], as_json: bool) -> None:
+def _echo_keys(keys: list[tuple[ApiKey, Tenant]], as_json: bool) -> None:
+    now = utc_now()
     if as_json:
-        echo_json([key_json(k, tenant) for k, tenant in keys])
+        echo_json([_key_listing_json(k, tenant, now) for k, tenant in keys])
     else:
         echo_table(
             (*_KEY_HEADERS, "LIFETIME", "MODELS", "PROMPTS", "EXPIRES", "LAST USED"),
-            [_key_row(k, tenant) for k, tenant in keys],
+            [_key_row(k, tenant, now) for k, tenant in keys],
         )
 
 
@@ -547,6 +560,10 @@ def create_key(
         for _ in range(PREFIX_ATTEMPTS):
             try:
                 full_key, key = await issue_key(store, hasher, template)
+            except KeyNameTakenError:
+                raise CliError(
+                    f"a key named {name!r} exists already in tenant {tenant!r}"
+                ) from None
             except ConflictError:
                 continue  # a prefix collision: 36**8 prefixes, so only by extreme chance
             return full_key, key, owner
@@ -568,15 +585,16 @@ def create_key(
 @click.option("--tenant", help="Only this tenant's keys.")
 @_json_option
 def list_keys(tenant: str | None, as_json: bool) -> None:
-    """List keys (prefix, limits, status, expiry, last use); never a secret or hash."""
+    """List keys: prefix, EFFECTIVE status, limits, budgets and models (key and tenant
+    together, each with its source), expiry, last use; never a secret or hash."""
     config = load_config_or_exit()
 
-    async def work(store: Store) -> list[tuple[ApiKey, str]]:
+    async def work(store: Store) -> list[tuple[ApiKey, Tenant]]:
         if tenant is not None:
             owner = await _get_tenant(store, tenant)
-            return [(k, owner.name) for k in await store.list_keys(owner.id)]
-        names = {t.id: t.name for t in await store.list_tenants()}
-        return [(k, names.get(k.tenant_id, "?")) for k in await store.list_keys()]
+            return [(k, owner) for k in await store.list_keys(owner.id)]
+        tenants = {t.id: t for t in await store.list_tenants()}
+        return [(k, tenants[k.tenant_id]) for k in await store.list_keys()]
 
     _echo_keys(run_with_store(config, work), as_json)
 
@@ -606,7 +624,7 @@ def update_key(
     if name is not None:
         _key_name(name)
 
-    async def work(store: Store) -> tuple[ApiKey, str]:
+    async def work(store: Store) -> tuple[ApiKey, Tenant]:
         current = await _get_key(store, prefix)
         changes = KeyChanges(
             name=name,
@@ -622,9 +640,11 @@ def update_key(
         )
         try:
             key = await store.update_key(prefix, changes)
+        except KeyNameTakenError:
+            raise CliError(f"another key of its tenant is named {name!r} already") from None
         except ConflictError:
             raise CliError(f"the key {prefix} is revoked: it cannot be changed") from None
-        return key, (await store.get_tenant(key.tenant_id)).name
+        return key, await store.get_tenant(key.tenant_id)
 
     key, tenant = run_with_store(config, work)
     _echo_keys([(key, tenant)], as_json)

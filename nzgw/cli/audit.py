@@ -425,7 +425,12 @@ def show(request_id: str, as_json: bool) -> None:
             "or the log expired)"
         )
     if as_json:
-        echo_json([_prompt_json(f) for f in found])
+        # One object for one request. Two logs under one id would take two processes drawing
+        # the same random 64-bit id: kept, under "also", rather than dropped.
+        document = _prompt_json(found[0])
+        if len(found) > 1:
+            document["also"] = [_prompt_json(f) for f in found[1:]]
+        echo_json(document)
         return
     for entry in found:
         r = entry.record

@@ -60,6 +60,18 @@ def _union(snapshot: Snapshot) -> list[dict[str, Any]]:
     return registry.list_models(lambda _name: True)
 
 
+def _size(value: Any) -> str:
+    """Bytes as a short human size (`4.7 GB`); `-` when unknown."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return "-"
+    size = float(value)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
 def _status(state: BackendState) -> str:
     return "up" if state.healthy else f"DOWN ({state.error}: {state.detail})"
 
@@ -154,11 +166,18 @@ def list_models(timeout: float, as_json: bool) -> None:
         }
         click.echo(json.dumps(document, indent=2))
     else:
+        # One set of column widths for every backend, so the columns line up down the page.
+        width = max((len(i.name) for s in snapshot.backends for i in s.models.values()), default=0)
+        width = max(width, len("MODEL"))
         for s in snapshot.backends:
             click.echo(f"{s.name}: {_status(s)}")
+            if s.models:
+                click.echo(f"  {'MODEL':<{width}}  {'DIGEST':<12}  {'SIZE':>9}  LOADED")
             for info in s.models.values():
-                loaded = "  (loaded)" if info.name in s.loaded else ""
-                click.echo(f"  {info.name}  {info.digest[:12] or '-'}{loaded}")
+                loaded = "yes" if info.name in s.loaded else "no"
+                size = _size(info.entry.get("size"))
+                digest = info.digest[:12] or "-"
+                click.echo(f"  {info.name:<{width}}  {digest:<12}  {size:>9}  {loaded}")
         click.echo(f"{len(union)} distinct models on the backends that are up")
     if not all_up:
         sys.exit(1)

@@ -196,7 +196,7 @@ def _print_welcome(url: str, key: str, emulator: bool) -> None:
         f"Dev API key (also in {DEV_KEY_FILE}, mode 0600):",
         f"  {key}",
         "",
-        "Try it:",
+        "Try it (the Python examples need the client packages: pip install ollama openai):",
         *(f"  # {name}\n  {command}" for name, command in examples.items()),
         "",
         "Stop with Ctrl-C.",

@@ -81,6 +81,7 @@ class RouteId(enum.StrEnum):
     V1_MODEL = "v1.model"
     V1_RESPONSES = "v1.responses"
     V1_MESSAGES = "v1.messages"
+    V1_COUNT_TOKENS = "v1.messages.count_tokens"
     HEALTHZ = "healthz"
     READYZ = "readyz"
 
@@ -153,6 +154,8 @@ _TABLE: dict[str, tuple[RouteId, Surface, tuple[str, ...]]] = {
     "/v1/models": (RouteId.V1_MODELS, Surface.OPENAI, _GET),
     "/v1/responses": (RouteId.V1_RESPONSES, Surface.OPENAI, _POST),
     "/v1/messages": (RouteId.V1_MESSAGES, Surface.ANTHROPIC, _POST),
+    # Answered by nzgw itself (an estimate): Ollama has no such endpoint.
+    "/v1/messages/count_tokens": (RouteId.V1_COUNT_TOKENS, Surface.ANTHROPIC, _POST),
     "/healthz": (RouteId.HEALTHZ, Surface.GATEWAY, _GET),
     "/readyz": (RouteId.READYZ, Surface.GATEWAY, _GET),
 }

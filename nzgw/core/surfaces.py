@@ -22,8 +22,12 @@ OpenAI error types, by status (`error_type=` overrides, `code=` sets the code):
 For 429 pass `error_type="tokens"` for a tokens-per-minute refusal and
 `error_type="insufficient_quota", code="insufficient_quota"` for an exhausted budget (as OpenAI).
 
-Anthropic types follow the reference, with 413 `request_too_large` (Anthropic's own) and other
-4xx as `invalid_request_error`.
+Anthropic types follow Anthropic's documented ones (and the reference): 400
+`invalid_request_error`, 401 `authentication_error`, 403 `permission_error`, 404
+`not_found_error`, 413 `request_too_large`, 429 `rate_limit_error` (also for an exhausted budget),
+500 `api_error`, 503/529 `overloaded_error`, 504 `timeout_error`; other 4xx
+`invalid_request_error`, other 5xx `api_error`. An `error_type=` meant for the OpenAI shape
+(`tokens`, `insufficient_quota`) is not an Anthropic type and is ignored there.
 
 `StreamKind` lives here (not in `framing`) because stream error frames are a surface shape and
 this module is the leaf of `nzgw.core`'s import graph (`paths` and `framing` import it).
@@ -92,9 +96,12 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    500: "api_error",
     503: "overloaded_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
+_ANTHROPIC_TYPE_NAMES = frozenset({*_ANTHROPIC_TYPES.values(), "billing_error"})
 
 
 def _anthropic_type(status: int) -> str:
@@ -102,6 +109,12 @@ def _anthropic_type(status: int) -> str:
     if known is not None:
         return known
     return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def _anthropic_error_type(status: int, override: str | None) -> str:
+    if override is not None and override in _ANTHROPIC_TYPE_NAMES:
+        return override
+    return _anthropic_type(status)
 
 
 def error_response(
@@ -131,7 +144,7 @@ def error_response(
     if surface is Surface.ANTHROPIC:
         doc: dict[str, Any] = {
             "type": "error",
-            "error": {"type": error_type or _anthropic_type(status), "message": message},
+            "error": {"type": _anthropic_error_type(status, error_type), "message": message},
         }
         if request_id is not None:
             doc["request_id"] = request_id

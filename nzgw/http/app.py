@@ -25,6 +25,7 @@ from nzgw.core.audit import AUDIT_QUEUE_FULL
 from nzgw.core.edge import check_request
 from nzgw.core.surfaces import Surface, error_response
 from nzgw.http.asgi import GatewayHTTPConnection, name_request, request_cleanup
+from nzgw.http.audit import is_probe
 from nzgw.http.gateway import Gateway, RequestInfo
 from nzgw.http.proxy import error, handle_route
 
@@ -89,6 +90,7 @@ async def _dispatch(gateway: Gateway) -> Response:
         target=raw_target,
     )
     stack = request_cleanup()
+    gateway.in_flight += 1  # until _finish, which the stack runs whatever happens
     stack.push_async_callback(_finish, gateway, info)
     name_request(request_id)
     try:
@@ -102,6 +104,8 @@ async def _dispatch(gateway: Gateway) -> Response:
         response.headers["Connection"] = "close"
     info.status = response.status_code
     response.headers["X-Request-Id"] = request_id
+    if decision.surface is Surface.ANTHROPIC:
+        response.headers["request-id"] = request_id  # what the Anthropic SDKs read
     return response
 
 
@@ -116,7 +120,7 @@ async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
         if refused.close:
             response.headers["Connection"] = "close"
         return response
-    if gateway.audit is not None and gateway.audit.refusing and not _is_probe(decision):
+    if gateway.audit is not None and gateway.audit.refusing and not is_probe(decision):
         # Fail closed: no room to audit this request. Probes still answer (readyz says 503).
         info.refusal, info.outcome = AUDIT_QUEUE_FULL, "refused"
         return error(decision.surface, 503, "service unavailable, try again", {"Retry-After": "1"})
@@ -140,13 +144,6 @@ async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
     return await handle_route(gateway, info, route)
 
 
-_PROBES = frozenset({paths.RouteId.HEALTHZ, paths.RouteId.READYZ})
-
-
-def _is_probe(decision: paths.Decision) -> bool:
-    return isinstance(decision, paths.Route) and decision.route in _PROBES
-
-
 async def _readyz(gateway: Gateway) -> Response:
     missing = await gateway.missing_dependencies()
     if missing:
@@ -157,6 +154,7 @@ async def _readyz(gateway: Gateway) -> Response:
 
 async def _finish(gateway: Gateway, info: RequestInfo) -> None:
     """Runs in the connection's shielded cleanup, after the last byte (or the disconnect)."""
+    gateway.in_flight -= 1
     info.finished = trio.current_time()
     if info.status == 0:
         # No response was produced: the client left (or shutdown cut in) before the answer.

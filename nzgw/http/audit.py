@@ -30,11 +30,23 @@ from nzgw.core.audit import (
 from nzgw.http.gateway import FinishHook, RequestInfo
 from nzgw.services.audit import AuditLog
 
+_PROBES = frozenset({paths.RouteId.HEALTHZ, paths.RouteId.READYZ})
 
-def audit_hook(audit: AuditLog, *, zone: tzinfo = UTC) -> FinishHook:
-    """The finish hook that records every request in `audit` (append it to `finish_hooks`)."""
+
+def is_probe(decision: paths.Decision) -> bool:
+    """A health probe (`/healthz`, `/readyz`): no key, no model, asked every few seconds."""
+    return isinstance(decision, paths.Route) and decision.route in _PROBES
+
+
+def audit_hook(audit: AuditLog, *, zone: tzinfo = UTC, probes: bool = False) -> FinishHook:
+    """The finish hook that records every request in `audit` (append it to `finish_hooks`).
+
+    Health probes are left out unless `probes` (NZGW_AUDIT_PROBES): an orchestrator's probe
+    every few seconds would otherwise be most of the log. They still reach metrics and logs."""
 
     async def record_request(info: RequestInfo) -> None:
+        if not probes and is_probe(info.decision):
+            return
         if info.refusal == AUDIT_QUEUE_FULL:
             audit.count_refused()  # no room for its row: counted, summarised per episode
             return

@@ -166,6 +166,7 @@ class Gateway:
     body_workers: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
     stream_cut: StreamCut | None = None  # streams left at the end of the drain: error frame
     slots: SlotPool | None = None  # backend slots and the fair queue; None: no queueing
+    in_flight: int = 0  # requests dispatched and not settled yet (logged when draining)
 
     async def missing_dependencies(self) -> list[str]:
         """Names of the dependencies that do not answer now (checked in parallel)."""

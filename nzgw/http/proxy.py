@@ -114,6 +114,8 @@ async def handle_route(gateway: Gateway, info: RequestInfo, route: paths.Route) 
     surface = route.surface
     try:
         principal = await _authenticate(gateway, info)
+        if route.route is R.V1_COUNT_TOKENS:
+            return await _count_tokens(gateway, info, principal)
         if route.route in _MODEL_ROUTES:
             return await _model_request(gateway, info, route, principal)
         return _listing(gateway, info, route, principal)
@@ -182,7 +184,8 @@ def _listing(
         asked = route.params.get("model", "")
         name = _checked_model(gateway, info, asked, allowed)
         for entry in registry.list_models(lambda n: n == name):
-            return _json(_openai_model(asked, entry))
+            # The id the list shows (`llama3:latest`), whatever spelling was asked for.
+            return _json(_openai_model(str(entry.get("name", name)), entry))
         raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
     raise Refused(404, "not found", refusal="not_found")  # pragma: no cover - table is closed
 
@@ -213,6 +216,17 @@ def _checked_model(
     if not allowed(name) or not gateway.registry.hosts(name):
         raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
     return name
+
+
+async def _count_tokens(gateway: Gateway, info: RequestInfo, principal: Principal) -> Response:
+    """Anthropic's `POST /v1/messages/count_tokens`, answered here (Ollama has no such
+    endpoint) with an ESTIMATE: the same one admission reserves for the prompt (the checked
+    body's bytes / 4, inline images excluded). Nothing is forwarded or charged; the model must
+    be allowed."""
+    body = await _read_body(gateway, info)
+    prepared = await prepare_body(gateway, R.V1_MESSAGES, body, principal)
+    _checked_model(gateway, info, prepared.model, _allowed(principal))
+    return _json({"input_tokens": prepared.reservation.prompt_estimate})
 
 
 async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:

@@ -169,6 +169,13 @@ ROUTES: list[tuple[str, str | bytes, RouteId, Surface, str]] = [
     ("GET", "/v1/models", RouteId.V1_MODELS, Surface.OPENAI, "/v1/models"),
     ("POST", "/v1/responses", RouteId.V1_RESPONSES, Surface.OPENAI, "/v1/responses"),
     ("POST", "/v1/messages", RouteId.V1_MESSAGES, Surface.ANTHROPIC, "/v1/messages"),
+    (
+        "POST",
+        "/v1/messages/count_tokens",
+        RouteId.V1_COUNT_TOKENS,
+        Surface.ANTHROPIC,
+        "/v1/messages/count_tokens",
+    ),
     ("GET", "/healthz", RouteId.HEALTHZ, Surface.GATEWAY, "/healthz"),
     ("GET", "/readyz", RouteId.READYZ, Surface.GATEWAY, "/readyz"),
     # harmless variants route to the same canonical path
@@ -275,7 +282,7 @@ def test_method_not_allowed(
         ("/api", Surface.NATIVE),
         ("/v1", Surface.OPENAI),
         ("/v1/audio/transcriptions", Surface.OPENAI),
-        ("/v1/messages/count_tokens", Surface.ANTHROPIC),
+        ("/v1/messages/count", Surface.ANTHROPIC),
         ("/healthz/x", Surface.GATEWAY),
         ("/favicon.ico", Surface.NATIVE),
         # ambiguous spellings of allowed routes are not routed

@@ -187,8 +187,32 @@ def test_anthropic_error_type_by_status(status: int, error_type: str) -> None:
 
 
 def test_anthropic_error_without_request_id_omits_it() -> None:
-    body, _ = error_response(Surface.ANTHROPIC, 404, "nope", error_type="custom")
-    assert json.loads(body) == {"type": "error", "error": {"type": "custom", "message": "nope"}}
+    body, _ = error_response(Surface.ANTHROPIC, 404, "nope")
+    assert json.loads(body) == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "nope"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "override", "error_type"),
+    [
+        # The OpenAI-shaped 429 types (TPM, budget) mean nothing to an Anthropic client.
+        (429, "requests", "rate_limit_error"),
+        (429, "tokens", "rate_limit_error"),
+        (429, "insufficient_quota", "rate_limit_error"),
+        (404, "custom", "not_found_error"),
+        (504, None, "timeout_error"),
+        # An Anthropic type given on purpose is kept.
+        (503, "api_error", "api_error"),
+        (400, "billing_error", "billing_error"),
+    ],
+)
+def test_anthropic_error_type_override_is_only_an_anthropic_type(
+    status: int, override: str | None, error_type: str
+) -> None:
+    body, _ = error_response(Surface.ANTHROPIC, status, "nope", error_type=override)
+    assert json.loads(body)["error"]["type"] == error_type
 
 
 # --- mid-stream frames ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,6 +20,9 @@ import trio
 from nzgw.adapters.postgres import PostgresStore
 from nzgw.adapters.sqlite import SqliteStore, split_statements
 from nzgw.adapters.stores import SCHEMA_DIR, load_migrations, open_store, substitute
+from nzgw.core.keys import generate_key
+from nzgw.core.models import ApiKey, Status
+from nzgw.ports import KeyChanges, KeyNameTakenError, NewKey, Store
 
 ALL = [m.name for m in load_migrations("sqlite")]
 
@@ -121,3 +125,53 @@ def test_concurrent_migrate_processes_apply_each_migration_once(
                 process.kill()
             process.communicate()
     assert sorted(applied) == ALL
+
+
+async def _raw(store: Store, sql: str) -> None:
+    """One statement outside the store's API: to rebuild a database from before a migration."""
+    if isinstance(store, SqliteStore):
+        await store._run(lambda conn: conn.execute(sql))
+    else:
+        assert isinstance(store, PostgresStore)
+
+        async def work(conn: Any) -> None:
+            await conn.execute(sql)
+
+        await store._run(work)
+
+
+async def test_0006_renames_existing_duplicate_key_names_then_refuses_new_ones(
+    empty_db_url: str,
+) -> None:
+    async with open_store(empty_db_url) as store:
+        await store.migrate()
+        # A database from before 0006, with duplicate names already in it.
+        await _raw(store, "DROP INDEX api_keys_tenant_name")
+        await _raw(store, "DELETE FROM schema_migrations WHERE name = '0006_unique_key_names'")
+        acme = await store.create_tenant("acme")
+        other = await store.create_tenant("other")
+
+        async def key(tenant: int, name: str) -> ApiKey:
+            return await store.create_key(NewKey(tenant, name, generate_key()[1], "hash"))
+
+        first, second, revoked, third = [await key(acme.id, "ci") for _ in range(4)]
+        elsewhere = await key(other.id, "ci")
+        await store.update_key(revoked.prefix, KeyChanges(status=Status.REVOKED))
+
+        assert await store.migrate() == ["0006_unique_key_names"]
+        names = {k.id: k.name for k in await store.list_keys()}
+        assert names == {
+            first.id: "ci",  # the oldest keeps its name
+            second.id: f"ci #{second.id}",
+            revoked.id: "ci",  # revoked keys are final and never collide
+            third.id: f"ci #{third.id}",
+            elsewhere.id: "ci",  # names are unique per tenant
+        }
+        with pytest.raises(KeyNameTakenError):
+            await key(acme.id, "ci")
+        with pytest.raises(KeyNameTakenError):
+            await store.update_key(second.prefix, KeyChanges(name="ci"))
+        # Rotation: once the old one is revoked, its name is free again.
+        await store.update_key(first.prefix, KeyChanges(status=Status.REVOKED))
+        assert (await key(acme.id, "ci")).name == "ci"
+        assert (await store.update_key(second.prefix, KeyChanges(name="ci-2"))).name == "ci-2"
