@@ -14,6 +14,7 @@ import trio
 
 from nzgw.adapters.stores import open_store
 from nzgw.cli._common import load_config_or_exit
+from nzgw.cli._rlimit import raise_open_file_limit
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
 from nzgw.core.keys import generate_key, parse_key
@@ -34,6 +35,7 @@ def serve() -> None:
     """Run the gateway (configuration from the environment, .env and NZGW_CONFIG)."""
     config = load_config_or_exit()
     setup_logging(config.log_format, config.log_level)
+    raise_open_file_limit(config.min_open_files)
     worker = current_worker()
     if worker is not None:
         METRICS.set_worker(worker.index)
@@ -63,6 +65,7 @@ def dev(emulator: bool | None) -> None:
     if emulator is None:
         emulator = not _backend_configured(config)
     setup_logging(config.log_format, config.log_level)
+    raise_open_file_limit(config.min_open_files)
     DEV_DIR.mkdir(exist_ok=True)
     trio.run(_dev_main, config, emulator)
 
