@@ -801,8 +801,9 @@ def report(
         "Server CPU: the target's processes (workers included) per frame relayed (each frame "
         "is one upstream write; `chunks` counts what the clients received, fewer when a proxy "
         "coalesced frames that waited). Delay: client receive time minus the upstream's "
-        "scheduled emit time (the `direct` row is the upstream and client alone). RSS: peak "
-        "per process, MB.",
+        "scheduled emit time. The `direct` row is the fake upstream and the client alone: its "
+        "delays are theirs (every other row includes them), its CPU is the upstream's own. "
+        "RSS: peak per process, MB.",
         "",
         "| target | scenario | completed | failed | frames / chunks | server CPU µs/frame "
         "| delay p50 ms | delay p99 ms | first frame p50 ms | peak RSS MB |",
@@ -889,7 +890,7 @@ def main(args: argparse.Namespace) -> None:
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {
-                "parameters": {k: str(v) for k, v in vars(args).items()},
+                "parameters": {k: str(v) for k, v in vars(args).items() if k != "out"},
                 "rows": [asdict(r) for r in rows],
                 "not_measured": skipped,
             },
