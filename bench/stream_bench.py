@@ -400,53 +400,62 @@ class StreamsResult:
         self.failed[why] = self.failed.get(why, 0) + 1
 
 
+class _CutError(Exception):
+    """The server closed the connection before the answer was complete."""
+
+
+@dataclass
+class _Reader:
+    stream: trio.SocketStream
+    buffer: bytes = b""
+    received_at: float = 0.0
+
+    async def until(self, enough: Callable[[bytes], bool]) -> None:
+        """Receive until `enough(buffer)`; `received_at` is when the last bytes came."""
+        while not enough(self.buffer):
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise _CutError
+            self.received_at = time.monotonic()
+            self.buffer += data
+
+    def take(self, count: int) -> bytes:
+        taken, self.buffer = self.buffer[:count], self.buffer[count:]
+        return taken
+
+
 async def one_stream(port: int, request: bytes, tokens: int, result: StreamsResult) -> None:
     """Send one streamed chat request and read it to the end, noting each frame's delay."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
+    reader = _Reader(stream)
+    frames = 0
+    done = False
     try:
         await stream.send_all(request)
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            data = await stream.receive_some(65536)
-            if not data:
-                result.fail("closed before the answer")
-                return
-            buffer += data
-        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        try:
+            await reader.until(lambda b: b"\r\n\r\n" in b)
+        except _CutError:
+            result.fail("closed before the answer")
+            return
+        head = reader.take(reader.buffer.index(b"\r\n\r\n") + 4)
         status = head.split(b" ", 2)[1].decode()
         if status != "200":
             result.fail(f"HTTP {status}")
             return
-        received_at = time.monotonic()
         lines = b""
-        frames = 0
-        done = False
-        while True:
-            while b"\r\n" not in buffer:
-                data = await stream.receive_some(65536)
-                if not data:
-                    result.fail("cut mid-stream")
-                    return
-                received_at = time.monotonic()
-                buffer += data
-            size_line, _, rest = buffer.partition(b"\r\n")
+        while True:  # chunked framing
+            await reader.until(lambda b: b"\r\n" in b)
+            size_line = reader.take(reader.buffer.index(b"\r\n") + 2)
             size = int(size_line.split(b";")[0], 16)
-            while len(rest) < size + 2:
-                data = await stream.receive_some(65536)
-                if not data:
-                    result.fail("cut mid-stream")
-                    return
-                received_at = time.monotonic()
-                rest += data
-            buffer = rest[size + 2 :]
+            await reader.until(lambda b: len(b) >= size + 2)  # noqa: B023 (awaited at once)
+            data = reader.take(size + 2)[:size]
             if size == 0:
                 break
             result.chunks += 1
-            lines += rest[:size]
-            *complete, lines = lines.split(b"\n")
+            *complete, lines = (lines + data).split(b"\n")
             for line in complete:
                 if line.startswith(b'{"t":'):
-                    delay = received_at - float(line[5 : line.index(b",")])
+                    delay = reader.received_at - float(line[5 : line.index(b",")])
                     if frames == 0:
                         result.first_delays.append(delay)
                     result.delays.append(delay)
@@ -459,12 +468,15 @@ async def one_stream(port: int, request: bytes, tokens: int, result: StreamsResu
                         return
                     done = frame.get("done") is True
                     result.frames += 1
-        if done and frames == tokens:
-            result.completed += 1
-        else:
-            result.fail(f"incomplete ({frames}/{tokens} frames, done={done})")
+    except _CutError:
+        result.fail("cut mid-stream")
+        return
     finally:
         await stream.aclose()
+    if done and frames == tokens:
+        result.completed += 1
+    else:
+        result.fail(f"incomplete ({frames}/{tokens} frames, done={done})")
 
 
 def chat_request(server: Server, tokens: int) -> bytes:
