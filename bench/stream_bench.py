@@ -8,7 +8,7 @@ Two scenarios, each against every target, one target at a time:
 
 * **paced**: a few concurrent streams whose upstream writes one token per write, paced like a
   model (default 8 streams × 250 tokens, one every 10 ms), so no proxy can coalesce them: the
-  server CPU divided by the relayed chunks is the cost of one token on its way through.
+  server CPU divided by the relayed frames is the cost of one token on its way through.
 * **slow**: many concurrent slow streams (default 1,000 at 10 tokens/s for 30 s), started
   together: completed and failed streams (with the status), chunk delay, CPU, memory.
 
@@ -20,11 +20,15 @@ quart-trio relay app on hypercorn's trio worker: the stack nzgw is built on, not
 PostgreSQL database on 127.0.0.1:5432, `nzgw migrate`, and a private `redis-server` on a free
 port), `nzgw-2-workers` (the same with `NZGW_WORKERS=2`).
 
-The upstream is this file's own fake Ollama (`--upstream PORT`, a separate process): each
-stream's frames are scheduled at fixed times from the moment its request arrived, and each
-frame carries its scheduled time (`"t"`, CLOCK_MONOTONIC, which all processes share). The
-client (this process) takes its receive time for every frame: **chunk delay** = receive time -
-scheduled time, so it includes every hop and the upstream's own lateness (see the `direct`
+The load: a fake Ollama upstream and the streaming clients, separate processes, by default
+`bench/streamload` (Go, standard library only, built here with `go build` offline: a few µs
+per frame, so that 1,000 streams do not make the load generator the bottleneck); `--load
+python` uses this file's own upstream (`--upstream PORT`) and clients in this process instead
+(~100 µs per frame: fine for the paced scenario and ~100 slow streams, not for 1,000 on 2
+cores). Each stream's frames are scheduled at fixed times from the moment its request
+arrived, and each frame carries its scheduled time (`"t"`). The clients take their receive
+time for every frame: **chunk delay** = receive time - scheduled time, so it includes every
+hop and the upstream's and clients' own lateness (the `direct`
 row). **Server CPU** is the CPU time of the server process and all its descendants (nginx's
 and nzgw's workers included), from /proc: every thread's schedstat run time (nanoseconds),
 checked against /proc/PID/stat's utime + stime (clock ticks, which also count exited threads
@@ -504,7 +508,7 @@ async def set_pace(upstream_port: int, pace: Pace) -> None:
             b"POST /bench/pace HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         answer = b""
-        while b'{"ok": true}' not in answer:
+        while b'"ok"' not in answer:
             data = await stream.receive_some()
             if not data:
                 raise RuntimeError("the upstream did not take the pace")
@@ -540,25 +544,25 @@ def pct_ms(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def measure(
-    server: Server, upstream_port: int, scenario: str, streams: int, pace: Pace, ramp: float
-) -> Measured:
-    """Run `streams` concurrent streams through `server`, started over `ramp` seconds."""
-    await set_pace(upstream_port, pace)
+@dataclass
+class ClientSummary:
+    completed: int
+    failed: dict[str, int]
+    frames: int
+    chunks: int
+    delay_p50_ms: float | None
+    delay_p99_ms: float | None
+    first_delay_p50_ms: float | None
+
+
+async def python_clients(server: Server, pace: Pace, streams: int, ramp: float) -> ClientSummary:
+    """The streams from this process (`--load python`)."""
     request = chat_request(server, pace.tokens)
     result = StreamsResult(streams=streams)
-    peaks: dict[int, float] = {}
-    length = pace.first + pace.tokens * pace.interval
-
-    async def sample_rss() -> None:
-        while True:
-            for pid in process_tree(server.pid):
-                peaks[pid] = max(peaks.get(pid, 0.0), rss_mb(pid))
-            await trio.sleep(0.5)
 
     async def bounded_stream(delay: float) -> None:
         await trio.sleep(delay)
-        with trio.move_on_after(length + 60) as scope:
+        with trio.move_on_after(pace.first + pace.tokens * pace.interval + 60) as scope:
             try:
                 await one_stream(server.port, request, pace.tokens, result)
             except (OSError, trio.BrokenResourceError, ValueError) as exc:
@@ -566,13 +570,57 @@ async def measure(
         if scope.cancelled_caught:
             result.fail("timed out")
 
+    async with trio.open_nursery() as clients:
+        for index in range(streams):
+            clients.start_soon(bounded_stream, ramp * index / streams)
+    return ClientSummary(
+        completed=result.completed,
+        failed=result.failed,
+        frames=result.frames,
+        chunks=result.chunks,
+        delay_p50_ms=pct_ms(result.delays, 0.5),
+        delay_p99_ms=pct_ms(result.delays, 0.99),
+        first_delay_p50_ms=pct_ms(result.first_delays, 0.5),
+    )
+
+
+async def go_clients(
+    binary: str, server: Server, pace: Pace, streams: int, ramp: float
+) -> ClientSummary:
+    """The streams from `streamload client` (`--load go`), a process of its own."""
+    argv = [
+        binary, "client", "-port", str(server.port), "-streams", str(streams),
+        "-tokens", str(pace.tokens), "-ramp", str(ramp),
+        "-deadline", str(pace.first + pace.tokens * pace.interval + 60),
+    ]  # fmt: skip
+    if server.headers:
+        argv += ["-header", server.headers.decode().strip()]
+    done = await trio.run_process(argv, capture_stdout=True)
+    data = json.loads(done.stdout)
+    return ClientSummary(**{name: data[name] for name in ClientSummary.__dataclass_fields__})
+
+
+async def measure(
+    bench: Bench, server: Server, scenario: str, streams: int, pace: Pace, ramp: float
+) -> Measured:
+    """Run `streams` concurrent streams through `server`, started over `ramp` seconds."""
+    await set_pace(bench.upstream_port, pace)
+    peaks: dict[int, float] = {}
+
+    async def sample_rss() -> None:
+        while True:
+            for pid in process_tree(server.pid):
+                peaks[pid] = max(peaks.get(pid, 0.0), rss_mb(pid))
+            await trio.sleep(0.5)
+
     cpu_before = tree_cpu(server.pid)
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample_rss)
-        async with trio.open_nursery() as clients:
-            for index in range(streams):
-                clients.start_soon(bounded_stream, ramp * index / streams)
+        if bench.load_binary:
+            summary = await go_clients(bench.load_binary, server, pace, streams, ramp)
+        else:
+            summary = await python_clients(server, pace, streams, ramp)
         nursery.cancel_scope.cancel()
     wall = time.monotonic() - started
     cpu = cpu_between(cpu_before, tree_cpu(server.pid))
@@ -582,15 +630,15 @@ async def measure(
         streams=streams,
         tokens=pace.tokens,
         interval_ms=pace.interval * 1000,
-        completed=result.completed,
-        failed=result.failed,
-        frames=result.frames,
-        chunks=result.chunks,
+        completed=summary.completed,
+        failed=summary.failed,
+        frames=summary.frames,
+        chunks=summary.chunks,
         cpu_s=round(cpu, 3),
-        cpu_us_per_frame=round(cpu / result.frames * 1e6, 1) if result.frames else None,
-        delay_p50_ms=pct_ms(result.delays, 0.5),
-        delay_p99_ms=pct_ms(result.delays, 0.99),
-        first_delay_p50_ms=pct_ms(result.first_delays, 0.5),
+        cpu_us_per_frame=round(cpu / summary.frames * 1e6, 1) if summary.frames else None,
+        delay_p50_ms=summary.delay_p50_ms,
+        delay_p99_ms=summary.delay_p99_ms,
+        first_delay_p50_ms=summary.first_delay_p50_ms,
         peak_rss_mb=sorted((round(v, 1) for v in peaks.values()), reverse=True),
         wall_s=round(wall, 2),
     )
@@ -683,6 +731,7 @@ class Bench:
     pg_admin: str
     redis_url: str
     upstream_pid: int
+    load_binary: str  # `streamload` (--load go), or "" for this process's Python load
     _pg_url: str = ""
     _keys: dict[str, bytes] = field(default_factory=dict)
 
@@ -850,15 +899,13 @@ async def run_all(
         try:
             with bench.target(name) as server:
                 # One warm-up stream (imports, pools, caches), not measured.
-                await measure(server, bench.upstream_port, "warm-up", 1, Pace(5, 0.001, 0.0), 0.0)
+                await measure(bench, server, "warm-up", 1, Pace(5, 0.001, 0.0), 0.0)
                 for scenario, streams, pace, ramp in (
                     ("paced", args.paced_streams, paced, 0.0),
                     ("slow", args.streams, slow, args.ramp),
                 ):
                     with trio.fail_after(pace.first + pace.tokens * pace.interval + ramp + 180):
-                        row = await measure(
-                            server, bench.upstream_port, scenario, streams, pace, ramp
-                        )
+                        row = await measure(bench, server, scenario, streams, pace, ramp)
                     rows.append(row)
                     progress(json.dumps(asdict(row)))
         except (RuntimeError, OSError, subprocess.SubprocessError, trio.TooSlowError) as exc:
@@ -868,16 +915,41 @@ async def run_all(
     return rows
 
 
+def build_streamload(work: Path) -> str:
+    """`go build` bench/streamload (standard library only: no download) into `work`."""
+    binary = work / "streamload"
+    env = {
+        **os.environ,
+        "GOCACHE": str(work / "go-cache"),
+        "GOPATH": str(work / "go-path"),
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+        "CGO_ENABLED": "0",
+    }
+    source = ROOT / "bench" / "streamload" / "main.go"
+    print("== go build bench/streamload", flush=True)
+    subprocess.run(
+        ["go", "build", "-o", str(binary), str(source)], env=env, cwd=work, check=True, timeout=600
+    )
+    return str(binary)
+
+
 def main(args: argparse.Namespace) -> None:
     raise_own_open_file_limit()
     work = Path(tempfile.mkdtemp(prefix="nzgw-stream-bench-"))
     work.chmod(0o755)  # nginx's workers read their configuration's directory
     load_start = loadavg()
     with ExitStack() as stack:
+        load_binary = build_streamload(work) if args.load == "go" else ""
         upstream_port = free_port()
+        if load_binary:
+            upstream = [load_binary, "upstream", "-port", str(upstream_port)]
+        else:
+            upstream = [sys.executable, str(Path(__file__).resolve()), "--upstream"]
+            upstream.append(str(upstream_port))
         upstream_pid = stack.enter_context(
             running(
-                [sys.executable, str(Path(__file__).resolve()), "--upstream", str(upstream_port)],
+                upstream,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 cwd=work,
                 log=work / "upstream.log",
@@ -892,6 +964,7 @@ def main(args: argparse.Namespace) -> None:
             pg_admin=args.pg_admin,
             redis_url=args.redis_url,
             upstream_pid=upstream_pid,
+            load_binary=load_binary,
         )
         skipped: list[str] = []
         rows = trio.run(run_all, bench, args, lambda line: print(line, flush=True), skipped)
@@ -926,6 +999,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds to start them over")
     parser.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="", help="default: a private redis-server")
+    parser.add_argument(
+        "--load",
+        choices=("go", "python"),
+        default="go" if shutil.which("go") else "python",
+        help="the fake upstream and the clients: bench/streamload in Go (default when `go` is "
+        "installed: a few µs per frame) or this script (Python: ~100 µs per frame, the "
+        "bottleneck beyond ~100 slow streams on 2 cores)",
+    )
     parser.add_argument("--note", default="", help="a caveat written into the report")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "streams.md")
     args = parser.parse_args(argv)
