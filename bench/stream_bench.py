@@ -858,6 +858,7 @@ def report(
         f"write every {args.paced_interval * 1000:g} ms",
         f"- slow: {args.streams} concurrent streams × {args.rate:g} tokens/s × "
         f"{args.duration:g} s, started over {args.ramp:g} s",
+        f"- load (fake upstream and clients): {args.load}",
         "",
         "Server CPU: the target's processes (workers included) per frame relayed (each frame "
         "is one upstream write; `chunks` counts what the clients received, fewer when a proxy "
