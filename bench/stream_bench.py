@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import trio
+from gateway_bench import free_port, nzgw  # bench/ is the script's directory: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -264,13 +265,6 @@ trio.run(hypercorn.trio.serve, app, config)
 
 
 # --- processes, CPU and memory from /proc ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -698,26 +692,10 @@ def nginx_binary() -> str:
     return found
 
 
-def nzgw_cli(*args: str, env: dict[str, str], cwd: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "nzgw", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"nzgw {' '.join(args)}: {result.stderr.strip()}")
-    return result.stdout
-
-
-def create_key(env: dict[str, str], cwd: Path) -> bytes:
-    nzgw_cli("migrate", env=env, cwd=cwd)
-    nzgw_cli("create-tenant", "--name", "bench", env=env, cwd=cwd)
-    created = nzgw_cli(
-        "create-key", "--tenant", "bench", "--name", "bench", "--json", env=env, cwd=cwd
-    )
+def create_key(env: dict[str, str]) -> bytes:
+    nzgw("migrate", env=env)
+    nzgw("create-tenant", "--name", "bench", env=env)
+    created = nzgw("create-key", "--tenant", "bench", "--name", "bench", "--json", env=env)
     key: str = json.loads(created)["key"]
     return f"Authorization: Bearer {key}\r\n".encode()
 
@@ -810,7 +788,7 @@ class Bench:
                 if name == "nzgw-2-workers":
                     env["NZGW_WORKERS"] = "2"
             if env["DATABASE_URL"] not in self._keys:
-                self._keys[env["DATABASE_URL"]] = create_key(env, work)
+                self._keys[env["DATABASE_URL"]] = create_key(env)
             headers = self._keys[env["DATABASE_URL"]]
             argv = [sys.executable, "-m", "nzgw", "serve"]
         with running(argv, env=env, cwd=work, log=work / f"{name}.log") as pid:
