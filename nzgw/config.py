@@ -64,6 +64,7 @@ class Config:
     # HTTP server
     bind: str
     workers: int
+    min_open_files: int
     graceful_timeout: float
     keep_alive_timeout: float
     client_stall_timeout: float
@@ -352,6 +353,14 @@ SETTINGS: tuple[Setting, ...] = (
         _int(1),
         "1",
         "Gateway processes on the public port (needs REDIS_URL when > 1)",
+    ),
+    Setting(
+        "NZGW_MIN_OPEN_FILES",
+        "min_open_files",
+        _int(0),
+        "4096",
+        "Open files each gateway process needs (~2 per concurrent stream); start fails when the "
+        "hard limit is lower (0: no check)",
     ),
     Setting(
         "NZGW_GRACEFUL_TIMEOUT",

@@ -15,6 +15,7 @@ import trio
 
 from nzgw.adapters.stores import open_store
 from nzgw.cli._common import CliInputError, load_config_or_exit
+from nzgw.cli._rlimit import raise_open_file_limit
 from nzgw.cli.schema_check import require_current_schema
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
@@ -39,6 +40,7 @@ def serve() -> None:
     config = load_config_or_exit()
     os.umask(0o077)  # the database, its -wal/-shm and everything else nzgw creates: 0600/0700
     setup_logging(config.log_format, config.log_level)
+    raise_open_file_limit(config.min_open_files)
     worker = current_worker()
     if worker is None:  # workers: their supervisor checked
         require_current_schema(config)
@@ -72,6 +74,7 @@ def dev(emulator: bool | None) -> None:
     os.umask(0o077)  # the database, its -wal/-shm, the key file: this user's only
     _check_port_free(config.bind)
     setup_logging(config.log_format, config.log_level)
+    raise_open_file_limit(config.min_open_files)
     DEV_DIR.mkdir(mode=0o700, exist_ok=True)
     os.chmod(DEV_DIR, 0o700)  # also when an older nzgw made it 0755: key hashes, audit, prompts
     trio.run(_dev_main, config, emulator)
