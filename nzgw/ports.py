@@ -7,7 +7,7 @@ errors below and nothing above the adapters catches a library exception.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
 
@@ -74,6 +74,54 @@ class Backend(Protocol):
     ) -> UpstreamResponse: ...
 
     async def get_json(self, path: str, *, limit: int = ...) -> Any: ...
+
+
+class PolledBackend(Protocol):
+    """What discovery and probes need of a backend (`Backend` has it; fakes in tests)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def get_json(self, path: str) -> Any:
+        """GET `path`, return the decoded JSON. Raises `UpstreamError`. Takes no timeout."""
+        ...
+
+
+# --- Services as the HTTP layer sees them --------------------------------------------------------
+#
+# A Protocol whose implementation carries the same role name ends in `Port` (`RegistryPort` is
+# implemented by `services.registry.Registry`); see docs/ARCHITECTURE.md ("Ports").
+
+
+class AuthenticatorPort(Protocol):
+    """Checks a presented API key (`services.identity.Authenticator`)."""
+
+    async def authenticate(self, presented: str, client_addr: str) -> Principal: ...
+
+
+class RegistryPort(Protocol):
+    """Which backends host which model, and their health (`services.registry.Registry`)."""
+
+    def ready(self) -> bool: ...
+
+    def hosts(self, model: str) -> bool: ...
+
+    def candidates(self, model: str) -> Sequence[Backend]: ...
+
+    def record_failure(self, backend_name: str) -> None: ...
+
+    def record_success(self, backend_name: str) -> None: ...
+
+    def list_models(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
+
+    def list_loaded(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
+
+
+class AuditGatePort(Protocol):
+    """The audit log as the request path sees it: `refusing` while its queue is full
+    (`services.audit.AuditLog`)."""
+
+    refusing: bool
 
 
 # --- Store: tenants, keys, usage ledger -----------------------------------------------------------
