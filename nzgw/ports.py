@@ -8,13 +8,21 @@ errors below and nothing above the adapters catches a library exception.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
 import attrs
 
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+
+WallClock = Callable[[], datetime]
+"""Wall-clock time for what is dated (expiry, audit rows, budget days); tests pass their own."""
+
+
+def utc_now() -> datetime:
+    """The one production `WallClock`."""
+    return datetime.now(UTC)
 
 
 class StoreError(Exception):

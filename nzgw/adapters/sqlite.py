@@ -26,7 +26,7 @@ from urllib.parse import unquote
 
 import trio
 
-from nzgw.adapters import stores as q
+from nzgw.adapters import sql as q
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
@@ -44,6 +44,8 @@ from nzgw.ports import (
     UsageReportRow,
     UsageRow,
     UsageTotals,
+    WallClock,
+    utc_now,
 )
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ def sqlite_path(url: str) -> str:
 
 
 @asynccontextmanager
-async def open_sqlite_store(url: str, *, clock: q.Clock = q.utc_now) -> AsyncIterator[SqliteStore]:
+async def open_sqlite_store(url: str, *, clock: WallClock = utc_now) -> AsyncIterator[SqliteStore]:
     """Open (and create, with its directory) the SQLite database at `url`.
 
     Raises `StoreUnavailableError` if the file cannot be opened. The connection is closed on exit,
@@ -161,7 +163,7 @@ def _translate(exc: sqlite3.Error) -> StoreError:
 class SqliteStore:
     """The `Store` port on SQLite. Build it with `open_sqlite_store`."""
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: q.Clock = q.utc_now) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, clock: WallClock = utc_now) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._lock = trio.Lock()
         self._clock = clock

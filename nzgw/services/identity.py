@@ -36,8 +36,7 @@ import ipaddress
 import logging
 import secrets
 import threading
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 import argon2
 import attrs
@@ -46,15 +45,9 @@ import trio
 from nzgw.config import Argon2Params, Config
 from nzgw.core.keys import ParsedKey, parse_key
 from nzgw.core.models import Principal, Status
-from nzgw.ports import KeyChanges, Store, StoreError
+from nzgw.ports import KeyChanges, Store, StoreError, WallClock, utc_now
 
 log = logging.getLogger("nzgw.identity")
-
-WallClock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class AuthenticationError(Exception):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Protocol
 
 import attrs
@@ -50,6 +50,7 @@ from nzgw.ports import (
     StoreError,
     UsageRow,
     UsageTotals,
+    utc_now,
 )
 
 log = logging.getLogger("nzgw.limiter")
@@ -63,10 +64,6 @@ class UsageLedger(Protocol):
     async def usage_totals(
         self, tenant_id: int, *, day: date, month_start: date
     ) -> tuple[UsageTotals, dict[int, UsageTotals]]: ...
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 _UsageKey = tuple[date, int, int, str]  # day, tenant, key, model
@@ -119,7 +116,7 @@ class Limiter:
         timezone: str = "UTC",
         lease_ttl: float = 60.0,
         seed_timeout: float = 5.0,
-        now: Callable[[], datetime] = _utc_now,
+        now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._counters = counters
         self._ledger = ledger

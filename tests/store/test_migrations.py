@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from nzgw.adapters.postgres import PostgresStore
+from nzgw.adapters.sql import SCHEMA_DIR, load_migrations, substitute
 from nzgw.adapters.sqlite import SqliteStore, split_statements
-from nzgw.adapters.stores import SCHEMA_DIR, load_migrations, open_store, substitute
+from nzgw.adapters.stores import open_store
 
 ALL = [m.name for m in load_migrations("sqlite")]
 
