@@ -1,0 +1,70 @@
+"""A hang guard for every Trio test: the whole test (its async fixtures included) runs inside a
+cancel scope that a wall-clock watchdog cancels after `HANG_GUARD_SECONDS` (or the seconds of
+a `@pytest.mark.hang_guard(N)` marker); the test then fails with `HangGuardError`.
+
+A guard against hangs, not a speed assertion: generous, on real time (a thread timer), so it
+is independent of the test's clock (`MockClock` with autojump jumps virtual time; a guard on
+that clock would fire on the first long virtual sleep). Tests keep their own `fail_after`
+where they wait for one event, to fail with a precise message.
+
+How: pytest-trio runs a test with the runner named by its `trio(run=...)` marker; the hook
+below puts a marker with `guarded_run` first, which wraps the function pytest-trio hands it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+HANG_GUARD_SECONDS = 300.0
+
+
+class HangGuardError(Exception):
+    """A Trio test ran longer than its hang guard and was cancelled."""
+
+
+async def _guarded(fn: Callable[[], Awaitable[Any]], seconds: float) -> Any:
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+
+        def fire() -> None:
+            with suppress(trio.RunFinishedError):  # the test finished meanwhile
+                token.run_sync_soon(scope.cancel)
+
+        watchdog = threading.Timer(seconds, fire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return await fn()
+        finally:
+            watchdog.cancel()
+    raise HangGuardError(f"the test did not finish within its {seconds:g} s hang guard")
+
+
+def guarded_run(seconds: float) -> Callable[..., Any]:
+    def run(fn: Callable[[], Awaitable[Any]], **kwargs: Any) -> Any:
+        return trio.run(partial(_guarded, fn, seconds), **kwargs)
+
+    return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not isinstance(item, pytest.Function) or not _is_async(item):
+            continue
+        marker = item.get_closest_marker("hang_guard")
+        seconds = float(marker.args[0]) if marker else HANG_GUARD_SECONDS
+        item.add_marker(pytest.mark.trio(run=guarded_run(seconds)), append=False)
+
+
+def _is_async(item: pytest.Function) -> bool:
+    """A coroutine test, also under Hypothesis (which wraps it in a sync function)."""
+    inner = getattr(getattr(item.obj, "hypothesis", None), "inner_test", item.obj)
+    return inspect.iscoroutinefunction(inner)
