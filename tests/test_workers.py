@@ -37,12 +37,12 @@ from nzgw.adapters.stores import open_store
 from nzgw.cli.workers import WORKER_ENV, Worker, current_worker
 from nzgw.config import test_config
 from nzgw.core.models import Limits
-from nzgw.http.metrics import parse_exposition, sample_sum
 from nzgw.ports import NewKey
 from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 from tests.harness import FAST_ARGON2
+from tests.metrics_samples import parse_exposition, sample_sum
 from tests.process_log import ProcessLog
 
 REDIS_DB = 11

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ from nzgw.adapters.stores import open_store
 from nzgw.cli._common import load_config_or_exit
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
-from nzgw.core.keys import generate_key, parse_key
+from nzgw.core.keys import parse_key
 from nzgw.http.metrics import METRICS
 from nzgw.logs import setup_logging
 from nzgw.ports import ConflictError, NewKey, NotFoundError, Store
 from nzgw.server import Running, run_server
 from nzgw.services.identity import KeyHasher
+from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 
 DEV_DIR = Path("var")
@@ -104,13 +106,13 @@ async def _ensure_dev_key(store: Store, config: Config) -> str:
         tenant = await store.create_tenant(DEV_TENANT)
     except ConflictError:
         tenant = await store.get_tenant(DEV_TENANT)
-    key, prefix = generate_key()
     hasher = KeyHasher(config.argon2)
-    key_hash = await trio.to_thread.run_sync(hasher.hash, key)
     try:
-        await store.create_key(NewKey(tenant.id, "dev", prefix, key_hash))
-    except (ConflictError, NotFoundError):
-        await store.create_key(NewKey(tenant.id, f"dev-{prefix[-4:]}", prefix, key_hash))
+        key, _ = await issue_key(store, hasher, NewKey(tenant.id, "dev", "", ""))
+    except (ConflictError, NotFoundError):  # a key named "dev" exists (revoked, or lost file)
+        key, _ = await issue_key(
+            store, hasher, NewKey(tenant.id, f"dev-{secrets.token_hex(2)}", "", "")
+        )
     await trio.to_thread.run_sync(_write_private, DEV_KEY_FILE, key + "\n")
     return key
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -38,7 +38,7 @@ __all__ = [
     "ModelName",
     "ModelPatterns",
     "ModelSource",
-    "allowed_by_all",
+    "allowed_models",
     "normalize_model_name",
     "parse_model_name",
 ]
@@ -256,6 +256,9 @@ def _compiled(patterns: tuple[str, ...]) -> ModelPatterns:
     return ModelPatterns(patterns)
 
 
-def allowed_by_all(normalized_name: str, *pattern_sets: ModelPatterns) -> bool:
-    """Allowed by every set (e.g. the key's and the tenant's): the intersection."""
-    return all(patterns.allows(normalized_name) for patterns in pattern_sets)
+def allowed_models(*pattern_lists: Iterable[str]) -> Callable[[str], bool]:
+    """The one allowed-models check: a NORMALISED name is allowed when every list allows it
+    (a key's and its tenant's: the intersection; an empty list allows all). The lists are
+    compiled once (memoised), so call it per request."""
+    compiled = [ModelPatterns.compile(patterns) for patterns in pattern_lists]
+    return lambda normalized_name: all(p.allows(normalized_name) for p in compiled)

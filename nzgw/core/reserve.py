@@ -1,7 +1,7 @@
 """How many tokens an admission reserves, and the output cap that makes it a true bound.
 
 The reservation is `prompt estimate + output cap`. The prompt estimate is the request body's
-size in bytes / 4 (`framing.estimate_tokens`), minus inline images: base64 image data says
+size in bytes / 4 (rounded up; the one token estimate), minus inline images: base64 image data says
 nothing about its token cost and would reserve thousands of phantom tokens. The output cap is
 the request's own (`options.num_predict`, `max_tokens`, `max_output_tokens`); when the client
 set none (or an unlimited one), nzgw sets the configured default on the upstream request, so
@@ -76,7 +76,7 @@ def reserve(route: RouteId, body: bytes, doc: dict[str, Any], *, default_cap: in
     size = len(body)
     if size >= _IMAGE_SCAN_MIN:
         size -= _image_bytes(doc)
-    prompt = (max(size, 0) + 3) // 4  # framing.estimate_tokens, net of images
+    prompt = (max(size, 0) + 3) // 4  # bytes / 4, rounded up, net of images
     field = _CAP_FIELD.get(route)
     if field is None:
         return Reservation(prompt, 0, modified=False)

@@ -413,26 +413,3 @@ async def _answer(
         payload += conn.send(h11.Data(data=body)) or b""
     payload += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(payload)
-
-
-def parse_exposition(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Samples of a scrape as {(name, labels): value}; for tests and tools."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample_sum(
-    samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
-    name: str,
-    **labels: str,
-) -> float:
-    """The sum of the samples named `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(
-        value for (sample, have), value in samples.items() if sample == name and wanted <= have
-    )

@@ -1,11 +1,11 @@
 """The limiter: admission and settlement for the HTTP layer, the usage ledger aggregate, the
 rebuild of budget counters from the ledger, and the usage flusher task.
 
-Request path (DESIGN §1, steps 4 and 8)::
+Request path (docs/ARCHITECTURE.md, steps 4 and 8)::
 
     result = await limiter.admit(principal, model=m, reserve_tokens=n)  # CountersUnavailableError
     if not result.admitted: 429 with ratelimit_headers(result)
-    ... forward; while a long stream runs: limiter.run_lease_refresher(lease) in its nursery ...
+    ... forward; while a long stream runs, the relay calls limiter.refresh(lease) every ttl/3 ...
     with trio.CancelScope(shield=True):                      # also when the client left
         await limiter.settle(lease, model=m, prompt_tokens=p, completion_tokens=c)
 
@@ -193,19 +193,6 @@ class Limiter:
         """Extend the lease; False if it had expired (its slot may be taken by now)."""
         now_ms, _ = self._clock()
         return await self._counters.refresh(lease, now_ms=now_ms)
-
-    async def run_lease_refresher(
-        self, lease: Lease, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Refresh `lease` every third of its ttl until cancelled (run it beside a long stream).
-        A failed refresh is logged and retried at the next tick; the lease may then expire."""
-        task_status.started()
-        while True:
-            await trio.sleep(self._lease_ttl_ms / 3000)
-            try:
-                await self.refresh(lease)
-            except CountersUnavailableError as exc:
-                log.warning("lease refresh failed: %s", exc)
 
     async def settle(
         self, lease: Lease, *, model: str, prompt_tokens: int, completion_tokens: int

@@ -335,11 +335,12 @@ async def test_a_refreshed_lease_holds_its_slot_and_an_abandoned_one_expires(
     who = principal(key_limits=Limits(concurrent_requests=1))
     lease = (await limiter.admit(who, model=MODEL, reserve_tokens=1)).lease
     assert lease is not None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(limiter.run_lease_refresher, lease)
-        await trio.sleep(61)  # a long stream; the last refresh was at 60 s
-        assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
-        nursery.cancel_scope.cancel()  # the process "dies": no settlement, no more refresh
+    for _ in range(20):  # a long stream: the relay refreshes every ttl/3, up to 60 s
+        await trio.sleep(3)
+        assert await limiter.refresh(lease)
+    await trio.sleep(1)
+    assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
+    # the process "dies" at 61 s: no settlement, no more refresh
     await trio.sleep_until(68.9)
     assert not (await limiter.admit(who, model=MODEL, reserve_tokens=1)).admitted
     await trio.sleep_until(69)
