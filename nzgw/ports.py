@@ -200,7 +200,7 @@ class UsageTotals:
     lifetime_tokens: int = 0
 
 
-# --- Store: audit log, prompt logs, usage reports (DESIGN §9) ------------------------------------
+# --- Store: audit log, prompt logs, usage reports (docs/audit.md) ---------------------------------
 
 
 @attrs.frozen
@@ -376,7 +376,7 @@ class Store(AuditStore, Protocol):
         ...
 
 
-# --- Counters: live windows, leases, budget counters (DESIGN §4, §6) ------------------------------
+# --- Counters: live windows, leases, budget counters ---------------------------------------------
 
 from collections.abc import Mapping  # noqa: E402
 

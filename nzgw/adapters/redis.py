@@ -15,8 +15,8 @@ so each script touches one slot and runs on Redis Cluster too):
 Window and lease keys expire by themselves when idle; day and month counters a day after their
 period ended; `:seed` and `:life` never (run Redis with `maxmemory-policy noeviction`).
 
-Every call goes through `_eval`, which keeps cancellation away from coredis (STACK-NOTES, trap
-1: a call cancelled while coredis opens a connection loses that pool slot for good):
+Every call goes through `_eval`, which keeps cancellation away from coredis (a call cancelled
+while coredis opens a connection loses that pool slot for good; docs/ARCHITECTURE.md):
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
 - it is bounded by `trio.move_on_at(start + call_timeout)`, and coredis' own timeouts are set

@@ -398,7 +398,7 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 
 
 def usage_from_body(route: RouteId, body: bytes) -> Usage | None:
-    """The usage a whole JSON answer of `route` reports (reference §0.1), or None.
+    """The usage a whole JSON answer of `route` reports (docs/OLLAMA-WIRE.md), or None.
 
     None for routes without usage (`/api/embeddings`, listings), error bodies and anything
     unparsable. Embedding answers are scanned, not parsed: they can be megabytes of floats and

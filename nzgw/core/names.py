@@ -1,6 +1,6 @@
 """Model names: parse, normalise, match against allow-list patterns. Sans-IO.
 
-Ollama's rules (reference §0.5, `types/model/name.go`, `modelref`):
+Ollama's rules (docs/OLLAMA-WIRE.md; Ollama's `types/model/name.go`, `modelref`):
 
 * form `[host/][namespace/]model[:tag]`, defaults `registry.ollama.ai` / `library` / `latest`;
   the tag follows the last `:` only when it comes after the last `/` (`host:5000/ns/m`);

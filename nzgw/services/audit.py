@@ -1,7 +1,7 @@
 """The audit log of one gateway process: its in-memory queue and hash chain, the flusher that
-writes it to the store in batches, the prompt-log purge, and chain verification (DESIGN §9).
+writes it to the store in batches, the prompt-log purge, and chain verification (docs/audit.md).
 
-Request path (DESIGN §1, step 8), in the connection's shielded cleanup::
+Request path (docs/ARCHITECTURE.md, step 8), in the connection's shielded cleanup::
 
     audit.record(event, prompt)      # sync, O(1): a deque append; never touches the store
 

@@ -20,7 +20,7 @@ says which part failed. The path, cheapest first:
    revoked.
 6. Key and tenant active, key not expired (wall clock), rehash if the parameters changed, cache.
 
-Revocation within one second on every process (DESIGN §5): every change to a key or tenant
+Revocation within one second on every process: every change to a key or tenant
 bumps the store's revocation epoch in the same transaction. `run_revocation_watch` reads it every
 `interval` seconds and empties the cache when it moved. The cache is trusted only while the
 last successful read STARTED less than `max_staleness` seconds ago (1 s by default); when the

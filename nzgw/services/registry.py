@@ -8,7 +8,7 @@ never half of each.
 
 Routing order. `OLLAMA_BACKENDS` order is the priority, and every backend has its own priority
 (its position), so `candidates` is simply the hosting backends in rotation, in config order.
-DESIGN §7 prefers a backend where the model is already loaded "within the same priority"; with
+The first design preferred a backend where the model is loaded "within the same priority"; with
 one backend per priority level that preference never reorders anything, so it is not applied.
 If priority groups are ever added to the configuration, sort the hosting backends of each
 model by `(group, not loaded, position)` in `build_snapshot` (the loaded sets are there).

@@ -247,7 +247,7 @@ class EmulatorSettings:
     model_faults: dict[str, Fault] = attrs.Factory(dict)
     #: Body chunks DIE_MID_STREAM sends before it closes the connection.
     die_after_frames: int = 2
-    #: Ollama bound to loopback answers 403 (empty body) unless `Host` is local (reference §0.6).
+    #: Ollama on loopback answers 403 (empty body) unless `Host` is local (docs/OLLAMA-WIRE.md).
     check_host: bool = True
     _fault_listeners: list[Callable[[Fault, Fault], None]] = attrs.field(
         factory=list, init=False, repr=False

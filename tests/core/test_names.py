@@ -1,6 +1,6 @@
 """Model names: parsing and normalisation as Ollama does it, and allow-list patterns.
 
-Rules for this module: expected values come from Ollama's rules (reference §0.5,
+Rules for this module: expected values come from Ollama's rules (docs/OLLAMA-WIRE.md,
 `types/model/name.go`, `modelref`), never from running the code under test.
 """
 
