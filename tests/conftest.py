@@ -1,6 +1,8 @@
-"""A hang guard for every Trio test: the whole test (its async fixtures included) runs inside a
-cancel scope that a wall-clock watchdog cancels after `HANG_GUARD_SECONDS` (or the seconds of
-a `@pytest.mark.hang_guard(N)` marker); the test then fails with `HangGuardError`.
+"""Shared fixtures (`database_url`), and a hang guard for every Trio test.
+
+The whole test (its async fixtures included) runs inside a cancel scope that a wall-clock
+watchdog cancels after `HANG_GUARD_SECONDS` (or the seconds of a `@pytest.mark.hang_guard(N)`
+marker); the test then fails with `HangGuardError`.
 
 A guard against hangs, not a speed assertion: generous, on real time (a thread timer), so it
 is independent of the test's clock (`MockClock` with autojump jumps virtual time; a guard on
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import suppress
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+
+from tests.store import pg
 
 HANG_GUARD_SECONDS = 300.0
 
@@ -68,3 +73,13 @@ def _is_async(item: pytest.Function) -> bool:
     """A coroutine test, also under Hypothesis (which wraps it in a sync function)."""
     inner = getattr(getattr(item.obj, "hypothesis", None), "inner_test", item.obj)
     return inspect.iscoroutinefunction(inner)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store URL: a SQLite file, and a scratch PostgreSQL database (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/nzgw.db"
+        return
+    with pg.scratch_database() as url:
+        yield url

@@ -37,6 +37,8 @@ IO_MODULES = {
 # Only these may import the drivers (and the asyncio bridge).
 DRIVERS = {"asyncpg", "trio_asyncio", "coredis", "redis", "httpx", "httpcore", "sqlite3"}
 
+# The composition root and the commands wire everything (but the commands).
+_WIRING = {"core", "ports", "config", "services", "http", "adapters", "logs", "server", "testing"}
 # Which nzgw packages each layer may import.
 ALLOWED = {
     "core": {"core"},
@@ -46,29 +48,8 @@ ALLOWED = {
     "services": {"core", "ports", "config", "services"},
     "http": {"core", "ports", "config", "services", "http", "logs"},
     "testing": {"core", "testing", "config"},
-    "server": {
-        "core",
-        "ports",
-        "config",
-        "services",
-        "http",
-        "adapters",
-        "logs",
-        "server",
-        "testing",
-    },
-    "cli": {
-        "core",
-        "ports",
-        "config",
-        "services",
-        "http",
-        "adapters",
-        "logs",
-        "server",
-        "cli",
-        "testing",
-    },
+    "server": _WIRING,
+    "cli": _WIRING | {"cli"},
     "logs": {"logs"},
 }
 # Names `from nzgw import ...` may take that are not a layer (package metadata).

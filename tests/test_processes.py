@@ -46,21 +46,29 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**keep, "NZGW_ENV_FILE": str(tmp_path / "none.env"), **extra}
 
 
+async def start_nzgw(
+    nursery: trio.Nursery, command: str, cwd: Path, env: dict[str, str]
+) -> trio.Process:
+    """`python -m nzgw <command>` as a child of `nursery` (its output discarded)."""
+    proc: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [sys.executable, "-m", "nzgw", command],
+            cwd=cwd,
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    return proc
+
+
 async def run_dev(tmp_path: Path, port: int) -> tuple[str, int]:
     """Start `nzgw dev` in tmp_path, list models with its key, stop it; (key, exit code)."""
     env = env_for(tmp_path, NZGW_BIND=f"127.0.0.1:{port}")
     async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-m", "nzgw", "dev"],
-                cwd=tmp_path,
-                env=env,
-                check=False,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        proc = await start_nzgw(nursery, "dev", tmp_path, env)
         url = f"http://127.0.0.1:{port}"
         await wait_answer(f"{url}/healthz", proc)
         key_file = tmp_path / "var" / "dev-key"
@@ -114,17 +122,7 @@ async def test_serve_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:
             NZGW_MIGRATE_ON_START="true",
         )
         async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [sys.executable, "-m", "nzgw", "serve"],
-                    cwd=tmp_path,
-                    env=env,
-                    check=False,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            proc = await start_nzgw(nursery, "serve", tmp_path, env)
             await wait_answer(f"http://127.0.0.1:{port}/readyz", proc)
             proc.send_signal(signal.SIGTERM)
             with trio.fail_after(30):

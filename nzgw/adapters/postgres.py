@@ -302,11 +302,9 @@ class PostgresStore:
 
         async def work(conn: Connection) -> Tenant:
             async with conn.transaction():
-                try:
-                    row = await conn.fetchrow(_pg(q.INSERT_TENANT), *params)
-                except asyncpg.UniqueViolationError as exc:
-                    raise ConflictError(f"a tenant named {name!r} exists already") from exc
-                await conn.execute(q.BUMP_EPOCH)
+                row = await _write_bumping_epoch(
+                    conn, _pg(q.INSERT_TENANT), params, f"a tenant named {name!r} exists already"
+                )
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -334,11 +332,12 @@ class PostgresStore:
                 if not columns:
                     return current
                 sql = _pg(q.update_sql("tenants", columns, "id = ?", q.TENANT_SELECT))
-                try:
-                    row = await conn.fetchrow(sql, *columns.values(), now, current.id)
-                except asyncpg.UniqueViolationError as exc:
-                    raise ConflictError(f"a tenant named {changes.name!r} exists already") from exc
-                await conn.execute(q.BUMP_EPOCH)
+                row = await _write_bumping_epoch(
+                    conn,
+                    sql,
+                    [*columns.values(), now, current.id],
+                    f"a tenant named {changes.name!r} exists already",
+                )
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -366,11 +365,9 @@ class PostgresStore:
         async def work(conn: Connection) -> ApiKey:
             async with conn.transaction():
                 await _get_tenant(conn, new.tenant_id)
-                try:
-                    row = await conn.fetchrow(_pg(q.INSERT_KEY), *params)
-                except asyncpg.UniqueViolationError as exc:
-                    raise ConflictError(f"the prefix {new.prefix} is taken") from exc
-                await conn.execute(q.BUMP_EPOCH)
+                row = await _write_bumping_epoch(
+                    conn, _pg(q.INSERT_KEY), params, f"the prefix {new.prefix} is taken"
+                )
             return q.key_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -624,6 +621,19 @@ def _decode_day(value: Any) -> date:
 
 
 # --- helpers running on the asyncio side ----------------------------------------------------------
+
+
+async def _write_bumping_epoch(
+    conn: Connection, sql: str, params: Sequence[Any], conflict: str
+) -> Any:
+    """Run a one-row INSERT/UPDATE … RETURNING and bump the revocation epoch (inside the
+    caller's transaction); a unique violation is `ConflictError(conflict)`."""
+    try:
+        row = await conn.fetchrow(sql, *params)
+    except asyncpg.UniqueViolationError as exc:
+        raise ConflictError(conflict) from exc
+    await conn.execute(q.BUMP_EPOCH)
+    return row
 
 
 async def _get_tenant(

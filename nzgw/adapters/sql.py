@@ -459,25 +459,29 @@ def prompt_from_row(row: Row, decode_time: DecodeValue) -> PromptLog:
     return PromptLog(record, row["key_prefix"])
 
 
+def _conditions(*conditions: tuple[str, str, Any]) -> tuple[list[str], list[Any]]:
+    """(`column op ?` terms, their values) for the (column, op, value) whose value is set."""
+    given = [(column, op, value) for column, op, value in conditions if value is not None]
+    return [f"{column} {op} ?" for column, op, _ in given], [value for _, _, value in given]
+
+
+def _where(terms: list[str]) -> str:
+    return f" WHERE {' AND '.join(terms)}" if terms else ""
+
+
 def list_audit_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     """The listing statement for `query` (`?` parameters) and its parameters."""
-    where: list[str] = []
-    params: list[Any] = []
-    for column, op, value in (
+    where, params = _conditions(
         ("tenant_id", "=", query.tenant_id),
         ("key_prefix", "=", query.key_prefix),
         ("ts", ">=", query.since),
         ("ts", "<", query.until),
         ("status", ">=", query.status_min),
         ("status", "<=", query.status_max),
-    ):
-        if value is not None:
-            where.append(f"{column} {op} ?")
-            params.append(value)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    )
     params.append(max(0, query.limit))
     sql = (
-        f"SELECT {AUDIT_SELECT} FROM audit_log{clause} "
+        f"SELECT {AUDIT_SELECT} FROM audit_log{_where(where)} "
         "ORDER BY ts DESC, chain_id DESC, seq DESC LIMIT ?"
     )
     return sql, params
@@ -490,23 +494,17 @@ def usage_report_sql(query: UsageQuery, month_of_day: str) -> tuple[str, str, li
     are NUMERIC on PostgreSQL: cast back. Refusals count audit rows with a tenant only (a request
     without a valid key belongs to no one's usage)."""
     group = {"day": "day", "month": month_of_day, "model": "model"}[query.by]
-    where: list[str] = []
-    params: list[Any] = []
-    for column, op, value in (
+    where, params = _conditions(
         ("tenant_id", "=", query.tenant_id),
         ("key_id", "=", query.key_id),
         ("day", ">=", query.since),
         ("day", "<", query.until),
-    ):
-        if value is not None:
-            where.append(f"{column} {op} ?")
-            params.append(value)
-    ledger_where = f" WHERE {' AND '.join(where)}" if where else ""
+    )
     audit_where = " AND ".join(["outcome = 'refused'", "tenant_id IS NOT NULL", *where])
     ledger = (
         f"SELECT {group} AS grp, CAST(SUM(requests) AS BIGINT), "
         "CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT) "
-        f"FROM usage_ledger{ledger_where} GROUP BY {group}"
+        f"FROM usage_ledger{_where(where)} GROUP BY {group}"
     )
     refusals = (
         f"SELECT {group} AS grp, CAST(SUM(requests) AS BIGINT) "

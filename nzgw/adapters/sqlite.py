@@ -247,13 +247,9 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> Tenant:
             with _transaction(conn):
-                try:
-                    row = conn.execute(q.INSERT_TENANT, params).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise ConflictError(f"a tenant named {name!r} exists already") from exc
-                    raise
-                conn.execute(q.BUMP_EPOCH)
+                row = _write_bumping_epoch(
+                    conn, q.INSERT_TENANT, params, f"a tenant named {name!r} exists already"
+                )
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -278,17 +274,12 @@ class SqliteStore:
                 if not columns:
                     return current
                 sql = q.update_sql("tenants", columns, "id = ?", q.TENANT_SELECT)
-                try:
-                    row = conn.execute(
-                        sql, _params([*columns.values(), now, current.id])
-                    ).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise ConflictError(
-                            f"a tenant named {changes.name!r} exists already"
-                        ) from exc
-                    raise
-                conn.execute(q.BUMP_EPOCH)
+                row = _write_bumping_epoch(
+                    conn,
+                    sql,
+                    _params([*columns.values(), now, current.id]),
+                    f"a tenant named {changes.name!r} exists already",
+                )
             return q.tenant_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -318,13 +309,9 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> ApiKey:
             with _transaction(conn):
                 _get_tenant(conn, new.tenant_id)
-                try:
-                    row = conn.execute(q.INSERT_KEY, params).fetchone()
-                except sqlite3.IntegrityError as exc:
-                    if _is_unique(exc):
-                        raise ConflictError(f"the prefix {new.prefix} is taken") from exc
-                    raise
-                conn.execute(q.BUMP_EPOCH)
+                row = _write_bumping_epoch(
+                    conn, q.INSERT_KEY, params, f"the prefix {new.prefix} is taken"
+                )
             return q.key_from_row(row, _decode_time)
 
         return await self._run(work)
@@ -552,6 +539,21 @@ def _aware(value: Any) -> datetime:
     if decoded is None:
         raise StoreError("a chain without a start time")
     return decoded
+
+
+def _write_bumping_epoch(
+    conn: sqlite3.Connection, sql: str, params: Sequence[Any], conflict: str
+) -> Any:
+    """Run a one-row INSERT/UPDATE … RETURNING and bump the revocation epoch (inside the
+    caller's transaction); a unique violation is `ConflictError(conflict)`."""
+    try:
+        row = conn.execute(sql, params).fetchone()
+    except sqlite3.IntegrityError as exc:
+        if _is_unique(exc):
+            raise ConflictError(conflict) from exc
+        raise
+    conn.execute(q.BUMP_EPOCH)
+    return row
 
 
 def _is_unique(exc: sqlite3.IntegrityError) -> bool:
