@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from typing import Any
 
 import h11
@@ -187,18 +187,6 @@ class _Network:
         return problems
 
 
-@asynccontextmanager
-async def _pool_on_memory(size: int = 2) -> AsyncIterator[tuple[H11Pool, _Network]]:
-    async with trio.open_nursery() as nursery:
-        network = _Network(nursery)
-        pool = H11Pool(network.open_stream, size=size, connect_timeout=10.0)
-        try:
-            yield pool, network
-        finally:
-            await pool.aclose()
-            nursery.cancel_scope.cancel()
-
-
 async def _get(pool: H11Pool) -> H11Response:
     return await pool.open(b"GET", b"/", [(b"host", b"backend")], b"")
 
@@ -217,79 +205,84 @@ def no_system_tasks(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     return calls
 
 
+@pytest.fixture
+async def network(nursery: trio.Nursery, no_system_tasks: list[object]) -> AsyncIterator[_Network]:
+    """The in-memory network; after the test: no task was spawned anywhere."""
+    yield _Network(nursery)
+    assert no_system_tasks == []
+
+
+@pytest.fixture
+async def pool(network: _Network) -> AsyncIterator[H11Pool]:
+    """A pool of size 2 on the in-memory network, closed after the test."""
+    pool = H11Pool(network.open_stream, size=2, connect_timeout=10.0)
+    yield pool
+    await pool.aclose()
+
+
 @pytest.mark.parametrize("mode", ["hang_connect", "stall_headers", "stall_body"])
 async def test_cancellation_at_each_stage_leaks_nothing(
-    mode: str, no_system_tasks: list[object], autojump_clock: trio.testing.MockClock
+    mode: str,
+    network: _Network,
+    autojump_clock: trio.testing.MockClock,  # virtual time: the cancellations cost nothing
 ) -> None:
-    with trio.fail_after(30):  # virtual time: the cancellations below cost nothing
-        async with _pool_on_memory(size=1) as (pool, network):
-            for _ in range(3):  # the single slot must come back every time
-                network.mode = mode
-                with trio.move_on_after(0.5) as scope:
-                    response = await _get(pool)
-                    assert await response.receive_some() == b"one"
-                    try:
-                        await response.receive_some()
-                    finally:
-                        await response.aclose()
-                assert scope.cancelled_caught
-                assert network.leaked(pool, 1) == []
-            network.mode = "ok"
+    pool = H11Pool(network.open_stream, size=1, connect_timeout=10.0)
+    for _ in range(3):  # the single slot must come back every time
+        network.mode = mode
+        with trio.move_on_after(0.5) as scope:
             response = await _get(pool)
-            assert await response.read_all(1024) == b"onetwothree"
-            assert network.leaked(pool, 1, idle_expected=1) == []
-    assert no_system_tasks == []
+            assert await response.receive_some() == b"one"
+            try:
+                await response.receive_some()
+            finally:
+                await response.aclose()
+        assert scope.cancelled_caught
+        assert network.leaked(pool, 1) == []
+    network.mode = "ok"
+    response = await _get(pool)
+    assert await response.read_all(1024) == b"onetwothree"
+    assert network.leaked(pool, 1, idle_expected=1) == []
+    await pool.aclose()
 
 
 async def test_abandoned_response_is_closed_before_aclose_returns(
-    no_system_tasks: list[object],
+    pool: H11Pool, network: _Network
 ) -> None:
-    with trio.fail_after(30):
-        async with _pool_on_memory() as (pool, network):
-            network.mode = "stall_body"  # the body stops after its first chunk
-            response = await _get(pool)
-            assert await response.receive_some() == b"one"
-            await response.aclose()
-            assert network.opened[0].closed  # at once: no close left to another task
-            assert network.leaked(pool, 2) == []
-    assert no_system_tasks == []
+    network.mode = "stall_body"  # the body stops after its first chunk
+    response = await _get(pool)
+    assert await response.receive_some() == b"one"
+    await response.aclose()
+    assert network.opened[0].closed  # at once: no close left to another task
+    assert network.leaked(pool, 2) == []
 
 
 async def test_response_finishing_after_the_pool_closed_closes_its_connection(
-    no_system_tasks: list[object],
+    pool: H11Pool, network: _Network
 ) -> None:
-    with trio.fail_after(30):
-        async with _pool_on_memory() as (pool, network):
-            response = await _get(pool)
-            await pool.aclose()  # shutdown while a response is still being read
-            assert await response.read_all(1024) == b"onetwothree"
-            assert network.opened[0].closed  # closed by the reader, before read_all returned
-            assert network.leaked(pool, 2) == []
-    assert no_system_tasks == []
+    response = await _get(pool)
+    await pool.aclose()  # shutdown while a response is still being read
+    assert await response.read_all(1024) == b"onetwothree"
+    assert network.opened[0].closed  # closed by the reader, before read_all returned
+    assert network.leaked(pool, 2) == []
 
 
 async def test_stale_idle_connection_is_closed_by_the_next_request(
-    no_system_tasks: list[object],
+    pool: H11Pool, network: _Network
 ) -> None:
-    with trio.fail_after(30):
-        async with _pool_on_memory() as (pool, network):
-            response = await _get(pool)
-            assert await response.read_all(1024) == b"onetwothree"
-            idle = pool._idle[0]
-            idle.h11 = h11.Connection(h11.CLIENT)  # not reusable: a fresh h11 state machine
-            idle.h11.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"x")]))
-            response = await _get(pool)
-            assert network.opened[0].closed  # the stale one, closed before a new one opened
-            assert await response.read_all(1024) == b"onetwothree"
-            assert len(network.opened) == 2
-            assert network.leaked(pool, 2, idle_expected=1) == []
-    assert no_system_tasks == []
+    response = await _get(pool)
+    assert await response.read_all(1024) == b"onetwothree"
+    idle = pool._idle[0]
+    idle.h11 = h11.Connection(h11.CLIENT)  # not reusable: a fresh h11 state machine
+    idle.h11.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"x")]))
+    response = await _get(pool)
+    assert network.opened[0].closed  # the stale one, closed before a new one opened
+    assert await response.read_all(1024) == b"onetwothree"
+    assert len(network.opened) == 2
+    assert network.leaked(pool, 2, idle_expected=1) == []
 
 
-async def test_reuse_over_the_injected_network() -> None:
-    with trio.fail_after(30):
-        async with _pool_on_memory() as (pool, network):
-            for _ in range(4):
-                response = await _get(pool)
-                assert await response.read_all(1024) == b"onetwothree"
-            assert len(network.opened) == 1 and network.requests == 4
+async def test_reuse_over_the_injected_network(pool: H11Pool, network: _Network) -> None:
+    for _ in range(4):
+        response = await _get(pool)
+        assert await response.read_all(1024) == b"onetwothree"
+    assert len(network.opened) == 1 and network.requests == 4

@@ -217,13 +217,19 @@ def encode_models(models: tuple[str, ...]) -> str:
 
 def tenant_assignments(changes: TenantChanges) -> dict[str, Any]:
     """Column → new value for the fields `changes` sets (column names from a fixed list)."""
-    columns: dict[str, Any] = {}
-    if changes.name is not None:
-        columns["name"] = changes.name
+    columns = _shared_assignments(changes)
     if changes.status is not None:
         if changes.status is Status.REVOKED:
             raise ValueError("a tenant can be active or disabled, not revoked")
         columns["status"] = changes.status.value
+    return columns
+
+
+def _shared_assignments(changes: TenantChanges | KeyChanges) -> dict[str, Any]:
+    """The columns tenants and keys share: name, limits, budgets, allowed models."""
+    columns: dict[str, Any] = {}
+    if changes.name is not None:
+        columns["name"] = changes.name
     if changes.limits is not None:
         columns.update(zip(LIMIT_COLUMNS, limits_values(changes.limits), strict=True))
     if changes.budgets is not None:
@@ -235,19 +241,11 @@ def tenant_assignments(changes: TenantChanges) -> dict[str, Any]:
 
 def key_assignments(changes: KeyChanges, now: datetime) -> dict[str, Any]:
     """Column → new value for the fields `changes` sets (column names from a fixed list)."""
-    columns: dict[str, Any] = {}
-    if changes.name is not None:
-        columns["name"] = changes.name
+    columns = _shared_assignments(changes)
     if changes.status is not None:
         columns["status"] = changes.status.value
         if changes.status is Status.REVOKED:
             columns["revoked_at"] = now
-    if changes.limits is not None:
-        columns.update(zip(LIMIT_COLUMNS, limits_values(changes.limits), strict=True))
-    if changes.budgets is not None:
-        columns.update(zip(BUDGET_COLUMNS, budgets_values(changes.budgets), strict=True))
-    if changes.allowed_models is not None:
-        columns["allowed_models"] = encode_models(changes.allowed_models)
     if changes.log_prompts is not None:
         columns["log_prompts"] = changes.log_prompts
     if changes.clear_prompt_ttl:
