@@ -224,9 +224,9 @@ class Emulator:
         self._announce()
         try:
             await self._converse(connection)
-        except trio.BrokenResourceError:
+        except* trio.BrokenResourceError:  # also from inside `_watching_peer`'s nursery
             connection.peer_left = True
-        except trio.ClosedResourceError:
+        except* trio.ClosedResourceError:
             pass  # closed under us by REFUSE
         finally:
             # Synchronous close: it happens even when this task is being cancelled.
