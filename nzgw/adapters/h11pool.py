@@ -77,6 +77,13 @@ class _Connection:
             return False
         return not readable
 
+    async def receive(self, eof_message: str) -> None:
+        """Feed h11 with what the socket delivers next; EOF is `UpstreamError(eof_message)`."""
+        data = await self.stream.receive_some(_READ_SIZE)
+        if not data:
+            raise UpstreamError(eof_message)
+        self.h11.receive_data(bytes(data))
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), suppress(*_TRANSPORT_ERRORS):
             await self.stream.aclose()
@@ -123,10 +130,7 @@ class H11Response:
                 if event is h11.NEED_DATA:
                     if parts:
                         break  # deliver what we have; read more on the next call
-                    data = await conn.stream.receive_some(_READ_SIZE)
-                    if not data:
-                        raise UpstreamError("connection closed before the end of the response")
-                    conn.h11.receive_data(bytes(data))
+                    await conn.receive("connection closed before the end of the response")
                     continue
                 if type(event) is h11.EndOfMessage:
                     await self._release_finished()
@@ -231,10 +235,7 @@ class H11Pool:
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
-                    received = await conn.stream.receive_some(_READ_SIZE)
-                    if not received:
-                        raise UpstreamError("connection closed before the response")
-                    conn.h11.receive_data(bytes(received))
+                    await conn.receive("connection closed before the response")
                     continue
                 if type(event) is h11.InformationalResponse:
                     continue
