@@ -157,8 +157,8 @@ class H11Response:
 
     async def _release_finished(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            await _close_all(self._pool._done(conn, reusable=True))
+        if conn is not None and (to_close := self._pool._done(conn, reusable=True)):
+            await _close_all(to_close)
 
     async def aclose(self) -> None:
         """Close the response; an unfinished one closes its connection. Idempotent, shielded."""
