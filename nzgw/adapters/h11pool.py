@@ -223,7 +223,8 @@ class H11Pool:
         handed_over = False
         try:
             conn, stale = self._checkout_idle()
-            await _close_all(stale)
+            if stale:
+                await _close_all(stale)
             if conn is None:
                 conn = await self._connect()
             request = h11.Request(method=method, target=target, headers=headers)

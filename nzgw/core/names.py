@@ -260,5 +260,20 @@ def allowed_models(*pattern_lists: Iterable[str]) -> Callable[[str], bool]:
     """The one allowed-models check: a NORMALISED name is allowed when every list allows it
     (a key's and its tenant's: the intersection; an empty list allows all). The lists are
     compiled once (memoised), so call it per request."""
-    compiled = [ModelPatterns.compile(patterns) for patterns in pattern_lists]
-    return lambda normalized_name: all(p.allows(normalized_name) for p in compiled)
+    restricting = [
+        compiled for compiled in map(ModelPatterns.compile, pattern_lists) if not compiled.allow_all
+    ]
+    if not restricting:
+        return _allows_any
+    if len(restricting) == 1:
+        return restricting[0].allows
+    if len(restricting) == 2:  # a key's and its tenant's: the common case, without a loop
+        first, second = restricting
+        return lambda normalized_name: (
+            first.allows(normalized_name) and second.allows(normalized_name)
+        )
+    return lambda normalized_name: all(p.allows(normalized_name) for p in restricting)
+
+
+def _allows_any(_normalized_name: str) -> bool:
+    return True

@@ -336,6 +336,8 @@ def test_allowed_models_is_an_intersection() -> None:
     assert allowed_models((), ["*"])("anything:1")
     assert allowed_models((), ())("anything:1")  # no restriction at all
     assert not allowed_models(["llama3"])("Llama3:latest")  # not normalised: fail closed
+    three = allowed_models(["*:8b", "qwen*"], ["llama3:*", "qwen*"], ["*"])
+    assert three("llama3:8b") and not three("mistral:8b") and not three("llama3:latest")
 
 
 @settings(max_examples=200)
