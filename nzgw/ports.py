@@ -7,14 +7,22 @@ errors below and nothing above the adapters catches a library exception.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import date, datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
 import attrs
 
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+
+WallClock = Callable[[], datetime]
+"""Wall-clock time for what is dated (expiry, audit rows, budget days); tests pass their own."""
+
+
+def utc_now() -> datetime:
+    """The one production `WallClock`."""
+    return datetime.now(UTC)
 
 
 class StoreError(Exception):
@@ -78,6 +86,58 @@ class Backend(Protocol):
     ) -> UpstreamResponse: ...
 
     async def get_json(self, path: str, *, limit: int = ...) -> Any: ...
+
+
+class PolledBackend(Protocol):
+    """What discovery and probes need of a backend (`Backend` has it; fakes in tests)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def get_json(self, path: str) -> Any:
+        """GET `path`, return the decoded JSON. Raises `UpstreamError`. Takes no timeout."""
+        ...
+
+
+# --- Services as the HTTP layer sees them --------------------------------------------------------
+#
+# A Protocol whose implementation carries the same role name ends in `Port` (`RegistryPort` is
+# implemented by `services.registry.Registry`); see docs/ARCHITECTURE.md ("Ports").
+
+
+class AuthenticatorPort(Protocol):
+    """Checks a presented API key (`services.identity.Authenticator`)."""
+
+    async def authenticate(self, presented: str, client_addr: str) -> Principal: ...
+
+
+class RegistryPort(Protocol):
+    """Which backends host which model, and their health (`services.registry.Registry`)."""
+
+    def ready(self) -> bool: ...
+
+    def hosts(self, model: str) -> bool: ...
+
+    def candidates(self, model: str) -> Sequence[Backend]: ...
+
+    def candidate_tiers(self, model: str) -> Sequence[Sequence[Backend]]: ...
+
+    def note_routed(self, backend_name: str, model: str) -> None: ...
+
+    def record_failure(self, backend_name: str) -> None: ...
+
+    def record_success(self, backend_name: str) -> None: ...
+
+    def list_models(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
+
+    def list_loaded(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
+
+
+class AuditGatePort(Protocol):
+    """The audit log as the request path sees it: `refusing` while its queue is full
+    (`services.audit.AuditLog`)."""
+
+    refusing: bool
 
 
 # --- Store: tenants, keys, usage ledger -----------------------------------------------------------
@@ -150,7 +210,7 @@ class UsageTotals:
     lifetime_tokens: int = 0
 
 
-# --- Store: audit log, prompt logs, usage reports (DESIGN §9) ------------------------------------
+# --- Store: audit log, prompt logs, usage reports (docs/audit.md) ---------------------------------
 
 
 @attrs.frozen
@@ -354,7 +414,7 @@ class Store(AuditStore, Protocol):
         ...
 
 
-# --- Counters: live windows, leases, budget counters (DESIGN §4, §6) ------------------------------
+# --- Counters: live windows, leases, budget counters ---------------------------------------------
 
 from collections.abc import Mapping  # noqa: E402
 

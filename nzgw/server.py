@@ -1,6 +1,6 @@
 """The composition root: configuration → adapters → services → app, under one root nursery.
 
-Resources open outermost-first and close in reverse (DESIGN §2):
+Resources open outermost-first and close in reverse (docs/ARCHITECTURE.md, "Spine"):
 
     store → counters → backend clients → root nursery
         ├─ discovery          (started first: ready only after the first snapshot)

@@ -1,8 +1,12 @@
-"""A child process's JSON log lines on stderr, collected as they come, with waits on them."""
+"""Child processes of the tests: a process's JSON log lines on stderr, collected as they come,
+with waits on them; and `run_nzgw`, a command run to its end."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -46,3 +50,17 @@ class ProcessLog:
                 raise AssertionError(f"exited before logging {msg!r}: {self.lines[-10:]}")
             await self._changed.wait()
         return self.logged(msg)
+
+
+def run_nzgw(
+    args: list[str], *, env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`python -m nzgw <args>` to its end (60 s at most), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "nzgw", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -32,18 +32,8 @@ from nzgw.ports import AuditQuery, ChainHead, Store, StoreUnavailableError
 from nzgw.services.audit import AuditLog, purge_expired_prompts, run_prompt_purge, verify_audit
 from nzgw.testing import Fault
 from tests.harness import Harness, open_harness
-from tests.store import pg
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hello"}], "stream": False}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/audit.db"
-        return
-    with pg.scratch_database() as url:
-        yield url
 
 
 def audit_of(h: Harness) -> AuditLog:

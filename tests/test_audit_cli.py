@@ -5,30 +5,18 @@ raw SQL plays the attacker who edits or deletes audit rows."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from click.testing import CliRunner, Result
 
 from nzgw.cli import main
 from nzgw.services.audit import AuditLog
 from tests.harness import open_harness
-from tests.store import pg
 from tests.store.test_audit_contract import raw_sql
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/cli.db"
-        return
-    with pg.scratch_database() as url:
-        yield url
 
 
 async def _populate(url: str, tmp_path: Path) -> dict[str, str]:

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,8 @@ from nzgw.cli import main
 from nzgw.config import Argon2Params, test_config
 from nzgw.core.models import Principal
 from nzgw.services.identity import AuthenticationError, Authenticator
-from tests.store import pg
 
 ARGON2_ENV = {"NZGW_ARGON2_TIME_COST": "1", "NZGW_ARGON2_MEMORY_KIB": "64"}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/cli.db"
-        return
-    with pg.scratch_database() as url:
-        yield url
 
 
 @pytest.fixture

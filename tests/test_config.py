@@ -4,13 +4,12 @@ invalid value (the CLI turns it into exit status 2)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nzgw.config import SETTINGS, BackendConfig, ConfigError, load_config
+from tests.process_log import run_nzgw
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,14 +110,7 @@ def test_unknown_toml_key_and_bad_toml_are_errors(tmp_path: Path) -> None:
 )
 def test_serve_exits_2_with_one_line(tmp_path: Path, name: str, value: str) -> None:
     env = {"PATH": "/usr/bin:/bin", name: value}
-    result = subprocess.run(
-        [sys.executable, "-m", "nzgw", "serve"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_nzgw(["serve"], env=env, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {name}: "), result.stderr

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 import nzgw
-from nzgw.adapters.stores import SCHEMA_DIR
+from nzgw.adapters.sql import SCHEMA_DIR
 from nzgw.config import SETTINGS, config_from_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +128,7 @@ def test_the_image_installs_the_lock_and_runs_unprivileged() -> None:
         "nzgw/ /app/nzgw/",
         "schema/ /app/schema/",
     ]
-    # schema/ is read from beside the package (nzgw/adapters/stores.py): /app/schema.
+    # schema/ is read from beside the package (nzgw/adapters/sql.py): /app/schema.
     assert Path(nzgw.__file__).resolve().parents[1] / "schema" == SCHEMA_DIR
     assert "echo /app >" in build  # the venv finds the package in /app
     user = final_args["USER"]

@@ -355,7 +355,7 @@ async def test_ollama_client_listings(emulator: Emulator) -> None:
     assert [model.name for model in running.models] == ["llama3:latest"]
 
 
-# A row per surface of reference §5.
+# A row per surface (docs/OLLAMA-WIRE.md, "Error shapes").
 NOT_FOUND = [
     ("/api/generate", {"model": "nope", "prompt": "x"}, 404, {"error": "model 'nope' not found"}),
     ("/api/chat", {"model": "nope", "messages": HELLO}, 404, {"error": "model 'nope' not found"}),

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nzgw.adapters.stores import load_migrations
+from nzgw.adapters.sql import load_migrations
 from nzgw.config import config_from_values
 from nzgw.core.models import Limits
 from nzgw.http.drain import CUT_MESSAGE

@@ -17,11 +17,12 @@ import trio
 import trio.testing
 
 from nzgw.core.models import Limits
-from nzgw.http.metrics import METRICS, LiveCollector, parse_exposition, render, sample_sum
+from nzgw.http.metrics import METRICS, LiveCollector, render
 from nzgw.services.slots import SlotPool
 from nzgw.testing import Emulator, EmulatorSettings, open_emulator
 from nzgw.testing._emu_config import Fault, default_models
 from tests.harness import Harness, open_harness
+from tests.metrics_samples import parse_exposition, sample_sum
 
 CHAT: dict[str, Any] = {
     "model": "llama3",

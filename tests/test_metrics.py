@@ -22,9 +22,7 @@ import trio
 from nzgw.http.metrics import (
     GatewayMetrics,
     LiveCollector,
-    parse_exposition,
     render,
-    sample_sum,
 )
 from nzgw.ports import (
     ConflictError,
@@ -35,6 +33,7 @@ from nzgw.ports import (
 from nzgw.services.registry import Registry
 from nzgw.testing import EmulatorSettings, Fault
 from tests.harness import Harness, open_harness
+from tests.metrics_samples import parse_exposition, sample_sum
 
 Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
 

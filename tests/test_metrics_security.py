@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from nzgw.http.metrics import parse_exposition
 from tests.harness import Harness, open_harness
+from tests.metrics_samples import parse_exposition
 from tests.test_audit import CHAT
 
 TOKEN = "m3tricsTokenValue"

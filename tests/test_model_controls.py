@@ -11,7 +11,7 @@ import trio
 
 from nzgw.ports import TenantChanges
 from tests.harness import open_harness
-from tests.test_cli_admin import Cli, database_url  # noqa: F401  (a fixture)
+from tests.test_cli_admin import Cli
 
 STEERING = {
     "model": "llama3",
@@ -23,7 +23,7 @@ STEERING = {
 
 
 @pytest.fixture
-def cli(database_url: str, tmp_path: Path) -> Cli:  # noqa: F811  (sqlite and postgres)
+def cli(database_url: str, tmp_path: Path) -> Cli:  # sqlite and postgres
     return Cli(database_url, tmp_path)
 
 

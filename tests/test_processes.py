@@ -119,6 +119,14 @@ async def test_dev_needs_nothing_but_python_and_keeps_its_key(tmp_path: Path) ->
     assert code == 0 and second_key == first_key  # the same dev key on every start
 
 
+async def test_dev_issues_a_new_working_key_when_its_file_is_lost(tmp_path: Path) -> None:
+    first_key, code = await run_dev(tmp_path, free_port())
+    assert code == 0
+    (tmp_path / "var" / "dev-key").unlink()  # the key named "dev" exists, its secret is gone
+    second_key, code = await run_dev(tmp_path, free_port())  # run_dev checks that it works
+    assert code == 0 and second_key != first_key
+
+
 async def test_serve_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     async with open_emulator() as emu:

@@ -36,14 +36,14 @@ from nzgw.adapters.stores import open_store
 from nzgw.cli.workers import WORKER_ENV, Worker, current_worker
 from nzgw.config import test_config
 from nzgw.core.models import Limits
-from nzgw.http.metrics import parse_exposition, sample_sum
 from nzgw.ports import NewKey
 from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 from tests.counters.conftest import own_redis_server
 from tests.harness import FAST_ARGON2
-from tests.process_log import ProcessLog
+from tests.metrics_samples import parse_exposition, sample_sum
+from tests.process_log import ProcessLog, run_nzgw
 
 RPM = 30
 
@@ -230,14 +230,7 @@ def test_embedded_counters_refuse_several_workers_at_start(tmp_path: Path) -> No
     port = _free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NZGW_WORKERS": "2"}
     env["NZGW_BIND"] = f"127.0.0.1:{port}"
-    result = subprocess.run(
-        [sys.executable, "-m", "nzgw", "serve"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_nzgw(["serve"], env=env, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "Error: NZGW_WORKERS: more than one worker needs REDIS_URL "

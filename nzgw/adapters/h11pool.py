@@ -1,6 +1,6 @@
 """The data plane's HTTP/1.1 client: a small connection pool over Trio streams and h11.
 
-Why not httpcore here (it still serves discovery and probes): measured on this stack, one
+Why not httpx/httpcore here (httpx serves discovery and probes): measured on this stack, one
 proxied request costs 0.28 ms of client CPU through httpcore's pool against 0.11 ms with h11
 driven directly, and httpcore streams a body through four nested async generators, which, when
 a client leaves mid-stream, are left suspended for the garbage collector. This client has no
@@ -13,6 +13,11 @@ been read to its end (then it goes back to the pool, if h11 says it can be reuse
 (then the socket is closed, which is how Ollama learns to stop generating). Cancellation at any
 point closes the socket; nothing half-read ever returns to the pool.
 
+No task of its own: the pool's bookkeeping (`_checkout_idle`, `_done`) is synchronous and
+returns the connections to close; the caller awaits those closes, shielded, in its own task
+(as httpcore's pool does). The network layer is a `StreamFactory`: `tcp_stream_factory` in
+production, an in-memory stream in tests.
+
 Every transport failure (OSError, a closed or broken stream, an h11 protocol error) is raised
 as `UpstreamError`. Timeouts are the caller's, except connecting, which is bounded here.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import select
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 
 import h11
@@ -33,6 +39,23 @@ _READ_SIZE = 65536
 _MAX_IDLE = 64  # idle connections kept per backend
 
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
+
+StreamFactory = Callable[[], Awaitable[trio.abc.Stream]]
+"""Opens one new byte stream to the backend (raises OSError when it cannot)."""
+
+
+def tcp_stream_factory(host: str, port: int, *, tls: bool) -> StreamFactory:
+    """The production network layer: TCP, or TLS over TCP with the system's trust store."""
+    ssl_context = ssl.create_default_context() if tls else None
+
+    async def open_stream() -> trio.abc.Stream:
+        if ssl_context is not None:
+            return await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl_context, https_compatible=True
+            )
+        return await trio.open_tcp_stream(host, port)
+
+    return open_stream
 
 
 class _Connection:
@@ -54,9 +77,22 @@ class _Connection:
             return False
         return not readable
 
+    async def receive(self, eof_message: str) -> None:
+        """Feed h11 with what the socket delivers next; EOF is `UpstreamError(eof_message)`."""
+        data = await self.stream.receive_some(_READ_SIZE)
+        if not data:
+            raise UpstreamError(eof_message)
+        self.h11.receive_data(bytes(data))
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), suppress(*_TRANSPORT_ERRORS):
             await self.stream.aclose()
+
+
+async def _close_all(connections: Iterable[_Connection]) -> None:
+    """Close connections the pool gave up, in the caller's task (each close is shielded)."""
+    for conn in connections:
+        await conn.aclose()
 
 
 class H11Response:
@@ -94,13 +130,10 @@ class H11Response:
                 if event is h11.NEED_DATA:
                     if parts:
                         break  # deliver what we have; read more on the next call
-                    data = await conn.stream.receive_some(_READ_SIZE)
-                    if not data:
-                        raise UpstreamError("connection closed before the end of the response")
-                    conn.h11.receive_data(bytes(data))
+                    await conn.receive("connection closed before the end of the response")
                     continue
                 if type(event) is h11.EndOfMessage:
-                    self._release_finished()
+                    await self._release_finished()
                     break
                 raise UpstreamError(f"unexpected {type(event).__name__} from the backend")
         except _TRANSPORT_ERRORS as exc:
@@ -122,28 +155,23 @@ class H11Response:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _release_finished(self) -> None:
+    async def _release_finished(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            self._pool._done(conn, reusable=True)
+        if conn is not None and (to_close := self._pool._done(conn, reusable=True)):
+            await _close_all(to_close)
 
     async def aclose(self) -> None:
         """Close the response; an unfinished one closes its connection. Idempotent, shielded."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._pool._done(conn, reusable=False)
-            await conn.aclose()
+            await _close_all(self._pool._done(conn, reusable=False))
 
 
 class H11Pool:
     """Keep-alive connections to one backend, at most `size` in use at once."""
 
-    def __init__(
-        self, host: str, port: int, *, tls: bool, size: int, connect_timeout: float
-    ) -> None:
-        self._host = host
-        self._port = port
-        self._ssl = ssl.create_default_context() if tls else None
+    def __init__(self, open_stream: StreamFactory, *, size: int, connect_timeout: float) -> None:
+        self._open_stream = open_stream
         self._idle: deque[_Connection] = deque()
         self._slots = trio.Semaphore(size)
         self._connect_timeout = connect_timeout
@@ -152,42 +180,39 @@ class H11Pool:
     async def _connect(self) -> _Connection:
         with trio.move_on_after(self._connect_timeout) as scope:
             try:
-                if self._ssl is not None:
-                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                        self._host, self._port, ssl_context=self._ssl, https_compatible=True
-                    )
-                else:
-                    stream = await trio.open_tcp_stream(self._host, self._port)
+                stream = await self._open_stream()
             except OSError as exc:
                 raise UpstreamError(f"connect: {exc}") from exc
         if scope.cancelled_caught:
             raise UpstreamError("connect: timed out")
         return _Connection(stream)
 
-    def _checkout_idle(self) -> _Connection | None:
+    def _checkout_idle(self) -> tuple[_Connection | None, list[_Connection]]:
+        """A reusable idle connection (or None), and the stale ones found on the way: the
+        caller closes those."""
+        stale: list[_Connection] = []
         while self._idle:
             conn = self._idle.pop()
             if conn.h11.our_state is h11.IDLE and conn.looks_alive():
-                return conn
-            trio.lowlevel.spawn_system_task(conn.aclose)
-        return None
+                return conn, stale
+            stale.append(conn)
+        return None, stale
 
-    def _done(self, conn: _Connection, *, reusable: bool) -> None:
+    def _done(self, conn: _Connection, *, reusable: bool) -> list[_Connection]:
+        """Give back a response's connection and its slot; return what the caller must close
+        (the connection itself unless it went back to the idle list)."""
         self._slots.release()
         if not reusable or self._closed:
-            if reusable:
-                trio.lowlevel.spawn_system_task(conn.aclose)
-            return
+            return [conn]
         try:
             if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
                 conn.h11.start_next_cycle()
         except h11.LocalProtocolError:
-            trio.lowlevel.spawn_system_task(conn.aclose)
-            return
+            return [conn]
         if conn.h11.our_state is h11.IDLE and len(self._idle) < _MAX_IDLE:
             self._idle.append(conn)
-        else:
-            trio.lowlevel.spawn_system_task(conn.aclose)
+            return []
+        return [conn]
 
     async def open(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
@@ -197,7 +222,11 @@ class H11Pool:
         conn: _Connection | None = None
         handed_over = False
         try:
-            conn = self._checkout_idle() or await self._connect()
+            conn, stale = self._checkout_idle()
+            if stale:
+                await _close_all(stale)
+            if conn is None:
+                conn = await self._connect()
             request = h11.Request(method=method, target=target, headers=headers)
             data = conn.h11.send(request) or b""
             if body:
@@ -207,10 +236,7 @@ class H11Pool:
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
-                    received = await conn.stream.receive_some(_READ_SIZE)
-                    if not received:
-                        raise UpstreamError("connection closed before the response")
-                    conn.h11.receive_data(bytes(received))
+                    await conn.receive("connection closed before the response")
                     continue
                 if type(event) is h11.InformationalResponse:
                     continue

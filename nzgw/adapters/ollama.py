@@ -1,13 +1,16 @@
-"""HTTP clients for one Ollama backend.
+"""HTTP clients for the Ollama backends: one pool per purpose.
 
-Two pools per backend: the data plane (`open`: inference requests, relayed as they come) runs
-on `h11pool.H11Pool`, a lean h11 client measured at well under half of httpcore's CPU per
-request; the control plane (`get_json`: discovery and probes, a few requests per tick) uses
-httpcore's connection pool directly. Every library exception is translated into
-`UpstreamError` here; nothing above this module sees an httpcore or h11 type.
+* Data plane (`OllamaBackend.open`: inference requests, relayed as they come): one
+  `h11pool.H11Pool` per backend, a lean h11 client that costs well under half of httpcore's CPU
+  per request and leaves no async generator behind when a client leaves mid-stream.
+* Control plane (`OllamaBackend.get_json`: discovery and probes, a few small requests per tick,
+  where speed does not matter): one `httpx.AsyncClient` shared by every backend, the HTTP client
+  the project's design names; it brings TLS, redirects refused, and HTTP/1.1 keep-alive.
 
-Timeouts: the connect timeout is part of the pool's configuration (like a driver setting);
-time to first byte and stalls are the caller's business (`trio.fail_after` around calls).
+Every library exception is translated into `UpstreamError` here; nothing above this module
+sees an httpx, httpcore or h11 type. Timeouts: the connect timeout is part of the clients'
+configuration (like a driver setting); time to first byte and stalls are the caller's business
+(`trio.fail_after` around calls). See docs/ARCHITECTURE.md ("Upstream clients").
 """
 
 from __future__ import annotations
@@ -15,33 +18,27 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpcore
+import httpx
 import trio
 
-from nzgw.adapters.h11pool import H11Pool, H11Response
+from nzgw.adapters.h11pool import H11Pool, H11Response, tcp_stream_factory
 from nzgw.config import BackendConfig
 from nzgw.ports import UpstreamError
 
-_HTTPCORE_ERRORS = (
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.TimeoutException,
-    httpcore.UnsupportedProtocol,
-    httpcore.ProxyError,
-    OSError,
-)
+CONTROL_PLANE_LIMIT = 16 * 1024 * 1024  # largest JSON document accepted from `get_json`
+_CONTROL_PLANE_CONNECTIONS = 16  # the shared control-plane client's pool, for all backends
 
 
 def host_header(url: str) -> bytes:
     """The Host header for a backend URL.
 
     Ollama bound to loopback answers 403 unless Host is `localhost`, an IP, or a few name
-    patterns (reference §0.6). A bare service name such as `ollama` (compose) is none of those,
-    so single-label names are sent as `localhost:port`; real domain names and IPs are kept.
+    patterns. A bare service name such as `ollama` (compose) is none of those, so single-label
+    names are sent as `localhost:port`; real domain names and IPs are kept.
     """
     parts = urlsplit(url)
     host = parts.hostname or "localhost"
@@ -59,65 +56,39 @@ def host_header(url: str) -> bytes:
     return (host if port == default_port else f"{host}:{port}").encode("ascii")
 
 
-class UpstreamResponse:
-    """An open upstream response. Read it with `receive_some`; always `aclose` it.
+def open_control_client(*, connect_timeout: float) -> httpx.AsyncClient:
+    """The control plane's client (enter it with `async with`). No overall timeout: callers
+    bound each call (`trio.move_on_after`); connecting is bounded here."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=connect_timeout),
+        limits=httpx.Limits(
+            max_connections=_CONTROL_PLANE_CONNECTIONS,
+            max_keepalive_connections=_CONTROL_PLANE_CONNECTIONS,
+        ),
+        follow_redirects=False,
+        trust_env=False,  # never route backend traffic through an environment proxy
+    )
 
-    Closing a response that was not read to the end closes its connection (it never goes back
-    to the pool half-read), which is how Ollama learns to stop generating.
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes (else `UpstreamError`).
+
+    Never `break` out of httpx's byte iterator: it is a chain of async generators, and one left
+    suspended is finalised later by the garbage collector (trio warns). Past the limit, the
+    scope is cancelled instead, so the next read unwinds the whole chain at once.
     """
-
-    __slots__ = ("_chunks", "_finished", "_response", "headers", "status")
-
-    def __init__(self, response: httpcore.Response) -> None:
-        self._response = response
-        self.status: int = response.status
-        self.headers: list[tuple[bytes, bytes]] = list(response.headers)
-        self._chunks: AsyncIterator[bytes] = response.aiter_stream()
-        self._finished = False
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
-    async def receive_some(self) -> bytes:
-        """The next chunk as the socket delivered it; `b""` at the end. Raises `UpstreamError`."""
-        try:
-            return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._finished = True
-            return b""
-        except _HTTPCORE_ERRORS as exc:
-            self._finished = True
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def read_all(self, limit: int) -> bytes:
-        """The whole remaining body (at most `limit` bytes, else `UpstreamError`)."""
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.receive_some():
+    parts: list[bytes] = []
+    size = 0
+    with trio.CancelScope() as too_large:
+        async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > limit:
-                raise UpstreamError("upstream body too large")
+                too_large.cancel()
+                continue
             parts.append(chunk)
-        return b"".join(parts)
-
-    async def aclose(self) -> None:
-        """Release the connection. Safe to call twice; shielded: cleanup must not be skipped.
-
-        httpcore streams through four nested async generators. Closing the response closes the
-        connection, but generators left suspended mid-body would be finalised later by the
-        garbage collector (trio warns). So after the close, one more read is made: it fails at
-        the bottom on the closed connection and unwinds every layer now, deterministically.
-        """
-        with trio.CancelScope(shield=True):
-            with suppress(*_HTTPCORE_ERRORS):
-                await self._response.aclose()
-            if not self._finished:
-                self._finished = True
-                with suppress(StopAsyncIteration, RuntimeError, *_HTTPCORE_ERRORS):
-                    await self._chunks.__anext__()
+    if size > limit:
+        raise UpstreamError("upstream body too large")
+    return b"".join(parts)
 
 
 class OllamaBackend:
@@ -129,30 +100,29 @@ class OllamaBackend:
         *,
         pool_size: int,
         connect_timeout: float,
-        keepalive_expiry: float = 30.0,
+        control: httpx.AsyncClient | None = None,
     ) -> None:
+        """`control`: the shared control-plane client; without one, `get_json` is unusable
+        (a data-plane-only backend, as in the pool's tests). The caller owns `control`."""
         self.name = config.name
         self.url = config.url
-        self._base = config.url.encode("ascii")
+        self._base = config.url.rstrip("/")
         self._base_headers: list[tuple[bytes, bytes]] = [(b"host", host_header(config.url))]
         if config.auth_token:
             self._base_headers.append(
                 (b"authorization", b"Bearer " + config.auth_token.encode("latin-1"))
             )
-        self._extensions: dict[str, Any] = {"timeout": {"connect": connect_timeout}}
         parts = urlsplit(config.url)
         self._data_plane = H11Pool(
-            parts.hostname or "localhost",
-            parts.port or (443 if parts.scheme == "https" else 80),
-            tls=parts.scheme == "https",
+            tcp_stream_factory(
+                parts.hostname or "localhost",
+                parts.port or (443 if parts.scheme == "https" else 80),
+                tls=parts.scheme == "https",
+            ),
             size=pool_size,
             connect_timeout=connect_timeout,
         )
-        self._pool = httpcore.AsyncConnectionPool(
-            max_connections=pool_size,
-            keepalive_expiry=keepalive_expiry,
-            retries=0,
-        )
+        self._control = control
 
     async def open(
         self,
@@ -170,32 +140,28 @@ class OllamaBackend:
             request_headers.append((b"content-length", str(len(body)).encode()))
         return await self._data_plane.open(method, path, request_headers, body)
 
-    async def get_json(self, path: str, *, limit: int = 16 * 1024 * 1024) -> Any:
-        """GET a JSON document (discovery, probes). Raises `UpstreamError` on any failure."""
-        request = httpcore.Request(
-            b"GET",
-            self._base + path.encode("ascii"),
-            headers=self._base_headers,
-            extensions=self._extensions,
-        )
+    async def get_json(self, path: str, *, limit: int = CONTROL_PLANE_LIMIT) -> Any:
+        """GET a JSON document on the control plane (discovery, probes). Raises `UpstreamError`
+        on any failure. On cancellation the connection is closed, nothing is left open."""
+        if self._control is None:
+            raise UpstreamError("no control-plane client")
         try:
-            response = UpstreamResponse(await self._pool.handle_async_request(request))
-        except _HTTPCORE_ERRORS as exc:
+            async with self._control.stream(
+                "GET", self._base + path, headers=self._base_headers
+            ) as response:
+                body = await _read_limited(response, limit)
+        except httpx.HTTPError as exc:
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            body = await response.read_all(limit)
-        finally:
-            await response.aclose()
-        if response.status != 200:
-            raise UpstreamError(f"HTTP {response.status}")
+        if response.status_code != 200:
+            raise UpstreamError(f"HTTP {response.status_code}")
         try:
             return json.loads(body)
         except ValueError as exc:
             raise UpstreamError("invalid JSON from backend") from exc
 
     async def aclose(self) -> None:
+        """Close the data plane's pool (the control-plane client belongs to the caller)."""
         with trio.CancelScope(shield=True):
-            await self._pool.aclose()
             await self._data_plane.aclose()
 
 
@@ -203,12 +169,15 @@ class OllamaBackend:
 async def open_backends(
     configs: Sequence[BackendConfig], *, pool_size: int, connect_timeout: float
 ) -> AsyncIterator[list[OllamaBackend]]:
-    """One pooled client per backend, closed (shielded) when the block exits."""
-    backends = [
-        OllamaBackend(c, pool_size=pool_size, connect_timeout=connect_timeout) for c in configs
-    ]
-    try:
-        yield backends
-    finally:
-        for backend in backends:
-            await backend.aclose()
+    """One data-plane pool per backend and one control-plane client for them all, closed
+    (shielded) when the block exits."""
+    async with open_control_client(connect_timeout=connect_timeout) as control:
+        backends = [
+            OllamaBackend(c, pool_size=pool_size, connect_timeout=connect_timeout, control=control)
+            for c in configs
+        ]
+        try:
+            yield backends
+        finally:
+            for backend in backends:
+                await backend.aclose()

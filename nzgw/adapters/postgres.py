@@ -25,7 +25,7 @@ import asyncpg
 import trio
 import trio_asyncio
 
-from nzgw.adapters import stores as q
+from nzgw.adapters import sql as q
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
@@ -45,6 +45,8 @@ from nzgw.ports import (
     UsageReportRow,
     UsageRow,
     UsageTotals,
+    WallClock,
+    utc_now,
 )
 
 T = TypeVar("T")
@@ -58,7 +60,7 @@ Connection = Any  # asyncpg.Connection (asyncpg ships no type information)
 
 @asynccontextmanager
 async def open_postgres_store(
-    url: str, *, clock: q.Clock = q.utc_now, max_connections: int = 10
+    url: str, *, clock: WallClock = utc_now, max_connections: int = 10
 ) -> AsyncIterator[PostgresStore]:
     """Connect a pool to the PostgreSQL database at `url`.
 
@@ -104,7 +106,7 @@ def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException |
 
 @asynccontextmanager
 async def _open_pool(
-    url: str, loop: Any, clock: q.Clock, max_connections: int
+    url: str, loop: Any, clock: WallClock, max_connections: int
 ) -> AsyncIterator[PostgresStore]:
     async def create_pool() -> Any:
         return await asyncpg.create_pool(url, min_size=1, max_size=max_connections)
@@ -221,7 +223,7 @@ def _decode_time(value: Any) -> datetime | None:
 class PostgresStore:
     """The `Store` port on PostgreSQL. Build it with `open_postgres_store`."""
 
-    def __init__(self, pool: Any, loop: Any, *, clock: q.Clock = q.utc_now) -> None:
+    def __init__(self, pool: Any, loop: Any, *, clock: WallClock = utc_now) -> None:
         self._pool = pool
         self._loop = loop
         self._clock = clock

@@ -21,8 +21,8 @@ refreshes failed for a whole ttl) has its reservation taken back off the budget 
 next admission of its tenant, so a dead request does not stay charged (docs: README "Failure
 behaviour"). All times in the scripts come from Redis `TIME`: one clock for every replica.
 
-Every call goes through `_eval`, which keeps cancellation away from coredis (STACK-NOTES, trap
-1: a call cancelled while coredis opens a connection loses that pool slot for good) and judges
+Every call goes through `_eval`, which keeps cancellation away from coredis (a call cancelled
+while coredis opens a connection loses that pool slot for good; docs/ARCHITECTURE.md) and judges
 Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 import trio
 
-from nzgw.adapters import stores as q
+from nzgw.adapters import sql as q
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
@@ -47,6 +47,8 @@ from nzgw.ports import (
     UsageReportRow,
     UsageRow,
     UsageTotals,
+    WallClock,
+    utc_now,
 )
 
 T = TypeVar("T")
@@ -64,7 +66,7 @@ def sqlite_path(url: str) -> str:
 
 
 @asynccontextmanager
-async def open_sqlite_store(url: str, *, clock: q.Clock = q.utc_now) -> AsyncIterator[SqliteStore]:
+async def open_sqlite_store(url: str, *, clock: WallClock = utc_now) -> AsyncIterator[SqliteStore]:
     """Open (and create, with its directory) the SQLite database at `url`.
 
     Raises `StoreUnavailableError` if the file cannot be opened. The connection is closed on exit,
@@ -189,7 +191,7 @@ def _translate(exc: sqlite3.Error) -> StoreError:
 class SqliteStore:
     """The `Store` port on SQLite. Build it with `open_sqlite_store`."""
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: q.Clock = q.utc_now) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, clock: WallClock = utc_now) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._lock = trio.Lock()
         self._clock = clock
@@ -589,6 +591,21 @@ def _aware(value: Any) -> datetime:
     if decoded is None:
         raise StoreError("a chain without a start time")
     return decoded
+
+
+def _write_bumping_epoch(
+    conn: sqlite3.Connection, sql: str, params: Sequence[Any], conflict: str
+) -> Any:
+    """Run a one-row INSERT/UPDATE … RETURNING and bump the revocation epoch (inside the
+    caller's transaction); a unique violation is `ConflictError(conflict)`."""
+    try:
+        row = conn.execute(sql, params).fetchone()
+    except sqlite3.IntegrityError as exc:
+        if _is_unique(exc):
+            raise ConflictError(conflict) from exc
+        raise
+    conn.execute(q.BUMP_EPOCH)
+    return row
 
 
 def _is_unique(exc: sqlite3.IntegrityError) -> bool:

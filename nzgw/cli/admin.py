@@ -46,8 +46,9 @@ from nzgw.ports import (
     NotFoundError,
     Store,
     TenantChanges,
+    utc_now,
 )
-from nzgw.services.identity import KeyHasher, utc_now
+from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -43,8 +43,9 @@ from nzgw.ports import (
     UsageGrouping,
     UsageQuery,
     UsageReportRow,
+    utc_now,
 )
-from nzgw.services.audit import ChainReport, purge_expired_prompts, utc_now, verify_audit
+from nzgw.services.audit import ChainReport, purge_expired_prompts, verify_audit
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import trio
 
-from nzgw.adapters.stores import load_migrations, open_store
+from nzgw.adapters.sql import load_migrations
+from nzgw.adapters.stores import open_store
 from nzgw.cli._common import CliError, CliInputError
 from nzgw.config import Config
 from nzgw.ports import StoreError

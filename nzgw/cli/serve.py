@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from nzgw.cli._rlimit import raise_open_file_limit
 from nzgw.cli.schema_check import require_current_schema
 from nzgw.cli.workers import current_worker, run_workers
 from nzgw.config import SETTINGS, Config
-from nzgw.core.keys import generate_key, parse_key
+from nzgw.core.keys import parse_key
 from nzgw.core.models import Status
 from nzgw.http.listen import bind_socket
 from nzgw.http.metrics import METRICS
@@ -27,6 +28,7 @@ from nzgw.logs import setup_logging
 from nzgw.ports import ConflictError, NewKey, NotFoundError, Store
 from nzgw.server import Running, run_server
 from nzgw.services.identity import KeyHasher
+from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 
 DEV_DIR = Path("var")
@@ -140,12 +142,12 @@ async def _ensure_dev_key(store: Store, config: Config) -> str:
             f"`nzgw update-tenant {DEV_TENANT} --status active`.",
             err=True,
         )
-    key, prefix = generate_key()
-    key_hash = await trio.to_thread.run_sync(hasher.hash, key)
     try:
-        await store.create_key(NewKey(tenant.id, "dev", prefix, key_hash))
-    except (ConflictError, NotFoundError):
-        await store.create_key(NewKey(tenant.id, f"dev-{prefix[-4:]}", prefix, key_hash))
+        key, _ = await issue_key(store, hasher, NewKey(tenant.id, "dev", "", ""))
+    except (ConflictError, NotFoundError):  # a key named "dev" exists (revoked, or lost file)
+        key, _ = await issue_key(
+            store, hasher, NewKey(tenant.id, f"dev-{secrets.token_hex(2)}", "", "")
+        )
     await trio.to_thread.run_sync(_write_private, DEV_KEY_FILE, key + "\n")
     return key
 

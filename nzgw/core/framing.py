@@ -1,4 +1,4 @@
-"""Stream watchers for the relay, usage from whole bodies, token estimates. Sans-IO, hot path.
+"""Stream watchers for the relay, usage from whole bodies, the stream kinds. Sans-IO, hot path.
 
 The relay forwards upstream bytes as they arrive (whatever one socket read returned), never
 re-encoded. A `StreamWatcher` looks at those bytes on the side to count frames, take the
@@ -11,7 +11,7 @@ Cost model: per chunk, a `bytes.rfind` for the frame delimiter, a `bytes.count`,
 part of a JSON string (a raw `"` or newline is always escaped there), so a false hit costs a
 parse, never a wrong decision: every hit is confirmed on the parsed top-level object.
 
-Framing (reference §0.2): NDJSON frames end with `\\n`; SSE events end with `\\n\\n` (Ollama
+Framing (Ollama's wire format): NDJSON frames end with `\\n`; SSE events end with `\\n\\n` (Ollama
 never sends `\\r\\n`; a stream using it would look truncated, which fails safe).
 
 `/v1/completions` with `include_usage` carries a zero `usage` on every chunk; those placeholders
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -34,11 +35,10 @@ from nzgw.core.surfaces import StreamKind
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "STREAM_KINDS",
     "StreamKind",
     "StreamWatcher",
     "Usage",
-    "estimate_tokens",
-    "stream_kind_for",
     "usage_from_body",
 ]
 
@@ -61,13 +61,8 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def estimate_tokens(data: str | bytes) -> int:
-    """A cheap token estimate for when usage is missing: UTF-8 bytes / 4, rounded up."""
-    size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
-    return (size + 3) // 4
-
-
-_STREAM_KINDS: dict[RouteId, StreamKind] = {
+#: The framing of each route's streamed answers (routes absent here never stream).
+STREAM_KINDS: Mapping[RouteId, StreamKind] = {
     RouteId.GENERATE: StreamKind.NDJSON,
     RouteId.CHAT: StreamKind.NDJSON,
     RouteId.V1_CHAT: StreamKind.SSE_OPENAI,
@@ -75,11 +70,6 @@ _STREAM_KINDS: dict[RouteId, StreamKind] = {
     RouteId.V1_RESPONSES: StreamKind.SSE_EVENTS,
     RouteId.V1_MESSAGES: StreamKind.SSE_EVENTS,
 }
-
-
-def stream_kind_for(route: RouteId) -> StreamKind | None:
-    """The framing of `route`'s streamed answers; None for routes that never stream."""
-    return _STREAM_KINDS.get(route)
 
 
 def _loads(data: bytes | bytearray) -> Any:
@@ -408,7 +398,7 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 
 
 def usage_from_body(route: RouteId, body: bytes) -> Usage | None:
-    """The usage a whole JSON answer of `route` reports (reference §0.1), or None.
+    """The usage a whole JSON answer of `route` reports (docs/OLLAMA-WIRE.md), or None.
 
     None for routes without usage (`/api/embeddings`, listings), error bodies and anything
     unparsable. Embedding answers are scanned, not parsed: they can be megabytes of floats and

@@ -4,7 +4,7 @@ The Counters port (memory and Redis adapters) decides admissions; this module ho
 it is fed with and answers with, and the pure functions around them. Time is always passed in
 (`now` as an aware datetime or as epoch milliseconds); nothing here reads a clock.
 
-Semantics (DESIGN §6), shared by both adapters and checked by one contract suite:
+Semantics, shared by both adapters and checked by one contract suite:
 
 - Windows: requests/min and tokens/min are a *sliding-window log* of the last `WINDOW_MS`
   milliseconds: every admitted request is one entry (admission time, tokens). A request made at

@@ -1,6 +1,6 @@
 """Model names: parse, normalise, match against allow-list patterns. Sans-IO.
 
-Ollama's rules (reference §0.5, `types/model/name.go`, `modelref`):
+Ollama's rules (docs/OLLAMA-WIRE.md; Ollama's `types/model/name.go`, `modelref`):
 
 * form `[host/][namespace/]model[:tag]`, defaults `registry.ollama.ai` / `library` / `latest`;
   the tag follows the last `:` only when it comes after the last `/` (`host:5000/ns/m`);
@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -38,7 +38,7 @@ __all__ = [
     "ModelName",
     "ModelPatterns",
     "ModelSource",
-    "allowed_by_all",
+    "allowed_models",
     "normalize_model_name",
     "parse_model_name",
 ]
@@ -256,6 +256,24 @@ def _compiled(patterns: tuple[str, ...]) -> ModelPatterns:
     return ModelPatterns(patterns)
 
 
-def allowed_by_all(normalized_name: str, *pattern_sets: ModelPatterns) -> bool:
-    """Allowed by every set (e.g. the key's and the tenant's): the intersection."""
-    return all(patterns.allows(normalized_name) for patterns in pattern_sets)
+def allowed_models(*pattern_lists: Iterable[str]) -> Callable[[str], bool]:
+    """The one allowed-models check: a NORMALISED name is allowed when every list allows it
+    (a key's and its tenant's: the intersection; an empty list allows all). The lists are
+    compiled once (memoised), so call it per request."""
+    restricting = [
+        compiled for compiled in map(ModelPatterns.compile, pattern_lists) if not compiled.allow_all
+    ]
+    if not restricting:
+        return _allows_any
+    if len(restricting) == 1:
+        return restricting[0].allows
+    if len(restricting) == 2:  # a key's and its tenant's: the common case, without a loop
+        first, second = restricting
+        return lambda normalized_name: (
+            first.allows(normalized_name) and second.allows(normalized_name)
+        )
+    return lambda normalized_name: all(p.allows(normalized_name) for p in restricting)
+
+
+def _allows_any(_normalized_name: str) -> bool:
+    return True

@@ -1,7 +1,7 @@
 """Error bodies and mid-stream error frames in the shape of each API surface. Sans-IO.
 
 A client must be able to parse our refusals with the SDK it already uses, so every error takes
-the shape of the surface it called (reference §0.3):
+the shape of the surface it called (docs/OLLAMA-WIRE.md):
 
 * native `/api/*`: `{"error":"…"}`, `application/json; charset=utf-8`;
 * OpenAI `/v1/*`: `{"error":{"message","type","param":null,"code"}}`, `application/json`;

@@ -41,7 +41,7 @@ class GatewayApp(QuartTrio):
         super().__init__("nzgw")
         self.gateway = gateway
         # Streams are bounded by our own timeouts; Quart's 60 s default would cut every
-        # longer generation silently (STACK-NOTES trap 3).
+        # longer generation silently (docs/ARCHITECTURE.md, trap 3).
         self.config["RESPONSE_TIMEOUT"] = None
         self.config["BODY_TIMEOUT"] = None
         # The body limit is enforced while reading (413 in the caller's shape), not by Quart.

@@ -1,6 +1,6 @@
 """The ASGI connection class: per-request cleanup and a shielded `send`.
 
-Two quart-trio behaviours would otherwise leak (STACK-NOTES, "Four traps"):
+Two quart-trio behaviours would otherwise leak (docs/ARCHITECTURE.md, "quart-trio and hypercorn"):
 
 1. hypercorn delivers `http.disconnect` from inside the final `send()`; quart-trio then cancels
    the request nursery, and that cancellation aborts hypercorn's idle-timer restart, so idle

@@ -1,14 +1,15 @@
 """What the HTTP layer needs from the rest of nzgw, and the record one request leaves behind.
 
-The HTTP layer sees services through the small protocols below and adapters only through
-`nzgw.ports`; `server.py` wires the concrete objects.
+The HTTP layer sees services and adapters only through the protocols of `nzgw.ports` (and
+`Admitter`/`Ticket` below, which speak in terms of the request record); `server.py` wires the
+concrete objects.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
@@ -19,37 +20,13 @@ from nzgw.core.framing import Usage
 from nzgw.core.models import Principal
 from nzgw.http.drain import StreamCut
 from nzgw.http.uploads import UploadGate
-from nzgw.ports import Backend
+from nzgw.ports import AuditGatePort, AuthenticatorPort, RegistryPort
 from nzgw.services.slots import SlotPool
 
 log = logging.getLogger("nzgw.gateway")
 
 # What `/api/version` reports: the Ollama API level nzgw speaks, never a backend's version.
 OLLAMA_API_VERSION = "0.33.0"
-
-
-class Authenticator(Protocol):
-    async def authenticate(self, presented: str, client_addr: str) -> Principal: ...
-
-
-class Registry(Protocol):
-    def ready(self) -> bool: ...
-
-    def hosts(self, model: str) -> bool: ...
-
-    def candidates(self, model: str) -> Sequence[Backend]: ...
-
-    def candidate_tiers(self, model: str) -> Sequence[Sequence[Backend]]: ...
-
-    def note_routed(self, backend_name: str, model: str) -> None: ...
-
-    def record_failure(self, backend_name: str) -> None: ...
-
-    def record_success(self, backend_name: str) -> None: ...
-
-    def list_models(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
-
-    def list_loaded(self, allowed: Callable[[str], bool]) -> list[dict[str, Any]]: ...
 
 
 @attrs.define(eq=False)
@@ -136,12 +113,6 @@ class Admitter(Protocol):
         ...
 
 
-class AuditGate(Protocol):
-    """The audit log as the request path sees it: `refusing` while its queue is full."""
-
-    refusing: bool
-
-
 ReadinessCheck = Callable[[], Awaitable[bool]]
 FinishHook = Callable[[RequestInfo], Awaitable[None]]
 
@@ -149,13 +120,13 @@ FinishHook = Callable[[RequestInfo], Awaitable[None]]
 @attrs.define(eq=False)
 class Gateway:
     config: Config
-    authenticator: Authenticator
-    registry: Registry
+    authenticator: AuthenticatorPort
+    registry: RegistryPort
     readiness: dict[str, ReadinessCheck] = attrs.Factory(dict)
     admitter: Admitter | None = None
     finish_hooks: list[FinishHook] = attrs.Factory(list)
     readiness_timeout: float = 2.0
-    audit: AuditGate | None = None  # fail closed: new requests get 503 while it is refusing
+    audit: AuditGatePort | None = None  # fail closed: new requests get 503 while it is refusing
     uploads: UploadGate = attrs.Factory(
         lambda self: UploadGate(
             self.config.max_body_uploads_per_key, self.config.max_body_uploads_per_client

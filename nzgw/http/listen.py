@@ -6,7 +6,7 @@ with SO_REUSEPORT; and TCP_USER_TIMEOUT on the listening socket is inherited by 
 connection. That last one is how a client that stops reading but keeps its socket open is cut:
 hypercorn shields its socket writes, so no cancellation can reach a `send_all` stuck on a full
 window, but the kernel aborts the connection once sent data stays unacknowledged that long, the
-write fails, and the request is cancelled like any other disconnect (STACK-NOTES trap 4).
+write fails, and the request is cancelled like any other disconnect (docs/ARCHITECTURE.md, trap 4).
 """
 
 from __future__ import annotations

@@ -481,26 +481,3 @@ def _authorized(headers: Iterable[tuple[bytes, bytes]], token: str) -> bool:
     expected = b"Bearer " + token.encode()
     presented = [value for name, value in headers if name == b"authorization"]
     return len(presented) == 1 and hmac.compare_digest(presented[0].strip(), expected)
-
-
-def parse_exposition(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Samples of a scrape as {(name, labels): value}; for tests and tools."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample_sum(
-    samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
-    name: str,
-    **labels: str,
-) -> float:
-    """The sum of the samples named `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(
-        value for (sample, have), value in samples.items() if sample == name and wanted <= have
-    )

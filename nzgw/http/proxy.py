@@ -30,7 +30,7 @@ from nzgw.core.audit import PROMPT_LOG_MAX_BYTES
 from nzgw.core.disclosure import trim_ps_entry, trim_show_body
 from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.models import Principal
-from nzgw.core.names import InvalidModelNameError, ModelPatterns, normalize_model_name
+from nzgw.core.names import InvalidModelNameError, allowed_models, normalize_model_name
 from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
 from nzgw.http.asgi import request_cleanup
@@ -49,8 +49,6 @@ R = paths.RouteId
 # structure events of /v1/responses and /v1/messages.
 FRAME_SLACK = 32
 
-TRUNCATED = "the model server ended the stream unexpectedly"
-
 UPLOADS_BUSY = "too many request bodies in progress, try again"
 BODY_TIMEOUT = "the request body did not arrive in time"
 RETRY_SOON = {"Retry-After": "1"}
@@ -59,14 +57,7 @@ CLOSE = {"Connection": "close"}
 # One message for "unknown", "not on any backend" and "not allowed": no existence disclosure.
 FORBIDDEN_MODEL = "model not available for this key"
 
-_STREAM_KIND: dict[R, StreamKind] = {
-    R.GENERATE: StreamKind.NDJSON,
-    R.CHAT: StreamKind.NDJSON,
-    R.V1_CHAT: StreamKind.SSE_OPENAI,
-    R.V1_COMPLETIONS: StreamKind.SSE_OPENAI,
-    R.V1_RESPONSES: StreamKind.SSE_EVENTS,
-    R.V1_MESSAGES: StreamKind.SSE_EVENTS,
-}
+_STREAM_KIND = framing.STREAM_KINDS
 _MODEL_ROUTES = frozenset({*_STREAM_KIND, R.EMBED, R.EMBEDDINGS, R.V1_EMBEDDINGS, R.SHOW})
 
 
@@ -105,9 +96,7 @@ def _presented_key() -> str | None:
 
 
 def _allowed(principal: Principal) -> Callable[[str], bool]:
-    key = ModelPatterns.compile(principal.key.allowed_models)
-    tenant = ModelPatterns.compile(principal.tenant.allowed_models)
-    return lambda name: key.allows(name) and tenant.allows(name)
+    return allowed_models(principal.key.allowed_models, principal.tenant.allowed_models)
 
 
 async def handle_route(gateway: Gateway, info: RequestInfo, route: paths.Route) -> Response:

@@ -1,7 +1,7 @@
 """The audit log of one gateway process: its in-memory queue and hash chain, the flusher that
-writes it to the store in batches, the prompt-log purge, and chain verification (DESIGN §9).
+writes it to the store in batches, the prompt-log purge, and chain verification (docs/audit.md).
 
-Request path (DESIGN §1, step 8), in the connection's shielded cleanup::
+Request path (docs/ARCHITECTURE.md, step 8), in the connection's shielded cleanup::
 
     audit.record(event, prompt)      # sync, O(1): a deque append; never touches the store
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
 from datetime import UTC, datetime, tzinfo
 
 import attrs
@@ -46,11 +45,10 @@ from nzgw.core.audit import (
     new_chain_id,
     overflow_event,
 )
-from nzgw.ports import AuditStore, ChainHead, StoreError
+from nzgw.ports import AuditStore, ChainHead, StoreError, WallClock, utc_now
 
 log = logging.getLogger("nzgw.audit")
 
-WallClock = Callable[[], datetime]
 
 #: Rows per batch (one INSERT statement on PostgreSQL, one per 500 rows on SQLite).
 BATCH_MAX = 1000
@@ -63,10 +61,6 @@ PURGE_INTERVAL = 60.0
 FINAL_FLUSH_TIMEOUT = 10.0
 #: Rows per page when `verify_audit` reads a chain.
 VERIFY_PAGE = 5000
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class AuditLog:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import attrs
 import trio
 
-from nzgw.ports import UpstreamError
+from nzgw.ports import PolledBackend, UpstreamError
 from nzgw.services.registry import (
     BackendState,
     Registry,
@@ -38,17 +38,6 @@ from nzgw.services.registry import (
 log = logging.getLogger("nzgw.discovery")
 
 TAGS, PS, VERSION = "/api/tags", "/api/ps", "/api/version"
-
-
-class PolledBackend(Protocol):
-    """What discovery needs of a backend (`OllamaBackend` in production, fakes in tests)."""
-
-    @property
-    def name(self) -> str: ...
-
-    async def get_json(self, path: str) -> Any:
-        """GET `path`, return the decoded JSON. Raises `UpstreamError`. Takes no timeout."""
-        ...
 
 
 async def poll_backend(backend: PolledBackend, *, poll_timeout: float) -> BackendState:

@@ -25,7 +25,7 @@
    revoked.
 6. Key and tenant active, key not expired (wall clock), rehash if the parameters changed, cache.
 
-Revocation within one second on every process (DESIGN §5): every change to a key or tenant
+Revocation within one second on every process: every change to a key or tenant
 bumps the store's revocation epoch and records what changed (the key, or the whole tenant) in
 the change feed, in the same transaction. `run_revocation_watch` reads the feed every
 `interval` seconds and drops only the cache entries of the keys and tenants that changed, so
@@ -47,8 +47,7 @@ import logging
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 import argon2
 import attrs
@@ -65,16 +64,12 @@ from nzgw.ports import (
     KeyChanges,
     Store,
     StoreError,
+    WallClock,
+    utc_now,
 )
 from nzgw.services.coldgate import ColdGate, GateFullError
 
 log = logging.getLogger("nzgw.identity")
-
-WallClock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class AuthenticationError(Exception):

@@ -1,7 +1,7 @@
 """The limiter: admission and settlement for the HTTP layer, the usage ledger aggregate, the
 rebuild of budget counters from the ledger, and the usage flusher task.
 
-Request path (DESIGN §1, steps 4 and 8)::
+Request path (docs/ARCHITECTURE.md, steps 4 and 8)::
 
     result = await limiter.admit(principal, model=m, reserve_tokens=n)  # CountersUnavailableError
     if not result.admitted: 429 with ratelimit_headers(result)
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Protocol
 
 import attrs
@@ -50,6 +50,7 @@ from nzgw.ports import (
     StoreError,
     UsageRow,
     UsageTotals,
+    utc_now,
 )
 
 log = logging.getLogger("nzgw.limiter")
@@ -65,10 +66,6 @@ class UsageLedger(Protocol):
     async def usage_totals(
         self, tenant_id: int, *, day: date, month_start: date
     ) -> tuple[UsageTotals, dict[int, UsageTotals]]: ...
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 _UsageKey = tuple[date, int, int, str]  # day, tenant, key, model
@@ -121,7 +118,7 @@ class Limiter:
         timezone: str = "UTC",
         lease_ttl: float = 60.0,
         seed_timeout: float = 5.0,
-        now: Callable[[], datetime] = _utc_now,
+        now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._counters = counters
         self._ledger = ledger

@@ -250,7 +250,7 @@ class EmulatorSettings:
     model_faults: dict[str, Fault] = attrs.Factory(dict)
     #: Body chunks DIE_MID_STREAM sends before it closes the connection.
     die_after_frames: int = 2
-    #: Ollama bound to loopback answers 403 (empty body) unless `Host` is local (reference §0.6).
+    #: Ollama on loopback answers 403 (empty body) unless `Host` is local (docs/OLLAMA-WIRE.md).
     check_host: bool = True
     #: Generations running at once, like OLLAMA_NUM_PARALLEL (0: unlimited); more wait first
     #: come, first served, like Ollama's queue. Read when the emulator starts.

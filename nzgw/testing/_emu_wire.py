@@ -117,7 +117,7 @@ def rfc3339_datetime(moment: datetime) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Error shapes (reference §0.3).
+# Error shapes (docs/OLLAMA-WIRE.md).
 
 BUSY_MESSAGE: Final = "server busy, please try again.  maximum pending requests exceeded"
 RUNNER_DIED_MESSAGE: Final = "llama runner process has terminated: exit status 2"

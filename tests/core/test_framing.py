@@ -19,11 +19,10 @@ from hypothesis import strategies as st
 
 from nzgw.core.framing import (
     MAX_FRAME_BYTES,
+    STREAM_KINDS,
     StreamKind,
     StreamWatcher,
     Usage,
-    estimate_tokens,
-    stream_kind_for,
     usage_from_body,
 )
 from nzgw.core.paths import RouteId
@@ -706,27 +705,12 @@ def test_usage_from_a_large_embedding_body_is_cheap_and_right() -> None:
     assert usage_from_body(RouteId.EMBED, body) == Usage(1234, 0)
 
 
-@pytest.mark.parametrize(
-    ("data", "tokens"),
-    [(b"", 0), (b"a", 1), (b"abcd", 1), (b"abcde", 2), ("é", 1), ("ééé", 2), ("🙂🙂", 2)],
-)
-def test_estimate_tokens(data: str | bytes, tokens: int) -> None:
-    assert estimate_tokens(data) == tokens
-
-
-@given(st.text(max_size=50))
-def test_estimate_tokens_is_utf8_bytes_over_four(text: str) -> None:
-    size = len(text.encode("utf-8", "surrogatepass"))
-    assert estimate_tokens(text) == estimate_tokens(text.encode("utf-8", "surrogatepass"))
-    assert estimate_tokens(text) * 4 - 3 <= size <= estimate_tokens(text) * 4
-
-
-def test_stream_kind_for() -> None:
-    assert stream_kind_for(RouteId.GENERATE) is StreamKind.NDJSON
-    assert stream_kind_for(RouteId.CHAT) is StreamKind.NDJSON
-    assert stream_kind_for(RouteId.V1_CHAT) is StreamKind.SSE_OPENAI
-    assert stream_kind_for(RouteId.V1_COMPLETIONS) is StreamKind.SSE_OPENAI
-    assert stream_kind_for(RouteId.V1_RESPONSES) is StreamKind.SSE_EVENTS
-    assert stream_kind_for(RouteId.V1_MESSAGES) is StreamKind.SSE_EVENTS
+def test_stream_kinds() -> None:
+    assert STREAM_KINDS[RouteId.GENERATE] is StreamKind.NDJSON
+    assert STREAM_KINDS[RouteId.CHAT] is StreamKind.NDJSON
+    assert STREAM_KINDS[RouteId.V1_CHAT] is StreamKind.SSE_OPENAI
+    assert STREAM_KINDS[RouteId.V1_COMPLETIONS] is StreamKind.SSE_OPENAI
+    assert STREAM_KINDS[RouteId.V1_RESPONSES] is StreamKind.SSE_EVENTS
+    assert STREAM_KINDS[RouteId.V1_MESSAGES] is StreamKind.SSE_EVENTS
     for route in (RouteId.EMBED, RouteId.EMBEDDINGS, RouteId.TAGS, RouteId.V1_EMBEDDINGS):
-        assert stream_kind_for(route) is None
+        assert route not in STREAM_KINDS

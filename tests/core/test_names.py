@@ -1,6 +1,6 @@
 """Model names: parsing and normalisation as Ollama does it, and allow-list patterns.
 
-Rules for this module: expected values come from Ollama's rules (reference §0.5,
+Rules for this module: expected values come from Ollama's rules (docs/OLLAMA-WIRE.md,
 `types/model/name.go`, `modelref`), never from running the code under test.
 """
 
@@ -17,7 +17,7 @@ from nzgw.core.names import (
     ModelName,
     ModelPatterns,
     ModelSource,
-    allowed_by_all,
+    allowed_models,
     normalize_model_name,
     parse_model_name,
 )
@@ -327,15 +327,17 @@ def test_cache_is_bounded() -> None:
     assert len(compiled._cache) <= ModelPatterns._CACHE_SIZE
 
 
-def test_allowed_by_all_is_an_intersection() -> None:
-    key = ModelPatterns(["llama3:*", "qwen2:7b"])
-    tenant = ModelPatterns(["*:8b", "qwen*"])
-    assert allowed_by_all("llama3:8b", key, tenant)
-    assert allowed_by_all("qwen2:7b", key, tenant)
-    assert not allowed_by_all("llama3:latest", key, tenant)  # key yes, tenant no
-    assert not allowed_by_all("mistral:8b", key, tenant)  # tenant yes, key no
-    assert allowed_by_all("anything:1", ModelPatterns(()), ModelPatterns(["*"]))
-    assert allowed_by_all("anything:1")  # no restriction at all
+def test_allowed_models_is_an_intersection() -> None:
+    allowed = allowed_models(["llama3:*", "qwen2:7b"], ["*:8b", "qwen*"])  # key, tenant
+    assert allowed("llama3:8b")
+    assert allowed("qwen2:7b")
+    assert not allowed("llama3:latest")  # key yes, tenant no
+    assert not allowed("mistral:8b")  # tenant yes, key no
+    assert allowed_models((), ["*"])("anything:1")
+    assert allowed_models((), ())("anything:1")  # no restriction at all
+    assert not allowed_models(["llama3"])("Llama3:latest")  # not normalised: fail closed
+    three = allowed_models(["*:8b", "qwen*"], ["llama3:*", "qwen*"], ["*"])
+    assert three("llama3:8b") and not three("mistral:8b") and not three("llama3:latest")
 
 
 @settings(max_examples=200)

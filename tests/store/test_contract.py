@@ -383,7 +383,7 @@ async def test_concurrent_writers_leave_no_gap_in_the_feed(
 
 
 def test_a_gap_in_the_feed_means_everything_changed() -> None:
-    from nzgw.adapters.stores import change_feed
+    from nzgw.adapters.sql import change_feed
 
     assert change_feed(10, 100, [(13, 11, 1, None), (13, 13, 1, 7)]) == ChangeFeed(13, None)
     assert change_feed(10, 100, [(10, None, None, None)]) == ChangeFeed(10, ())

@@ -18,8 +18,9 @@ import pytest
 import trio
 
 from nzgw.adapters.postgres import PostgresStore
+from nzgw.adapters.sql import SCHEMA_DIR, load_migrations, substitute
 from nzgw.adapters.sqlite import SqliteStore, split_statements
-from nzgw.adapters.stores import SCHEMA_DIR, load_migrations, open_store, substitute
+from nzgw.adapters.stores import open_store
 from nzgw.core.keys import generate_key
 from nzgw.core.models import ApiKey, Status
 from nzgw.ports import KeyChanges, KeyNameTakenError, NewKey, Store
