@@ -467,7 +467,7 @@ class Counters(Protocol):
         ...
 
 
-# --- the failed-authentication throttle (DESIGN §5) -----------------------------------------------
+# --- the failed-authentication throttle ----------------------------------------------------------
 
 
 class AuthThrottle(Protocol):

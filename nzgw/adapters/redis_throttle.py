@@ -6,8 +6,8 @@ the one-key scripts run on Redis Cluster too). The token bucket is refilled with
 clock (`TIME`), so processes whose clocks differ share one bucket exactly; a full bucket is
 deleted and a partial one expires one window after its last change.
 
-Calls are kept away from cancellation as in `nzgw.adapters.redis` (STACK-NOTES, coredis trap
-1): each runs shielded under its own deadline, coredis connects with a quarter of it and never
+Calls are kept away from cancellation as in `nzgw.adapters.redis` (docs/ARCHITECTURE.md, coredis
+trap 1): each runs shielded under its own deadline, coredis connects with a quarter of it and never
 retries, and every failure becomes `CountersUnavailableError`.
 """
 
