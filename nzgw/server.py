@@ -191,7 +191,7 @@ async def run_server(
                 steps.done("first discovery round done", **discovered(registry))
                 live = LiveCollector(registry)  # read at scrape time
                 METRICS.tenant_labels = config.metrics_tenant_labels
-                live.track_slots(slots)
+                live.track_slots(slots, tenant_labels=config.metrics_tenant_labels)
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 live.track_counter(
                     "nzgw_counters_reclaimed_tokens",

@@ -176,13 +176,17 @@ class GatewayMetrics:
             self.first_byte.labels(surface, route).observe(info.first_byte - info.started)
         usage = info.usage
         tenant = info.tenant_name
-        if tenant is not None and not self.tenant_labels:
-            tenant = ALL_TENANTS
+        if tenant is not None:
+            tenant = self.tenant_label(tenant)
         if usage is not None and tenant is not None:
             if usage.prompt_tokens:
                 self.tokens.labels(tenant, "prompt").inc(usage.prompt_tokens)
             if usage.completion_tokens:
                 self.tokens.labels(tenant, "completion").inc(usage.completion_tokens)
+
+    def tenant_label(self, tenant: str) -> str:
+        """The `tenant` label value: the name, or `_all` when tenant labels are off."""
+        return tenant if self.tenant_labels else ALL_TENANTS
 
     def backend_failed(self, backend: str, reason: str) -> None:
         """A backend attempt failed before its first byte (data plane, failover loop)."""
@@ -286,25 +290,28 @@ class LiveCollector:
         self._backends = backends
         self._backlog = dict(backlog or {})
         self._counters: dict[str, tuple[str, Callable[[], int]]] = {}
+        self._slots: SlotPool | None = None
+        self._slot_tenant_labels = True
 
     def track_counter(self, name: str, documentation: str, value: Callable[[], int]) -> None:
         """Report `value()` as the counter `name` (without `_total`) at every scrape."""
         self._counters[name] = (documentation, value)
-        self._slots: SlotPool | None = None
 
     def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
         """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
         self._backlog[queue] = size
 
-    def track_slots(self, pool: SlotPool) -> None:
-        """Report the fair queue's depth per tenant and each backend's slots at every scrape."""
+    def track_slots(self, pool: SlotPool, *, tenant_labels: bool = True) -> None:
+        """Report the fair queue's depth per tenant (all tenants as one `_all` without tenant
+        labels) and each backend's slots at every scrape."""
         self._slots = pool
+        self._slot_tenant_labels = tenant_labels
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if self._backends is not None:
             yield from self._backend_families(self._backends)
         if self._slots is not None:
-            yield from self._slot_families(self._slots)
+            yield from self._slot_families(self._slots, self._slot_tenant_labels)
         backlog = GaugeMetricFamily(
             "nzgw_flush_backlog",
             "Rows waiting to be written to the store, by queue (usage aggregate, audit rows)",
@@ -322,13 +329,16 @@ class LiveCollector:
             yield family
 
     @staticmethod
-    def _slot_families(pool: SlotPool) -> Iterator[GaugeMetricFamily]:
+    def _slot_families(pool: SlotPool, tenant_labels: bool) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "nzgw_queue_depth",
             "Requests waiting in the fair queue for a backend slot now, by tenant",
             labels=["tenant"],
         )
-        for tenant, waiting in sorted(pool.waiting_by_label().items()):
+        waiting_by_tenant = pool.waiting_by_label()
+        if not tenant_labels:
+            waiting_by_tenant = {ALL_TENANTS: sum(waiting_by_tenant.values())}
+        for tenant, waiting in sorted(waiting_by_tenant.items()):
             depth.add_metric([tenant], waiting)
         busy = GaugeMetricFamily(
             "nzgw_backend_slots_busy",

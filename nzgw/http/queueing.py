@@ -103,7 +103,7 @@ class BackendAttempts:
                 headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
             ) from None
         info.queue_wait = (info.queue_wait or 0.0) + slot.waited
-        METRICS.queue_wait.labels(tenant=label).observe(slot.waited)
+        METRICS.queue_wait.labels(tenant=METRICS.tenant_label(label)).observe(slot.waited)
         return slot
 
 
