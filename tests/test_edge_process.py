@@ -44,6 +44,7 @@ async def test_serve_survives_every_probe_and_audits_each_with_its_status(tmp_pa
             emu.url,
             NZGW_BODY_TIMEOUT="1",
             NZGW_FLUSH_INTERVAL="0.2",
+            NZGW_AUDIT_PROBES="true",  # probe 2 smuggles its h2 bytes behind a /healthz
             **FAST_ARGON2,
         )
         await nzgw(env, tmp_path, "migrate")

@@ -137,7 +137,10 @@ async def test_streams_cut_at_the_end_of_the_drain_end_with_an_error_frame(
     """Finding 6: the grace period ends mid-stream → an error frame in the surface's shape and
     a properly ended body, not a broken chunked body."""
     with trio.fail_after(HANG_GUARD):
-        async with open_harness(tmp_path, graceful_timeout=2.0) as h:
+        # Two slots: both streams must be running on the backend when the drain begins.
+        async with open_harness(
+            tmp_path, graceful_timeout=2.0, backend_fields=lambda i: {"parallel": 2}
+        ) as h:
             h.emulator.settings.tokens_per_reply = 100_000
             h.emulator.settings.token_delay = 0.05  # far longer than the grace period
             bodies: dict[str, bytes] = {}
