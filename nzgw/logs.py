@@ -62,3 +62,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
     # hypercorn's own access log would duplicate ours (and log raw targets).
     logging.getLogger("hypercorn.access").disabled = True
+    # httpx logs every discovery poll at INFO (three lines per backend per tick): only its
+    # warnings reach the log; discovery logs backend state changes itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
