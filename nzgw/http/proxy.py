@@ -14,6 +14,7 @@ Ownership on the request path (who closes what, also on cancellation):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from nzgw.http.drain import CUT_MESSAGE, StreamCut
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.http.queueing import BackendAttempts
-from nzgw.http.uploads import UploadsBusyError
+from nzgw.http.uploads import HANDOVER_ROUNDS, UploadsBusyError, arrived_whole
 from nzgw.ports import CountersUnavailableError, StoreError, UpstreamError, UpstreamResponse
 from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
 
@@ -228,9 +229,14 @@ async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
         raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
     parts: list[bytes] = []
     size = 0
+    key, client = info.key_prefix or "", info.client
+    # A body that arrived whole takes no upload slot (http/uploads.py).
+    whole = gateway.uploads.full(key, client) and await arrived_whole(
+        request.body, rounds=HANDOVER_ROUNDS
+    )
     try:
         with (
-            gateway.uploads.receiving(info.key_prefix or "", info.client),
+            contextlib.nullcontext() if whole else gateway.uploads.receiving(key, client),
             trio.move_on_after(config.body_timeout or math.inf) as deadline,
         ):
             async for chunk in request.body:
