@@ -62,7 +62,7 @@ from coredis.connection._request import Request
 from coredis.exceptions import AskError, MovedError, NoScriptError, RedisError
 from coredis.exceptions import ConnectionError as RedisConnectionError
 
-from nzgw.adapters.redis_link import Link, Links, Node, redis_client
+from nzgw.adapters.redis_link import Link, Links, Node, entered, redis_client
 from nzgw.core.limits import (
     CONCURRENCY_RETRY_MS,
     LIMIT_ORDER,
@@ -741,7 +741,7 @@ async def open_redis_counters(
         stream_timeout=2 * MAX_WAIT_FACTOR * call_timeout,
         max_connections=max_connections,
     )
-    async with client:
+    async with entered(client):
         yield RedisCounters(
             client, prefix=prefix, call_timeout=call_timeout, caller_clock=caller_clock
         )

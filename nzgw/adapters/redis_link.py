@@ -27,6 +27,8 @@ caller follows MOVED (the layout learns the new owner) and ASK (`ASKING` first, 
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -251,3 +253,18 @@ def redis_client(
         skip_full_coverage_check=True,
         retry_policy=NoRetryPolicy(),
     )
+
+
+@asynccontextmanager
+async def entered(
+    client: coredis.Redis[Any] | coredis.RedisCluster[Any],
+) -> AsyncIterator[None]:
+    """`async with client`, plus what coredis 6.9 leaves open on a cluster client: its layout's
+    error stream (a memory stream pair that warns when collected unclosed)."""
+    try:
+        async with client:
+            yield
+    finally:
+        if isinstance(client, coredis.RedisCluster):
+            for stream in client.connection_pool.cluster_layout._error_stream:
+                stream.close()

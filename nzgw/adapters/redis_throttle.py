@@ -22,7 +22,7 @@ import trio
 from coredis.commands import Script
 from coredis.exceptions import RedisError
 
-from nzgw.adapters.redis_link import redis_client
+from nzgw.adapters.redis_link import entered, redis_client
 from nzgw.ports import CountersUnavailableError
 
 log = logging.getLogger("nzgw.counters")
@@ -152,7 +152,7 @@ async def open_redis_throttle(
         stream_timeout=call_timeout,
         max_connections=max_connections,
     )
-    async with client:
+    async with entered(client):
         yield RedisAuthThrottle(
             client,
             limit=limit,
