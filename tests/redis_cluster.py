@@ -155,6 +155,35 @@ class OwnedCluster:
                 return owner
         return None
 
+    def node_id(self, port: int) -> str:
+        return _command(port, "CLUSTER", "MYID").strip()
+
+    def move_empty_slot(self, slot: int, port: int) -> None:
+        """Hand `slot` (no keys in it) to the master on `port`, as every node sees it."""
+        target = self.node_id(port)
+        for node in self.alive_nodes():
+            answer = _command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
+            assert answer.strip() == "OK", answer
+        deadline = time.monotonic() + START_TIMEOUT
+        while any(
+            _owner_from_nodes(_command(n.port, "CLUSTER", "NODES"), slot) != port
+            for n in self.alive_nodes()
+        ):
+            assert time.monotonic() < deadline, f"slot {slot} not moved to {port}"
+            time.sleep(0.05)
+
+    def keys_on(self, port: int, pattern: str) -> list[str]:
+        """The keys matching `pattern` that the node on `port` holds itself."""
+        return [k for k in _command(port, "--scan", "--pattern", pattern).splitlines() if k]
+
+    def wait_replicated(self) -> None:
+        """Every master's writes so far acknowledged by its replicas (WAIT)."""
+        for node in self.alive_nodes():
+            info = _command(node.port, "INFO", "replication")
+            if _info_field(info, "role") == "master":
+                answer = _command(node.port, "WAIT", str(self.replicas), "10000", timeout=15)
+                assert answer.strip() == str(self.replicas), answer
+
     def node_at(self, port: int) -> ClusterNode:
         return next(node for node in self.nodes if node.port == port)
 
