@@ -4,7 +4,8 @@
 relay) and read once at the end by settlement: the request log, the audit row, the metrics and
 the limiter's charge. It is plain data: no I/O, no clock of its own (the callers stamp times on
 Trio's clock). `FailedAttempt` keeps each backend attempt that failed before the first byte
-(docs/ARCHITECTURE.md, "Request path", step 6): logged and audited, never shown to a client.
+(docs/ARCHITECTURE.md, "Request path", step 6): logged by the forwarder and left on the record
+for the settlement hooks, never shown to a client.
 """
 
 from __future__ import annotations
