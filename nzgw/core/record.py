@@ -10,6 +10,8 @@ for the settlement hooks, never shown to a client.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 
 from nzgw.core import paths
@@ -79,7 +81,7 @@ class Refused(Exception):
         message: str,
         *,
         refusal: str,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         code: str | None = None,
         error_type: str | None = None,
     ) -> None:
@@ -87,6 +89,6 @@ class Refused(Exception):
         self.status = status
         self.message = message
         self.refusal = refusal
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
         self.code = code
         self.error_type = error_type

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import trio
@@ -38,8 +39,8 @@ R = paths.RouteId
 
 UPLOADS_BUSY = "too many request bodies in progress, try again"
 BODY_TIMEOUT = "the request body did not arrive in time"
-RETRY_SOON = {"Retry-After": "1"}
-CLOSE = {"Connection": "close"}
+RETRY_SOON = MappingProxyType({"Retry-After": "1"})
+CLOSE = MappingProxyType({"Connection": "close"})
 
 _STREAM_KIND = framing.STREAM_KINDS
 _MODEL_ROUTES = frozenset({*_STREAM_KIND, R.EMBED, R.EMBEDDINGS, R.V1_EMBEDDINGS, R.SHOW})
@@ -49,7 +50,7 @@ def error(
     surface: Surface,
     status: int,
     message: str,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     *,
     code: str | None = None,
     error_type: str | None = None,
