@@ -36,6 +36,7 @@ from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_
 from nzgw.http.asgi import request_cleanup
 from nzgw.http.bodies import prepare_body
 from nzgw.http.drain import CUT_MESSAGE, StreamCut
+from nzgw.http.fastrelay import RelayResponse
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
 from nzgw.http.metrics import METRICS
 from nzgw.http.queueing import BackendAttempts
@@ -272,6 +273,7 @@ async def _model_request(
         request_cleanup().push_async_callback(ticket.settle, info)
 
     upstream = await _open_with_failover(gateway, info, route, name, body, stream)
+    response: Response
     if info.queue_wait is not None and gateway.config.queue_wait_header:
         headers["X-Queue-Wait-Ms"] = str(round(info.queue_wait * 1000))
     if stream and upstream.response.status == 200:
@@ -290,7 +292,8 @@ async def _model_request(
         )
         METRICS.streams_in_flight.inc()  # until the connection is done with the request
         request_cleanup().callback(METRICS.streams_in_flight.dec)
-        response = Response(relay, 200, content_type=_content_type(upstream.response))
+        # The fast path's hook: the connection may write this body itself (http/fastrelay.py).
+        response = RelayResponse(relay, 200, content_type=_content_type(upstream.response))
         cache_control = upstream.response.header(b"cache-control")
         if cache_control:
             response.headers["Cache-Control"] = cache_control.decode("latin-1")
