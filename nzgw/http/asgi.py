@@ -12,6 +12,9 @@ Two quart-trio behaviours would otherwise leak (docs/ARCHITECTURE.md, "quart-tri
    dispatcher passes it down explicitly, handlers register what must be released (upstream
    responses, counter leases, the settlement of a request) on it, and the connection closes the
    stack in its `finally`, shielded and under a deadline, whatever happened.
+
+And one shortcut: a `RelayResponse` body goes to the connection's relay extension when it
+offers one (`nzgw.http.fastrelay`; docs/ARCHITECTURE.md, "The relay fast path").
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from typing import Any, cast
 
 import attrs
 import trio
+from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
+
+from nzgw.http.fastrelay import RelayResponse, relay_of
 
 log = logging.getLogger("nzgw.http")
 
@@ -92,3 +98,25 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
                     log.exception("request cleanup failed")
             if scope.cancelled_caught:
                 log.error("request cleanup exceeded %.0f s", CLEANUP_DEADLINE)
+
+    async def _send_response(self, send: Any, response: Any) -> None:
+        relay = relay_of(self.scope) if isinstance(response, RelayResponse) else None
+        if relay is None:
+            await super()._send_response(send, response)
+            return
+        # Quart's own order (head, body, end), with the body written by the connection.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": encode_headers(response.headers),
+            }
+        )
+        body = response.relay_body
+        try:
+            await relay(body)
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

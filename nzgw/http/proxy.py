@@ -27,6 +27,7 @@ from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, allowed_models, normalize_model_name
 from nzgw.core.surfaces import JSON_UTF8, Surface, error_response
 from nzgw.http.bodies import prepare_body
+from nzgw.http.fastrelay import RelayResponse
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
 from nzgw.http.uploads import UploadsBusyError
 from nzgw.ports import CountersUnavailableError, StoreError, Ticket
@@ -262,6 +263,7 @@ async def _model_request(
 
     forwarder = gateway.forwarder
     opened = await forwarder.open(info, cleanup, route, name, prepared.body, stream=stream)
+    response: Response
     if info.queue_wait is not None and gateway.config.queue_wait_header:
         headers["X-Queue-Wait-Ms"] = str(round(info.queue_wait * 1000))
     if stream and opened.response.status == 200:
@@ -277,8 +279,9 @@ async def _model_request(
         streams = gateway.metrics.streams_in_flight
         streams.inc()  # until the connection is done with the request
         cleanup.callback(streams.dec)
-        # The one place a streamed answer's response object is made.
-        response = Response(relay, 200, content_type=opened.content_type)
+        # The one place a streamed answer's response object is made; the fast path's hook:
+        # the connection may write this body itself (http/fastrelay.py).
+        response = RelayResponse(relay, 200, content_type=opened.content_type)
         cache_control = opened.response.header(b"cache-control")
         if cache_control:
             response.headers["Cache-Control"] = cache_control.decode("latin-1")
