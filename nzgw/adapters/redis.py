@@ -26,15 +26,18 @@ while coredis opens a connection loses that pool slot for good; docs/ARCHITECTUR
 Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
-- entering coredis (taking a connection, queueing the command) is bounded by coredis' own
-  `connect_timeout` (`max_wait`: a loopback connect is instant, only a busy loop makes it look
-  slow, and a refused one fails at once) and a semaphore of `max_connections`, so coredis never
-  waits for a pool slot and our scopes never cancel a connect;
-- the wait for the reply fails only when Redis has been *silent* for `call_timeout`: no reply to
-  any call of this process since the later of the call's start and the last reply. Before it
-  fails, the call lets the event loop read what the socket may already hold (a busy loop makes
-  every reply late, it does not make Redis slow). Whatever the replies, no call waits more than
-  `max_wait` (`5 * call_timeout`);
+- it goes out on the node's one live connection, written by the calling task before it yields
+  (`nzgw.adapters.redis_link`; docs/ARCHITECTURE.md "Counters under a burst"): no pool checkout,
+  no writer task to wait for. Only a call that finds no live connection waits, for one connect
+  per node, bounded by coredis' own `connect_timeout` (`max_wait`: a loopback connect is
+  instant, only a busy loop makes it look slow, and a refused one fails at once); our scopes
+  never cancel a connect;
+- the wait for the reply fails only when the node has been *silent* for `call_timeout`: no
+  reply to any call of this process on that node since the later of the call's start and the
+  last reply. Before it fails, the call lets the event loop read what the socket may already
+  hold (a busy loop makes every reply late, it does not make Redis slow). Whatever the replies,
+  no call waits more than `max_wait` (`5 * call_timeout`);
+- on Redis Cluster, a call goes to the master of its tenant's slot and follows MOVED and ASK;
 - no retries inside coredis (a retried admission could reserve twice);
 - every failure (silence, refused connection, protocol or script error) becomes
   `CountersUnavailableError`; nothing above this module sees a coredis exception.

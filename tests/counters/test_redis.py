@@ -156,7 +156,7 @@ async def test_a_stalled_server_times_out_and_leaks_no_pool_slot(owned_redis: Ow
                 failures += 1
             durations.append(trio.current_time() - start)
 
-        # four times the pool: calls wait for the semaphore, open new connections, time out
+        # four times the pool, three rounds: the calls share one stalled link and time out
         for _ in range(3):
             async with trio.open_nursery() as nursery:
                 for _ in range(16):
