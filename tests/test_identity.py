@@ -292,12 +292,56 @@ async def test_the_cache_is_not_trusted_when_the_epoch_is_stale(
     await trio.sleep(0.99)
     await setup.auth.authenticate(key, CLIENT)
     assert setup.auth.stats.verifications == 1
+    assert setup.store.find_calls == 1
     await trio.sleep(0.02)  # 1.01 s since the last epoch read: go to the store
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 2
+    # The key's record is read again; its secret matched the verified one: no Argon2id.
+    assert (setup.store.find_calls, setup.auth.stats.verifications) == (2, 1)
+    await trio.sleep(0.99)  # trusted for max_staleness from that read
+    await setup.auth.authenticate(key, CLIENT)
+    assert setup.store.find_calls == 2
     setup.store.down = True
     await trio.sleep(1.5)
     with pytest.raises(StoreUnavailableError):  # fail closed, not "cached, so fine"
+        await setup.auth.authenticate(key, CLIENT)
+
+
+async def test_a_burst_on_a_stale_cache_reads_the_key_once_and_verifies_nothing(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 17: a burst delays the revocation watch; the requests of a hot key must not each
+    go to the store and Argon2id (a stampede that made admissions late)."""
+    key = setup.store.add(setup.hasher)
+    setup.fresh()
+    await setup.auth.authenticate(key, CLIENT)
+    await trio.sleep(1.5)  # the watch fell behind: the cache is not trusted
+    setup.store.gate = trio.Event()  # the re-read waits: every request arrives meanwhile
+    accepted = 0
+
+    async def one() -> None:
+        nonlocal accepted
+        await setup.auth.authenticate(key, CLIENT)
+        accepted += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        setup.store.gate.set()
+    assert accepted == 50
+    assert (setup.store.find_calls, setup.auth.stats.verifications) == (2, 1)
+    assert setup.auth.stats.rereads == 1
+
+
+async def test_a_key_revoked_while_the_watch_is_behind_is_refused_by_the_re_read(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    key = setup.store.add(setup.hasher)
+    setup.fresh()
+    await setup.auth.authenticate(key, CLIENT)
+    setup.store.set_key(key[:11], status=Status.REVOKED)  # the watch has not seen it
+    await trio.sleep(1.5)
+    with pytest.raises(AuthenticationError):
         await setup.auth.authenticate(key, CLIENT)
 
 

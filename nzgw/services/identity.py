@@ -8,7 +8,12 @@
 2. The positive cache, indexed by the public prefix; an entry holds HMAC-SHA256(per-process
    secret, presented key), compared with `hmac.compare_digest`, never the key itself. A hit
    costs one HMAC: a key that is already known good needs no throttle allowance, so an
-   attacker throttling a shared address does not lock out the clients behind it.
+   attacker throttling a shared address does not lock out the clients behind it. While the
+   cache is not trusted (the revocation watch is behind, below), a hit re-reads its key's
+   record from the store, once for all the concurrent requests of that key and without
+   Argon2id (the secret matched the verified one); the entry is then trusted for
+   `max_staleness` from that read. Without this, a burst that delays the watch made every
+   request of a hot key verify it again: a store and Argon2id stampede.
 3. A verification of the very same key already in flight (a cold-cache burst) is waited for
    and shared: one Argon2id run, no throttle allowance spent by the waiters.
 4. The failure throttle per client address (IPv6: per /`ipv6_prefix`, 64 by default): a token
@@ -267,6 +272,7 @@ class AuthStats:
     throttled: int = 0
     rehashes: int = 0
     busy: int = 0  # refused because the cold-verification queue was full
+    rereads: int = 0  # records of cached keys read again while the watch was behind
 
 
 @attrs.define
@@ -274,6 +280,8 @@ class _CacheEntry:
     mac: bytes
     principal: Principal
     expires: float  # trio.current_time() deadline
+    # Re-read from the store while the watch was behind: trusted until then, whatever the watch.
+    fresh_until: float = float("-inf")
 
 
 @attrs.define
@@ -318,6 +326,7 @@ class Authenticator:
         self._cache: dict[str, _CacheEntry] = {}
         self._generation = 0  # bumped whenever the cache is emptied
         self._inflight: dict[bytes, _Flight] = {}
+        self._rereads: dict[str, _Flight] = {}  # cached keys whose record is being read again
         self._epoch: int | None = None
         # Changes applied lately (seq order), so that a verification can tell whether one
         # concerning its key happened while it ran.
@@ -366,18 +375,18 @@ class Authenticator:
 
         mac = hmac.digest(self._secret, presented.encode("ascii"), "sha256")
         entry = self._cache.get(parsed.prefix)
-        if (
-            entry is not None
-            and now < entry.expires
-            and now < self._fresh_until
-            and hmac.compare_digest(entry.mac, mac)
-        ):
-            wall_now = self._wall_clock()
-            if _usable(entry.principal, wall_now):
-                self.stats.cache_hits += 1
-                self._last_used[entry.principal.key.id] = wall_now
-                return entry.principal
-            del self._cache[parsed.prefix]  # expired while cached: refuse on the slow path
+        if entry is not None and now < entry.expires and hmac.compare_digest(entry.mac, mac):
+            if now >= self._fresh_until and now >= entry.fresh_until:
+                # The watch is behind: the secret is known good, only its record may have
+                # changed. One store read for all of this key's requests, no Argon2id.
+                entry = await self._reread(parsed.prefix, entry)
+            if entry is not None:
+                wall_now = self._wall_clock()
+                if _usable(entry.principal, wall_now):
+                    self.stats.cache_hits += 1
+                    self._last_used[entry.principal.key.id] = wall_now
+                    return entry.principal
+                self._cache.pop(parsed.prefix, None)  # expired while cached: the slow path
         self.stats.cache_misses += 1
 
         # The same key being verified already (a burst from one client on a cold cache):
@@ -449,6 +458,40 @@ class Authenticator:
                 mac, principal, trio.current_time() + self._cache_ttl
             )
         return principal
+
+    async def _reread(self, prefix: str, entry: _CacheEntry) -> _CacheEntry | None:
+        """Read the record of a cached key again while the cache is not trusted (the watch is
+        behind): single-flight per prefix, no throttle and no Argon2id (the request's secret
+        matched the verified one). The entry, trusted for `max_staleness` from the read's
+        start, if the key is unchanged and usable; None otherwise (the slow path decides).
+        `StoreError` when the store cannot answer (fail closed, as the slow path)."""
+        flight = self._rereads.get(prefix)
+        if flight is not None:
+            await flight.done.wait()
+            return self._cache.get(prefix) if flight.principal is not None else None
+        flight = self._rereads[prefix] = _Flight()
+        generation, position = self._generation, self._epoch
+        started = trio.current_time()
+        try:
+            found = await self._store.find_key(prefix)
+            self.stats.rereads += 1
+            if (
+                found is None
+                or not hmac.compare_digest(found.key.key_hash, entry.principal.key.key_hash)
+                or not _usable(found, self._wall_clock())
+                or generation != self._generation
+                or self._changed_since(position, found)
+                or self._cache.get(prefix) is not entry
+            ):
+                self._cache.pop(prefix, None)
+                return None
+            entry.principal = found
+            entry.fresh_until = started + self._max_staleness
+            flight.principal = found
+            return entry
+        finally:
+            del self._rereads[prefix]
+            flight.done.set()
 
     async def _verify(self, parsed: ParsedKey, address: str) -> Principal:
         try:
