@@ -72,7 +72,7 @@ from nzgw.ports import NewKey, Store, UsageQuery, UsageReportRow
 from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
-from tests.counters.conftest import REDIS_SERVER, OwnedRedis
+from tests.counters.conftest import COREDIS_CONNECT_LEAK, REDIS_SERVER, OwnedRedis
 from tests.harness import FAST_ARGON2, Harness, open_harness
 from tests.process_log import ProcessLog
 from tests.redis_cluster import own_redis_cluster
@@ -82,14 +82,6 @@ PER_PROCESS = 100
 COUNTERS_TIMEOUT = 0.5  # NZGW_COUNTERS_TIMEOUT: its default
 # A hang guard, not a latency figure (that is measured in bench/, bench/results/faults.md).
 FAIL_CLOSED_GUARD = 10.0
-
-# coredis 6.9 bug (see tests/counters/test_redis.py): a connection whose TCP connect fails never
-# closes the anyio memory streams it made; they warn when collected. Only those are ignored, and
-# `_collect_failed_connections` makes sure they are collected within these tests.
-COREDIS_CONNECT_LEAK = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream\.__del__"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 
 
 def _in_ci() -> bool:

@@ -23,9 +23,8 @@ from nzgw.adapters.redis_throttle import open_redis_throttle
 from nzgw.core.keys import generate_key
 from nzgw.ports import AuthThrottle
 from nzgw.services.identity import MemoryAuthThrottle, throttle_key
-from tests.counters.conftest import OwnedRedis, delete_prefix, raw_redis
+from tests.counters.conftest import COREDIS_CONNECT_LEAK, OwnedRedis, delete_prefix, raw_redis
 from tests.harness import Harness, open_harness
-from tests.test_limits_http import COREDIS_CONNECT_LEAK
 
 LIMIT = 20
 

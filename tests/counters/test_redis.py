@@ -8,11 +8,9 @@ own, on a free port, that the test may kill, stall (SIGSTOP) and restart.
 from __future__ import annotations
 
 import contextlib
-import gc
 import secrets
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from nzgw.services.limiter import Limiter
 
 from .conftest import (
     CALL_TIMEOUT,
+    COREDIS_CONNECT_LEAK,
     T0,
     FakeLedger,
     OwnedRedis,
@@ -38,20 +37,9 @@ from .conftest import (
 
 pytestmark = [
     pytest.mark.redis,
-    # coredis 6.9 bug: a connection whose TCP connect fails never closes the anyio memory
-    # streams it made in __init__; they warn when collected. Only those warnings are ignored,
-    # and `_collect_garbage` makes sure they are collected within these tests, not later.
-    pytest.mark.filterwarnings(
-        r"ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream\.__del__"
-        ":pytest.PytestUnraisableExceptionWarning"
-    ),
+    COREDIS_CONNECT_LEAK,
+    pytest.mark.usefixtures("collect_garbage"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
 
 
 # A hang guard, not a latency figure: a refused call must end, however loaded the machine is.
