@@ -594,14 +594,34 @@ class RedisCounters:
     # --- the port
 
     async def ping(self) -> None:
-        """Runs the cheapest script: proves the server answers scripts, not only PING. The
-        first one also connects and reads Redis' clock, on each master of a cluster (call it
-        at start: a burst then finds the connections and the clock offsets ready)."""
-        for node in self._links.primaries():
-            if Links.name(node) not in self._offset_ms:
-                await self._redis_ms(trio.current_time(), node)
-        keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
-        await self._eval("refresh", keys, ["-", 1, ""])
+        """A single Redis: runs the cheapest script (proves the server answers scripts, not
+        only PING). A cluster: reads the clock of every master and succeeds when at least one
+        answers (a lost master costs its tenants 503, not every tenant's readiness). The first
+        call also connects and reads the clocks (call it at start: a burst then finds the
+        connections and the clock offsets ready)."""
+        if not self._links.cluster:
+            if "" not in self._offset_ms:
+                await self._redis_ms(trio.current_time(), None)
+            keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
+            await self._eval("refresh", keys, ["-", 1, ""])
+            return
+        failures: list[CountersUnavailableError] = []
+        masters = self._links.primaries()
+        for node in masters:
+            try:
+                start = trio.current_time()
+                with trio.CancelScope(shield=True):
+                    try:
+                        reply = await self._call(node, start, False, b"TIME")
+                    except (RedisError, OSError) as exc:
+                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+                seconds, micros = cast("list[str]", reply)
+                self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
+            except CountersUnavailableError as exc:
+                log.warning("counter store: master %s: %s", Links.name(node), exc)
+                failures.append(exc)
+        if len(failures) == len(masters):
+            raise CountersUnavailableError("counter store: no master of the cluster answers")
 
     async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
         """Cancellation: as every call, runs to its end (shielded). A call that gets no answer
