@@ -33,6 +33,7 @@ from nzgw.services.identity import (
     AuthThrottledError,
     FailureThrottle,
     KeyHasher,
+    MemoryAuthThrottle,
     flush_last_used,
     run_last_used_flush,
     run_revocation_watch,
@@ -395,6 +396,50 @@ async def test_concurrent_misses_for_one_key_share_one_verification(
             nursery.start_soon(one)
     assert len(results) == 50
     assert setup.auth.stats.verifications == 1
+
+
+class RoundTripThrottle(MemoryAuthThrottle):
+    """The throttle as in Redis: each call is a round trip, so other requests run meanwhile."""
+
+    calls = 0
+
+    async def try_acquire(self, address: str) -> float | None:
+        self.calls += 1
+        wait = await super().try_acquire(address)
+        await trio.sleep(0.001)
+        return wait
+
+
+async def test_a_cold_burst_of_one_key_asks_the_throttle_once(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 17: 1,000 streams of one key from one address on a cold cache each asked the
+    (Redis) throttle before the first verification had begun: past the allowance the valid key
+    got 429, past the throttle's connections 503. The first request claims the verification
+    before it asks; the others wait for it."""
+    key = setup.store.add(setup.hasher)
+    throttle = RoundTripThrottle(20)
+    auth = Authenticator(
+        cast(Store, setup.store),
+        hasher=setup.hasher,
+        max_concurrency=2,
+        cache_ttl=60.0,
+        fail_limit=20,
+        throttle=throttle,
+        wall_clock=setup.wall,
+    )
+    auth.epoch_observed(setup.store.epoch, trio.current_time())
+    accepted = 0
+
+    async def one() -> None:
+        nonlocal accepted
+        await auth.authenticate(key, CLIENT)
+        accepted += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+    assert (accepted, throttle.calls, auth.stats.verifications) == (50, 1, 1)
 
 
 async def test_a_cancelled_verification_leaves_nothing_behind(

@@ -15,7 +15,9 @@
    `max_staleness` from that read. Without this, a burst that delays the watch made every
    request of a hot key verify it again: a store and Argon2id stampede.
 3. A verification of the very same key already in flight (a cold-cache burst) is waited for
-   and shared: one Argon2id run, no throttle allowance spent by the waiters.
+   and shared: one Argon2id run, no throttle allowance spent by the waiters. The first request
+   claims the verification before it asks the throttle (a Redis call), so a burst of one key
+   asks the throttle once.
 4. The failure throttle per client address (IPv6: per /`ipv6_prefix`, 64 by default): a token
    bucket of `fail_limit` per minute behind the `AuthThrottle` port (in Redis, shared by every
    process, when configured; `MemoryAuthThrottle` otherwise). A token is taken BEFORE any store
@@ -391,28 +393,32 @@ class Authenticator:
 
         # The same key being verified already (a burst from one client on a cold cache):
         # share that verification, which costs this request no throttle allowance.
-        while True:
-            while (flight := self._inflight.get(mac)) is not None:
-                await flight.done.wait()
-                if flight.principal is not None:
-                    self._last_used[flight.principal.key.id] = self._wall_clock()
-                    return flight.principal
-                if flight.refused:
-                    await self._record_failure(address)
-                    self.stats.failures += 1
-                    raise AuthenticationError()
-                # The leader was cancelled or the store failed: verify ourselves.
-            retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
-            if retry_after is not None:
-                self.stats.throttled += 1
-                raise AuthThrottledError(retry_after)
-            if mac not in self._inflight:
-                break
-            # Another request with this key started verifying while we asked the throttle:
-            # give the attempt back and share that verification.
-            await self._refund(address)
+        while (flight := self._inflight.get(mac)) is not None:
+            await flight.done.wait()
+            if flight.principal is not None:
+                self._last_used[flight.principal.key.id] = self._wall_clock()
+                return flight.principal
+            if flight.refused:
+                await self._record_failure(address)
+                self.stats.failures += 1
+                raise AuthenticationError()
+            # The leader was throttled, cancelled, or the store failed: verify ourselves.
+        # Lead. The flight is claimed before the throttle is asked (an await: a Redis call), so
+        # that a burst of this key waits for this one verification instead of each request
+        # spending an allowance (which throttled a valid key with 429, and queued more calls
+        # than the throttle's connections: 503).
+        flight = self._inflight[mac] = _Flight()
         try:
-            principal = await self._lead(parsed, mac, address)
+            retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
+        except BaseException:
+            self._land(mac, flight)
+            raise
+        if retry_after is not None:
+            self._land(mac, flight)  # the waiters ask the throttle for their own address
+            self.stats.throttled += 1
+            raise AuthThrottledError(retry_after)
+        try:
+            principal = await self._lead(parsed, mac, flight, address)
         except AuthenticationError:
             self.stats.failures += 1
             raise  # the attempt stays spent
@@ -438,10 +444,17 @@ class Authenticator:
         with trio.CancelScope(shield=True), contextlib.suppress(CountersUnavailableError):
             await self._throttle.refund(address)
 
-    async def _lead(self, parsed: ParsedKey, mac: bytes, address: str) -> Principal:
-        """Verify, publishing the outcome to concurrent requests with the same key; cache it
-        unless the cache was emptied meanwhile."""
-        flight = self._inflight[mac] = _Flight()
+    def _land(self, mac: bytes, flight: _Flight) -> None:
+        """End `flight`: its waiters read its outcome (or verify themselves without one)."""
+        if self._inflight.get(mac) is flight:
+            del self._inflight[mac]
+        flight.done.set()
+
+    async def _lead(
+        self, parsed: ParsedKey, mac: bytes, flight: _Flight, address: str
+    ) -> Principal:
+        """Verify under `flight`, publishing the outcome to concurrent requests with the same
+        key; cache it unless the cache was emptied meanwhile."""
         generation, position = self._generation, self._epoch
         try:
             principal = await self._verify(parsed, address)
@@ -451,8 +464,7 @@ class Authenticator:
         else:
             flight.principal = principal
         finally:
-            del self._inflight[mac]
-            flight.done.set()
+            self._land(mac, flight)
         if generation == self._generation and not self._changed_since(position, principal):
             self._cache[parsed.prefix] = _CacheEntry(
                 mac, principal, trio.current_time() + self._cache_ttl
