@@ -467,9 +467,10 @@ class PostgresStore:
 
     # --- usage ledger -----------------------------------------------------------------------------
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         if not rows:
             return
+        now = self._clock()
         # Sorted by primary key, so concurrent flushers lock rows in the same order (no deadlock).
         params = sorted(
             (
@@ -487,6 +488,11 @@ class PostgresStore:
 
         async def work(conn: Connection) -> None:
             async with conn.transaction():
+                if batch_id is not None:
+                    status = await conn.execute(_pg(q.INSERT_USAGE_BATCH), batch_id, now)
+                    if status.endswith(" 0"):
+                        return  # added before: a retry or a replay
+                    await conn.execute(_pg(q.PURGE_USAGE_BATCHES), now - q.USAGE_BATCH_RETENTION)
                 await conn.executemany(_pg(q.UPSERT_USAGE), params)
 
         await self._run(work)
