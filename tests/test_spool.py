@@ -251,9 +251,9 @@ async def test_replay_with_the_store_down_starts_anyway_and_retries(db: Db, tmp_
 # --- the flushers ---------------------------------------------------------------------------------
 
 
-async def spooled(stats: SpoolStats) -> None:
-    """Return once rows were spooled (appends finish in a worker thread: polled)."""
-    while stats.spooled_rows == 0:  # noqa: ASYNC110
+async def spooled(stats: SpoolStats, rows: int = 1) -> None:
+    """Return once `rows` rows were spooled (appends finish in a worker thread: polled)."""
+    while stats.spooled_rows < rows:  # noqa: ASYNC110
         await trio.sleep(0.01)
 
 
@@ -305,7 +305,10 @@ async def test_a_failed_usage_flush_is_spooled_and_a_crash_then_loses_nothing(
     assert await ledger_tokens(db) == 33
 
 
-async def test_a_hung_store_gets_the_rows_spooled_after_spool_after(db: Db, tmp_path: Path) -> None:
+async def test_a_hung_store_gets_the_rows_spooled_every_spool_after(db: Db, tmp_path: Path) -> None:
+    """The flush hangs (a frozen PostgreSQL): what settled is spooled `spool_after` seconds
+    later, and what settles while it still hangs too. The file as it is while hanging (what a
+    SIGKILL leaves) holds both."""
     from nzgw.adapters.memory_counters import MemoryCounters
 
     flaky = FlakyStore(db.store)
@@ -328,12 +331,16 @@ async def test_a_hung_store_gets_the_rows_spooled_after_spool_after(db: Db, tmp_
             await settle_one(limiter, db, 5)
             await spooled(stats)
             assert limiter.pending_rows == 1  # still in memory too: the flush waits on
+            await settle_one(limiter, db, 7)
+            await spooled(stats, rows=2)
+            crash_image = spool.path.read_bytes()
             nursery.cancel_scope.cancel()
         assert stats.lost_rows == 0
     flaky.hang = False
+    (tmp_path / FP / "spool-crashed.log").write_bytes(crash_image)
     with trio.fail_after(30):
         await replay_orphans(tmp_path, FP, db.store, SpoolStats())
-    assert await ledger_tokens(db) == 5
+    assert await ledger_tokens(db) == 12
 
 
 async def test_shutdown_with_the_store_down_spools_usage_and_audit_and_replays_them_once(

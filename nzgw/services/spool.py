@@ -258,8 +258,9 @@ async def flush_or_spool(
 
     With a spool: if the flush raises `StoreError`, or has not returned within `spool_after`
     seconds (a hung store: the flush keeps waiting), everything not written is sealed (`seal`)
-    and appended to the spool, so a crash from then on loses only what is settled later. The
-    `StoreError` propagates. After a flush that succeeded, the spool forgets what was written
+    and appended to the spool, and again every `spool_after` seconds while it hangs; so a crash
+    loses at most what settled in the last `spool_after` seconds (plus one flush interval).
+    The `StoreError` propagates. After a flush that succeeded, the spool forgets what was written
     (`unwritten`: the batches still waiting)."""
     if spool is None:
         return await flush()
@@ -267,11 +268,12 @@ async def flush_or_spool(
     written = 0
     async with trio.open_nursery() as nursery:
 
-        async def spool_when_slow() -> None:
-            await trio.sleep(spool_after)
-            await _spool_quietly(spool, kind, seal())
+        async def spool_while_slow() -> None:
+            while True:  # a hang can last: what settles meanwhile is spooled too
+                await trio.sleep(spool_after)
+                await _spool_quietly(spool, kind, seal())
 
-        nursery.start_soon(spool_when_slow)
+        nursery.start_soon(spool_while_slow)
         try:
             written = await flush()
         except StoreError as exc:
