@@ -34,6 +34,7 @@ from nzgw.ports import (
 from nzgw.services.audit import AuditLog, run_audit_flusher, verify_audit
 from nzgw.services.limiter import Limiter, run_usage_flusher
 from nzgw.services.spool import (
+    SpoolBatch,
     SpoolStats,
     decode_records,
     encode_record,
@@ -138,7 +139,7 @@ async def ledger_tokens(db: Db) -> int:
 
 
 async def test_records_round_trip_and_a_torn_tail_is_skipped(db: Db) -> None:
-    batches = [usage_batch(db, "u1", 5), *audit_batches(db, 3, 2)]
+    batches: list[SpoolBatch] = [usage_batch(db, "u1", 5), *audit_batches(db, 3, 2)]
     data = b"".join(encode_record(b) for b in batches)
     decoded = decode_records(data)
     assert decoded.batches == batches and decoded.torn == 0
@@ -173,10 +174,10 @@ async def test_a_live_spool_is_left_alone_and_an_orphan_is_replayed_once(
     db: Db, tmp_path: Path
 ) -> None:
     stats = SpoolStats()
-    batches = [usage_batch(db, "u1", 5), *audit_batches(db, 5, 2)]
+    batches: list[SpoolBatch] = [usage_batch(db, "u1", 5), *audit_batches(db, 5, 2)]
     with trio.fail_after(30), open_spool(tmp_path, FP, stats) as spool:
-        assert await spool.add(batches) == 6
-        assert await spool.add(batches[:2]) == 0  # each batch once
+        assert await spool.add(batches) == (6, 6)  # rows, requests
+        assert await spool.add(batches[:2]) is None  # each batch once
         # Its process is alive (it holds the flock): another process must not take it.
         assert await replay_orphans(tmp_path, FP, db.store, SpoolStats()) == 0
         path = spool.path
@@ -297,7 +298,8 @@ async def test_a_failed_usage_flush_is_spooled_and_a_crash_then_loses_nothing(
             data = spool_path.read_bytes()
             nursery.cancel_scope.cancel()
     assert await ledger_tokens(db) == 11
-    assert sum(r.prompt_tokens for b in decode_records(data).batches for r in b.rows) == 22
+    [batch] = decode_records(data).batches
+    assert isinstance(batch, UsageBatch) and sum(r.prompt_tokens for r in batch.rows) == 22
     orphan = tmp_path / FP / "spool-crashed.log"
     orphan.write_bytes(data)
     with trio.fail_after(30):

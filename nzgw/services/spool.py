@@ -71,6 +71,13 @@ def rows_of(batch: SpoolBatch) -> int:
     return len(batch.rows)
 
 
+def requests_of(batch: SpoolBatch) -> int:
+    """The requests a batch accounts for (a usage row aggregates many)."""
+    if isinstance(batch, UsageBatch):
+        return sum(row.requests for row in batch.rows)
+    return sum(row.event.requests for row in batch.rows)
+
+
 # --- records --------------------------------------------------------------------------------------
 
 
@@ -168,13 +175,14 @@ class Spool:
         """Batches in the file not known to be written to the store."""
         return len(self._outstanding)
 
-    async def add(self, batches: Sequence[SpoolBatch]) -> int:
-        """Append the batches not in the file yet, fsynced; return the rows appended. Raises
-        `OSError` (disk full, read-only): the caller still holds the rows in memory."""
+    async def add(self, batches: Sequence[SpoolBatch]) -> tuple[int, int] | None:
+        """Append the batches not in the file yet, fsynced; return the rows and requests
+        appended (None: nothing new). Raises `OSError` (disk full, read-only): the caller
+        still holds the rows in memory."""
         async with self._lock:
             new = [b for b in batches if batch_key(b) not in self._outstanding]
             if not new:
-                return 0
+                return None
             data = b"".join(encode_record(b) for b in new)
             try:
                 await trio.to_thread.run_sync(_append, self._fd, data)
@@ -185,7 +193,7 @@ class Spool:
             self._outstanding.update(batch_key(b) for b in new)
             rows = sum(rows_of(b) for b in new)
             self.stats.spooled_rows += rows
-            return rows
+            return rows, sum(requests_of(b) for b in new)
 
     async def settle(self, kind: str, unwritten: Sequence[SpoolBatch]) -> None:
         """Of the batches of `kind` ("usage", "audit") in the file, only `unwritten` have not
@@ -288,12 +296,16 @@ async def flush_or_spool(
 
 async def _spool_quietly(spool: Spool, kind: str, batches: Sequence[SpoolBatch]) -> None:
     try:
-        rows = await spool.add(batches)
+        added = await spool.add(batches)
     except OSError as exc:
         log.error("%s rows could not be spooled (kept in memory): %s", kind, exc)
     else:
-        if rows:
-            log.warning("%d %s rows spooled while the store is away", rows, kind)
+        if added:
+            log.warning(
+                "%s rows spooled while the store is away",
+                kind,
+                extra={"spool_kind": kind, "spool_rows": added[0], "spool_requests": added[1]},
+            )
 
 
 async def spool_at_shutdown(
@@ -307,16 +319,20 @@ async def spool_at_shutdown(
         return 0
     if spool is not None:
         try:
-            await spool.add(batches)
+            added = await spool.add(batches)
         except OSError as exc:
             log.error("%s rows could not be spooled at shutdown: %s", kind, exc)
         else:
             log.warning(
-                "%d %s rows the store did not take are in the spool %s (written at the next start)",
-                rows,
+                "%s rows the store did not take are in the spool (written at the next start)",
                 kind,
-                spool.path,
-                extra={"spool_rows": rows},
+                extra={
+                    "spool_kind": kind,
+                    "spool_rows": rows,
+                    "spool_requests": sum(requests_of(b) for b in batches),
+                    "spool_rows_new": added[0] if added else 0,
+                    "spool_file": str(spool.path),
+                },
             )
             return 0
     stats.lost_rows += rows
