@@ -15,6 +15,7 @@ import attrs
 
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.core.record import RequestInfo
 
 WallClock = Callable[[], datetime]
 """Wall-clock time for what is dated (expiry, audit rows, budget days); tests pass their own."""
@@ -138,6 +139,38 @@ class AuditGatePort(Protocol):
     (`services.audit.AuditLog`)."""
 
     refusing: bool
+
+
+class Ticket(Protocol):
+    """An admitted request's reservation (`http.limits.LimiterAdmitter`). `settle` runs once,
+    shielded, at the very end."""
+
+    headers: dict[str, str]
+    refresh_every: float  # seconds; a long stream extends its lease this often
+
+    async def refresh(self) -> None:
+        """Extend the concurrency lease (best effort, bounded, never raises)."""
+        ...
+
+    async def settle(self, info: RequestInfo) -> None: ...
+
+
+class Admitter(Protocol):
+    async def admit(
+        self, principal: Principal, *, model: str, reserve_tokens: int, info: RequestInfo
+    ) -> Ticket:
+        """Reserve, or raise `Refused` (429 over a limit, 503 when the counters are down)."""
+        ...
+
+
+class ForwardingMetrics(Protocol):
+    """What the data plane counts while it forwards (`http.metrics.GatewayMetrics`)."""
+
+    def backend_failed(self, backend: str, reason: str) -> None: ...
+
+    def failed_over(self) -> None: ...
+
+    def queue_waited(self, tenant: str, seconds: float) -> None: ...
 
 
 # --- Store: tenants, keys, usage ledger -----------------------------------------------------------

@@ -38,16 +38,16 @@ from nzgw.config import Config
 from nzgw.core.limits import budget_zone
 from nzgw.http.app import GatewayApp, create_app
 from nzgw.http.audit import audit_hook
-from nzgw.http.drain import StreamCut
 from nzgw.http.gateway import Gateway
 from nzgw.http.lifecycle import StartupLog, discovered, report_drain, store_kind
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
-from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
+from nzgw.http.metrics import GatewayMetrics, LiveCollector, serve_metrics
 from nzgw.ports import AuthThrottle, Counters, CountersUnavailableError, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
 from nzgw.services.deadlines import bound_store_calls
 from nzgw.services.discovery import run_discovery
+from nzgw.services.drain import StreamCut
 from nzgw.services.identity import (
     Authenticator,
     MemoryAuthThrottle,
@@ -102,7 +102,7 @@ async def open_counters(config: Config) -> AsyncIterator[Counters]:
         yield MemoryCounters()
     else:
         async with open_redis_counters(
-            config.redis_url, call_timeout=config.counters_timeout
+            config.redis_url, call_timeout=config.counters_timeout, cluster=config.redis_cluster
         ) as counters:
             yield counters
 
@@ -122,7 +122,10 @@ async def open_auth_throttle(config: Config) -> AsyncIterator[AuthThrottle]:
         yield MemoryAuthThrottle(config.auth_fail_limit)
     else:
         async with open_redis_throttle(
-            config.redis_url, limit=config.auth_fail_limit, call_timeout=config.counters_timeout
+            config.redis_url,
+            limit=config.auth_fail_limit,
+            call_timeout=config.counters_timeout,
+            cluster=config.redis_cluster,
         ) as throttle:
             yield throttle
 
@@ -131,14 +134,18 @@ async def run_server(
     config: Config,
     *,
     shutdown_trigger: ShutdownTrigger = wait_for_signal,
+    worker: int | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until `shutdown_trigger` returns and the drain is over.
+
+    `worker`: this process's index under NZGW_WORKERS (named in `nzgw_worker_info`).
 
     Each start-up step is logged as it completes (`step_ms`: since the start), and so is the
     shutdown: draining (requests in flight, when the grace period ends), the grace period
     running out with requests still in flight, drained, stopped."""
     steps = StartupLog()
+    metrics = GatewayMetrics(worker=worker, tenant_labels=config.metrics_tenant_labels)
     # Bind first: a port already in use should fail before anything else is opened.
     sock = bind_socket(
         config.bind,
@@ -148,7 +155,7 @@ async def run_server(
     steps.done("port bound", bind=config.bind)
     try:
         async with open_store(config.database_url) as store:
-            store = METRICS.watch_store(store)  # failures counted
+            store = metrics.watch_store(store)  # failures counted
             steps.done("store opened", store=store_kind(config.database_url))
             if config.migrate_on_start:
                 applied = await store.migrate()
@@ -167,7 +174,7 @@ async def run_server(
                 ) as backends,
                 trio.open_nursery() as services,
             ):
-                counters = METRICS.watch_counters(counters)
+                counters = metrics.watch_counters(counters)
                 steps.done(
                     "counters and backend clients opened",
                     counters="in-process" if config.embedded_counters else "redis",
@@ -221,7 +228,6 @@ async def run_server(
                 )
                 steps.done("first discovery round done", **discovered(registry))
                 live = LiveCollector(registry)  # read at scrape time
-                METRICS.tenant_labels = config.metrics_tenant_labels
                 live.track_slots(slots, tenant_labels=config.metrics_tenant_labels)
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 live.track_counter(
@@ -255,6 +261,7 @@ async def run_server(
                             serve_metrics,
                             config.metrics_bind,
                             token=config.metrics_token,
+                            metrics=metrics,
                             live=live,
                         )
                     )
@@ -305,25 +312,30 @@ async def run_server(
                     await counters.ping()
                     return True
 
+                stream_cut = StreamCut()
                 gateway = Gateway(
                     config,
                     authenticator,
                     registry,
-                    readiness={"store": store_ready, "counters": counters_ready},
+                    readiness={
+                        "store": store_ready,
+                        "counters": counters_ready,
+                        "audit": audit.ready,
+                    },
                     admitter=LimiterAdmitter(limiter, config),
+                    finish_hooks=[
+                        metrics.observe_request,
+                        audit_hook(audit, zone=audit_zone, probes=config.audit_probes),
+                    ],
+                    audit=audit,  # fail closed while its queue is full
+                    stream_cut=stream_cut,
                     slots=slots,
+                    metrics=metrics,
                 )
-                gateway.finish_hooks.append(METRICS.observe_request)
-                gateway.audit = audit  # fail closed while its queue is full
-                gateway.finish_hooks.append(
-                    audit_hook(audit, zone=audit_zone, probes=config.audit_probes)
-                )
-                gateway.readiness["audit"] = audit.ready
-                gateway.stream_cut = StreamCut()
                 shutdown_started = trio.Event()
                 await services.start(
                     partial(
-                        gateway.stream_cut.run,
+                        stream_cut.run,
                         shutdown_started,
                         graceful_timeout=config.graceful_timeout,
                     )

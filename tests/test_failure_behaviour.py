@@ -33,7 +33,7 @@ import trio
 from nzgw.adapters.sql import load_migrations
 from nzgw.config import config_from_values
 from nzgw.core.models import Limits
-from nzgw.http.drain import CUT_MESSAGE
+from nzgw.services.drain import CUT_MESSAGE
 from tests.harness import open_harness
 from tests.store import pg
 from tests.tcp_proxy import open_tcp_proxy

@@ -21,6 +21,9 @@ configuration cannot express:
    the connection can still carry an answer, logs it once and closes only that connection.
    Exceptions of a request handler are caught earlier, in the application (500 in the
    caller's shape, with the request id: `nzgw.http.app`).
+3. **The relay fast path.** Every request's scope offers `nzgw.http.fastrelay.RELAY_EXTENSION`:
+   a committed stream's body is written by `relay_to_client` straight to this connection's
+   socket, under its send lock (docs/ARCHITECTURE.md, "The relay fast path").
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -45,22 +48,64 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ConnectionState,
+    LifespanState,
+    Scope,
+)
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, wrap_app
 
 from nzgw.core.edge import check_request
 from nzgw.core.surfaces import Surface, error_response
 from nzgw.http.asgi import split_errors
+from nzgw.http.fastrelay import RELAY_EXTENSION, RelayFunction, relay_to_client
 
 log = logging.getLogger("nzgw.http")
 
 _CLOSE = (b"connection", b"close")
 
 
+class EdgeHTTPStream(HTTPStream):
+    """hypercorn's HTTP stream whose application sees the relay extension (docstring, 3)."""
+
+    def __init__(self, *args: Any, relay: RelayFunction) -> None:
+        super().__init__(*args)
+        self._inner_app = self.app
+        self._relay = {"relay": relay}
+        self.app = self._app_with_relay
+
+    async def _app_with_relay(
+        self,
+        scope: Scope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        sync_spawn: Callable[..., Any],
+        call_soon: Callable[..., Any],
+    ) -> None:
+        scope["extensions"][RELAY_EXTENSION] = self._relay  # type: ignore[typeddict-item]
+        await self._inner_app(scope, receive, send, sync_spawn, call_soon)
+
+
 class EdgeH11Protocol(H11Protocol):
-    """hypercorn's HTTP/1 protocol without its protocol switches (module docstring, 1)."""
+    """hypercorn's HTTP/1 protocol without its protocol switches (module docstring, 1), with
+    the relay fast path (3)."""
 
     _must_close = False
+
+    def __init__(self, *args: Any, client_stream: trio.abc.SendStream, send_lock: trio.Lock):
+        super().__init__(*args)
+        self._client_stream = client_stream
+        self._send_lock = send_lock
+
+    async def relay(self, body: AsyncIterator[bytes]) -> None:
+        """Write a response body straight to the client (`nzgw.http.fastrelay`)."""
+        connection = self.connection
+        if not isinstance(connection, h11.Connection):  # pragma: no cover - no WebSocket here
+            raise RuntimeError("no HTTP/1 connection to relay on")
+        await relay_to_client(body, connection, self._client_stream, self._send_lock)
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # Stock hypercorn raises here to switch to HTTP/2 (h2c upgrade, prior knowledge).
@@ -69,7 +114,7 @@ class EdgeH11Protocol(H11Protocol):
 
     async def _create_stream(self, request: h11.Request) -> None:
         # Every request is an HTTP request: no WebSocket stream, whatever its headers say.
-        self.stream = HTTPStream(
+        self.stream = EdgeHTTPStream(
             self.app,
             self.config,
             self.context,
@@ -79,6 +124,7 @@ class EdgeH11Protocol(H11Protocol):
             self.server,
             self.stream_send,
             STREAM_ID,
+            relay=self.relay,
         )
         headers = (
             request.headers.raw_items()
@@ -116,8 +162,10 @@ class EdgeH11Protocol(H11Protocol):
 class EdgeProtocol(ProtocolWrapper):
     """A connection that speaks HTTP/1 only, whatever the client asks for."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *args: Any, client_stream: trio.abc.SendStream, send_lock: trio.Lock
+    ) -> None:
+        super().__init__(*args)
         self.protocol = EdgeH11Protocol(
             self.app,
             self.config,
@@ -128,6 +176,8 @@ class EdgeProtocol(ProtocolWrapper):
             self.client,
             self.server,
             self.send,
+            client_stream=client_stream,
+            send_lock=send_lock,
         )
 
     async def handle(self, event: Any) -> None:
@@ -167,6 +217,8 @@ class EdgeTCPServer(TCPServer):
                 server,
                 self.protocol_send,
                 "http/1.1",
+                client_stream=self.stream,
+                send_lock=self.send_lock,
             )
             await self.protocol.initiate()
             await self.idle_task.restart(self._task_group, self._idle_timeout)

@@ -2,13 +2,15 @@
 
 Two kinds of numbers:
 
-* **Counted as they happen** by `METRICS` (one `GatewayMetrics` per process, with its own
-  `CollectorRegistry`, never prometheus_client's global one): requests by surface, route,
+* **Counted as they happen** by the `GatewayMetrics` the gateway owns (`Gateway.metrics`: one
+  per process, built by `server.run_server`, with its own `CollectorRegistry`, never
+  prometheus_client's global one): requests by surface, route,
   status and refusal reason; latency to the upstream's first byte and in total; tokens by
   tenant; streams in flight; backend attempt failures and failovers; store and counter-store
   errors. The request figures come from one finish hook (`observe_request`) that runs in the
   request's shielded settlement, after the last byte; the data plane itself only touches the
-  streams gauge and, when a backend fails, the failure counters. Each is a dict lookup and an
+  streams gauge and, through `nzgw.ports.ForwardingMetrics`, the failure and failover counters
+  and the queue wait. Each is a dict lookup and an
   increment under prometheus_client's lock: a few microseconds per request.
 * **Read at scrape time** by the listener's `LiveCollector`: backend health from the routing
   registry's current snapshot, and the flushers' backlogs (rows waiting to be written).
@@ -49,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from nzgw import __version__
 from nzgw.core import paths
-from nzgw.http.gateway import RequestInfo
+from nzgw.core.record import RequestInfo
 from nzgw.http.listen import Bound
 from nzgw.ports import ConflictError, CountersUnavailableError, NotFoundError, StoreError
 from nzgw.services.registry import Snapshot
@@ -71,11 +73,13 @@ _MAX_REQUEST_HEAD = 16 * 1024
 
 
 class GatewayMetrics:
-    """Everything one gateway process counts. Use the process-wide `METRICS`."""
+    """Everything one gateway counts (`worker`: its index under NZGW_WORKERS, if any)."""
 
-    def __init__(self, *, pid: int | None = None) -> None:
+    def __init__(
+        self, *, pid: int | None = None, worker: int | None = None, tenant_labels: bool = True
+    ) -> None:
         # False (NZGW_METRICS_TENANT_LABELS): token totals under tenant "_all", no tenant names.
-        self.tenant_labels = True
+        self.tenant_labels = tenant_labels
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "nzgw_requests",
@@ -149,7 +153,7 @@ class GatewayMetrics:
             registry=registry,
         )
         self._info = info
-        self.set_worker(None, pid=pid)
+        self.set_worker(worker, pid=pid)
         ProcessCollector(registry=registry)
 
     def set_worker(self, worker: int | None, *, pid: int | None = None) -> None:
@@ -192,6 +196,14 @@ class GatewayMetrics:
         """A backend attempt failed before its first byte (data plane, failover loop)."""
         self.backend_failures.labels(backend, reason).inc()
 
+    def failed_over(self) -> None:
+        """A request was answered by a backend other than the first one tried."""
+        self.failovers.inc()
+
+    def queue_waited(self, tenant: str, seconds: float) -> None:
+        """A request got a backend slot after waiting `seconds` in the fair queue."""
+        self.queue_wait.labels(tenant=self.tenant_label(tenant)).observe(seconds)
+
     # --- adapters -----------------------------------------------------------------------------
 
     def watch_store(self, store: T) -> T:
@@ -208,10 +220,6 @@ class GatewayMetrics:
 
 # `*_created` series (a timestamp per counter child) only double the scrape for nzgw's uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-METRICS = GatewayMetrics()
-"""This process's metrics. A module-level value on purpose: prometheus numbers describe the
-process, and the data plane reaches them without any object having to carry them."""
 
 
 def _count_failures(
@@ -415,7 +423,7 @@ async def serve_metrics(
     bind: str,
     *,
     token: str = "",
-    metrics: GatewayMetrics = METRICS,
+    metrics: GatewayMetrics,
     live: LiveCollector | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
