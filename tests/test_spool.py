@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from cattrs.preconf.json import make_converter
 
 from nzgw.adapters.stores import open_store, store_identity
 from nzgw.core.audit import AuditEvent, PendingPrompt
@@ -140,7 +141,7 @@ async def ledger_tokens(db: Db) -> int:
 
 async def test_records_round_trip_and_a_torn_tail_is_skipped(db: Db) -> None:
     batches: list[SpoolBatch] = [usage_batch(db, "u1", 5), *audit_batches(db, 3, 2)]
-    data = b"".join(encode_record(b) for b in batches)
+    data = b"".join(encode_record(b, make_converter()) for b in batches)
     decoded = decode_records(data)
     assert decoded.batches == batches and decoded.torn == 0
 

@@ -49,13 +49,12 @@ from typing import Any, Literal
 import attrs
 import trio
 from cattrs.errors import BaseValidationError
-from cattrs.preconf.json import make_converter
+from cattrs.preconf.json import JsonConverter, make_converter
 
 from nzgw.ports import AuditBatch, Store, StoreError, UsageBatch
 
 log = logging.getLogger("nzgw.spool")
 
-_CONVERTER = make_converter()
 _FILE_PREFIX = "spool-"
 _FILE_SUFFIX = ".log"
 
@@ -81,10 +80,10 @@ def requests_of(batch: SpoolBatch) -> int:
 # --- records --------------------------------------------------------------------------------------
 
 
-def encode_record(batch: SpoolBatch) -> bytes:
+def encode_record(batch: SpoolBatch, converter: JsonConverter) -> bytes:
     kind: Literal["usage", "audit"] = "usage" if isinstance(batch, UsageBatch) else "audit"
     body = json.dumps(
-        {"kind": kind, "batch": _CONVERTER.unstructure(batch)},
+        {"kind": kind, "batch": converter.unstructure(batch)},
         separators=(",", ":"),
         ensure_ascii=True,
     ).encode("ascii")
@@ -97,15 +96,16 @@ class Decoded:
     torn: int  # lines skipped: CRC mismatch, undecodable, or a last line without its newline
 
 
-def decode_records(data: bytes) -> Decoded:
+def decode_records(data: bytes, converter: JsonConverter | None = None) -> Decoded:
     """The records of a spool file's bytes, in order; torn lines skipped and counted."""
+    converter = converter or make_converter()
     batches: list[SpoolBatch] = []
     torn = 0
     lines = data.split(b"\n")
     if lines[-1]:
         torn += 1  # the last append did not complete
     for line in lines[:-1]:
-        batch = _decode_line(line)
+        batch = _decode_line(line, converter)
         if batch is None:
             torn += 1
         else:
@@ -113,7 +113,7 @@ def decode_records(data: bytes) -> Decoded:
     return Decoded(batches, torn)
 
 
-def _decode_line(line: bytes) -> SpoolBatch | None:
+def _decode_line(line: bytes, converter: JsonConverter) -> SpoolBatch | None:
     crc, _, body = line.partition(b" ")
     try:
         if int(crc, 16) != zlib.crc32(body) or len(crc) != 8:
@@ -121,9 +121,9 @@ def _decode_line(line: bytes) -> SpoolBatch | None:
         record: dict[str, Any] = json.loads(body)
         kind = record["kind"]
         if kind == "usage":
-            return _CONVERTER.structure(record["batch"], UsageBatch)
+            return converter.structure(record["batch"], UsageBatch)
         if kind == "audit":
-            return _CONVERTER.structure(record["batch"], AuditBatch)
+            return converter.structure(record["batch"], AuditBatch)
     except (ValueError, KeyError, TypeError, BaseValidationError):
         return None
     return None
@@ -169,6 +169,7 @@ class Spool:
         self._lock = trio.Lock()
         self._outstanding: set[str] = set()  # spooled, not known written
         self._size = 0
+        self._converter = make_converter()
 
     @property
     def outstanding(self) -> int:
@@ -183,7 +184,7 @@ class Spool:
             new = [b for b in batches if batch_key(b) not in self._outstanding]
             if not new:
                 return None
-            data = b"".join(encode_record(b) for b in new)
+            data = b"".join(encode_record(b, self._converter) for b in new)
             try:
                 await trio.to_thread.run_sync(_append, self._fd, data)
             except OSError:
