@@ -60,6 +60,7 @@ class Config:
     # Storage
     database_url: str
     redis_url: str
+    redis_cluster: bool
     migrate_on_start: bool
     # HTTP server
     bind: str
@@ -338,6 +339,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Counters: redis://host:port/db; empty: in-process counters (single process only)",
         secret=True,
+    ),
+    Setting(
+        "NZGW_REDIS_CLUSTER",
+        "redis_cluster",
+        _bool,
+        "false",
+        "REDIS_URL names one node of a Redis Cluster (db 0); the others are discovered",
     ),
     Setting(
         "NZGW_MIGRATE_ON_START",
@@ -683,6 +691,8 @@ def config_from_values(values: Mapping[str, str]) -> Config:
     config = Config(argon2=Argon2Params(**argon2), **fields)
     if config.lease_ttl <= 0:
         raise ConfigError("NZGW_LEASE_TTL: must be more than 0 seconds")
+    if config.redis_cluster and config.embedded_counters:
+        raise ConfigError("NZGW_REDIS_CLUSTER: needs REDIS_URL (a node of the cluster)")
     if config.workers > 1 and config.embedded_counters:
         raise ConfigError(
             "NZGW_WORKERS: more than one worker needs REDIS_URL "

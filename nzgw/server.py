@@ -93,7 +93,7 @@ async def open_counters(config: Config) -> AsyncIterator[Counters]:
         yield MemoryCounters()
     else:
         async with open_redis_counters(
-            config.redis_url, call_timeout=config.counters_timeout
+            config.redis_url, call_timeout=config.counters_timeout, cluster=config.redis_cluster
         ) as counters:
             yield counters
 
@@ -105,7 +105,10 @@ async def open_auth_throttle(config: Config) -> AsyncIterator[AuthThrottle]:
         yield MemoryAuthThrottle(config.auth_fail_limit)
     else:
         async with open_redis_throttle(
-            config.redis_url, limit=config.auth_fail_limit, call_timeout=config.counters_timeout
+            config.redis_url,
+            limit=config.auth_fail_limit,
+            call_timeout=config.counters_timeout,
+            cluster=config.redis_cluster,
         ) as throttle:
             yield throttle
 

@@ -10,6 +10,7 @@ the upstream was closed, with the tokens seen so far.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -29,7 +30,7 @@ from nzgw.core.surfaces import JSON_UTF8, Surface, error_response
 from nzgw.http.bodies import prepare_body
 from nzgw.http.fastrelay import RelayResponse
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
-from nzgw.http.uploads import UploadsBusyError
+from nzgw.http.uploads import HANDOVER_ROUNDS, UploadsBusyError, arrived_whole
 from nzgw.ports import CountersUnavailableError, StoreError, Ticket
 from nzgw.services.forwarding import FORBIDDEN_MODEL, Relay
 from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
@@ -216,9 +217,14 @@ async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
         raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
     parts: list[bytes] = []
     size = 0
+    key, client = info.key_prefix or "", info.client
+    # A body that arrived whole takes no upload slot (http/uploads.py).
+    whole = gateway.uploads.full(key, client) and await arrived_whole(
+        request.body, rounds=HANDOVER_ROUNDS
+    )
     try:
         with (
-            gateway.uploads.receiving(info.key_prefix or "", info.client),
+            contextlib.nullcontext() if whole else gateway.uploads.receiving(key, client),
             trio.move_on_after(config.body_timeout or math.inf) as deadline,
         ):
             async for chunk in request.body:

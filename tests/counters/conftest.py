@@ -32,6 +32,7 @@ import trio
 
 from nzgw.adapters.memory_counters import MemoryCounters
 from nzgw.adapters.redis import RedisCounters, open_redis_counters
+from nzgw.adapters.redis_link import entered
 from nzgw.core.limits import (
     AdmissionRequest,
     EffectiveLimits,
@@ -42,6 +43,7 @@ from nzgw.core.limits import (
 )
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Tenant
 from nzgw.ports import Counters, StoreUnavailableError, UsageRow, UsageTotals
+from tests.redis_cluster import own_redis_cluster
 
 REDIS_URL = os.environ.get("NZGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -79,16 +81,25 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-async def delete_prefix(client: coredis.Redis[str], prefix: str) -> None:
+async def delete_prefix(
+    client: coredis.Redis[str] | coredis.RedisCluster[str], prefix: str
+) -> None:
     keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
     for i in range(0, len(keys), 500):
         await client.delete(keys[i : i + 500])
 
 
 @asynccontextmanager
-async def raw_redis(url: str) -> AsyncIterator[coredis.Redis[str]]:
-    client: coredis.Redis[str] = coredis.Redis.from_url(url, decode_responses=True)
-    async with client:
+async def raw_redis(
+    url: str, *, cluster: bool = False
+) -> AsyncIterator[coredis.Redis[str] | coredis.RedisCluster[str]]:
+    client: coredis.Redis[str] | coredis.RedisCluster[str]
+    if cluster:
+        host, port = _redis_address(url)
+        client = coredis.RedisCluster(host, port, decode_responses=True)
+    else:
+        client = coredis.Redis.from_url(url, decode_responses=True)
+    async with entered(client):
         yield client
 
 
@@ -114,34 +125,50 @@ async def _wipe_memory(_old: Counters) -> AsyncIterator[Counters]:
     yield MemoryCounters()
 
 
-def _redis_backend(url: str) -> Backend:
+def _redis_backend(url: str, *, cluster: bool = False) -> Backend:
     @asynccontextmanager
     async def open_() -> AsyncIterator[Counters]:
         prefix = f"nzgwtest:{secrets.token_hex(6)}:"
         try:
             async with open_redis_counters(
-                url, call_timeout=CALL_TIMEOUT, prefix=prefix, caller_clock=True
+                url, call_timeout=CALL_TIMEOUT, prefix=prefix, caller_clock=True, cluster=cluster
             ) as c:
                 yield c
         finally:
             with trio.CancelScope(shield=True):
-                async with raw_redis(url) as client:
+                async with raw_redis(url, cluster=cluster) as client:
                     await delete_prefix(client, prefix)
 
     @asynccontextmanager
     async def wipe(old: Counters) -> AsyncIterator[Counters]:
         assert isinstance(old, RedisCounters)
-        async with raw_redis(url) as client:
+        async with raw_redis(url, cluster=cluster) as client:
             await delete_prefix(client, old._prefix)
         yield old
 
-    return Backend("redis", open_, wipe)
+    return Backend("redis-cluster" if cluster else "redis", open_, wipe)
 
 
-@pytest.fixture(scope="session", params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of the session's own (3 masters, tests/redis_cluster.py)."""
+    with own_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ],
+)
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         return Backend("memory", _open_memory, _wipe_memory)
+    if request.param == "redis-cluster":
+        return _redis_backend(request.getfixturevalue("redis_cluster_url"), cluster=True)
     return _redis_backend(request.getfixturevalue("redis_url"))
 
 
