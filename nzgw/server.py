@@ -197,6 +197,7 @@ async def run_server(
                     bound_store_calls(store, timeout=config.store_timeout, nursery=services),
                     config,
                     throttle=auth_throttle,
+                    events=metrics.auth_event,
                 )
                 # Leases are refreshed from admission on (the keeper below): the ttl is only how
                 # long a crashed process's slots and reservations stay taken.

@@ -77,10 +77,8 @@ def _bad(param: click.Parameter | None, message: str) -> CliInputError:
     return CliInputError(f"{name}: {message}")
 
 
-class CountType(click.ParamType[int | _Clear]):
-    """A whole number >= 0 (`1_000` allowed); with `clearable`, `none` means unset."""
-
-    name = "integer"
+class _ClearableNumber(click.ParamType[int | _Clear]):
+    """A number option; with `clearable`, `none` means unset. Subclasses parse the text."""
 
     def __init__(self, *, clearable: bool) -> None:
         self.clearable = clearable
@@ -93,6 +91,18 @@ class CountType(click.ParamType[int | _Clear]):
         text = str(value).strip()
         if self.clearable and text.lower() == "none":
             return CLEAR
+        return self.parse(text, value, param)
+
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> int:
+        raise NotImplementedError
+
+
+class CountType(_ClearableNumber):
+    """A whole number >= 0 (`1_000` allowed); with `clearable`, `none` means unset."""
+
+    name = "integer"
+
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> int:
         if not re.fullmatch(r"\d[\d_]*", text):
             raise _bad(param, f"expected a whole number >= 0, got {value!r}")
         number = int(text.replace("_", ""))
@@ -101,22 +111,12 @@ class CountType(click.ParamType[int | _Clear]):
         return number
 
 
-class DurationType(click.ParamType[int | _Clear]):
+class DurationType(_ClearableNumber):
     """`7d`, `12h`, `30m`, `90s` → seconds; with `clearable`, `none` means unset."""
 
     name = "duration"
 
-    def __init__(self, *, clearable: bool) -> None:
-        self.clearable = clearable
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int | _Clear:
-        if isinstance(value, int | _Clear):
-            return value
-        text = str(value).strip()
-        if self.clearable and text.lower() == "none":
-            return CLEAR
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> int:
         try:
             return int(parse_duration(text).total_seconds())
         except ValueError as exc:

@@ -129,6 +129,13 @@ class GatewayMetrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.auth_events = Counter(
+            "nzgw_auth_events",
+            "What authentication did: cache_hit, cache_miss, verification (an Argon2id run, "
+            "dummy ones included), failure, throttled, rehash, busy (cold-verification queue full)",
+            ["event"],
+            registry=registry,
+        )
         self.failovers = Counter(
             "nzgw_failovers",
             "Requests answered by a backend other than the first one tried",
@@ -199,6 +206,10 @@ class GatewayMetrics:
     def failed_over(self) -> None:
         """A request was answered by a backend other than the first one tried."""
         self.failovers.inc()
+
+    def auth_event(self, event: str) -> None:
+        """The authenticator's report (`nzgw.services.identity.AuthEvent`)."""
+        self.auth_events.labels(event).inc()
 
     def queue_waited(self, tenant: str, seconds: float) -> None:
         """A request got a backend slot after waiting `seconds` in the fair queue."""
