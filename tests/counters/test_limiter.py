@@ -5,6 +5,7 @@ T0 plus Trio's clock, so the tests assert exact instants.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from functools import partial
 
@@ -13,9 +14,16 @@ import trio
 import trio.testing
 
 from nzgw.adapters.memory_counters import MemoryCounters
-from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Limit, Scope
+from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Limit, Periods, Scope
 from nzgw.core.models import Budgets, Limits, Principal
-from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded, UsageRow
+from nzgw.ports import (
+    BudgetSeed,
+    BudgetSnapshot,
+    CountersUnavailableError,
+    SeedNeeded,
+    UsageRow,
+    UsageTotals,
+)
 from nzgw.services.limiter import Limiter, run_usage_flusher
 
 from .conftest import T0, FakeLedger, principal
@@ -53,6 +61,21 @@ class SwappableCounters:
         self.seeds += 1
         await trio.sleep(self.seed_delay)
         return await self.inner.seed(seed)
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        return await self.inner.budget_snapshot(tenant_id, key_ids, periods)
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        return await self.inner.correct_budgets(snapshot, tenant, keys, now_ms=now_ms)
 
 
 def virtual_now() -> datetime:
