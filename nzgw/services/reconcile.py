@@ -81,7 +81,7 @@ class Reconciler:
         self._directory = directory
         self._limiter = limiter
         self._quiet = quiet
-        self.drift: dict[tuple[str, str], int] = {
+        self.drift: dict[tuple[str, ...], int] = {
             (scope, period): 0 for scope in ("key", "tenant") for period in PERIODS
         }
         self.corrections = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 
 import attrs
 import pytest
@@ -24,6 +25,8 @@ from nzgw.core.models import ApiKey, Budgets, Principal, Tenant
 from nzgw.ports import BudgetSeed, BudgetSnapshot, Counters, SeedNeeded, UsageRow, UsageTotals
 from nzgw.services.limiter import Limiter
 from nzgw.services.reconcile import Reconciler, run_reconciliation
+from tests.harness import open_harness
+from tests.metrics_samples import parse_exposition
 
 from .conftest import T0, Backend, FakeLedger, principal
 
@@ -192,3 +195,33 @@ async def test_the_task_runs_every_interval_and_zero_disables_it(
     with trio.fail_after(1):
         await run_reconciliation(reconciler, interval=0)  # returns at once
     assert trio.current_time() == start and reconciler.rounds == 3
+
+
+# --- in the running gateway -----------------------------------------------------------------------
+
+
+async def test_the_gateway_reconciles_every_interval(tmp_path: Path) -> None:
+    """`NZGW_RECONCILE_INTERVAL`: usage the counters never saw (written to the ledger by
+    another process after this one rebuilt them) is on the counters one round later."""
+    chat = {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+    with trio.fail_after(60):
+        async with open_harness(tmp_path, reconcile_interval=0.3, metrics_bind="127.0.0.1:0") as h:
+            answer = await h.client.post("/api/chat", json=chat, headers=h.auth)
+            assert answer.status_code == 200
+            (key,) = [k for k in await h.running.store.list_keys() if k.prefix in h.key]
+            day = h.running.limiter.clock()[1].day
+            await h.running.store.add_usage([UsageRow(day, key.tenant_id, key.id, MODEL, 1, 40, 0)])
+            reconciler = h.running.reconciler
+            assert reconciler is not None
+            while not reconciler.corrections:  # noqa: ASYNC110 (a service task's round: polled)
+                await trio.sleep(0.05)
+            assert reconciler.drift[("tenant", "day")] == 40
+            assert reconciler.drift[("key", "lifetime")] == 40
+            assert h.running.metrics is not None
+            scrape = await h.client.get(
+                f"http://{h.running.metrics.host}:{h.running.metrics.port}/metrics"
+            )
+            samples = parse_exposition(scrape.text)
+            drift = "nzgw_counters_drift_tokens_total"
+            assert samples[(drift, frozenset({("scope", "tenant"), ("period", "day")}))] == 40
+            assert samples[("nzgw_rows_lost_total", frozenset())] == 0
