@@ -259,6 +259,29 @@ class ChainHead:
 
 
 @attrs.frozen
+class UsageBatch:
+    """Usage rows sealed for the ledger under one id: every write of it (a retry after an
+    unknown outcome, a spool replay at the next start) adds it to the ledger once."""
+
+    id: str
+    rows: tuple[UsageRow, ...]
+
+
+@attrs.frozen
+class AuditBatch:
+    """Audit rows sealed into a chain together, their prompt logs, and the chain head after
+    them: one `append_audit` call, idempotent (the store skips (chain_id, seq) it has)."""
+
+    rows: tuple[AuditRow, ...]
+    prompts: tuple[PromptRecord, ...]
+    head: ChainHead
+
+    @property
+    def key(self) -> str:
+        return f"audit:{self.head.chain_id}:{self.head.seq}"
+
+
+@attrs.frozen
 class AuditQuery:
     """Filters of an audit listing; every one optional. `since` inclusive, `until` exclusive;
     statuses inclusive. Newest first, at most `limit` rows."""
@@ -436,8 +459,9 @@ class Store(AuditStore, Protocol):
         more means `changes` None)."""
         ...
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
-        """Add rows to the ledger (upsert-add per day, tenant, key, model), atomically."""
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
+        """Add rows to the ledger (upsert-add per day, tenant, key, model), atomically. With a
+        `batch_id`, a batch already added under that id is skipped (retries, spool replays)."""
         ...
 
     async def usage_totals(

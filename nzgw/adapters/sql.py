@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,15 @@ UPSERT_USAGE = (
     "completion_tokens = usage_ledger.completion_tokens + excluded.completion_tokens, "
     "refusals = usage_ledger.refusals + excluded.refusals"
 )
+# A batch id is recorded in the transaction that adds its rows (schema/0008_usage_batches.sql):
+# no row inserted means the batch was added before, and its rows are skipped.
+INSERT_USAGE_BATCH = (
+    "INSERT INTO usage_batches (batch_id, applied_at) VALUES (?, ?) "
+    "ON CONFLICT (batch_id) DO NOTHING"
+)
+PURGE_USAGE_BATCHES = "DELETE FROM usage_batches WHERE applied_at < ?"
+#: How long a batch id is remembered: a spool replayed later than this could count it twice.
+USAGE_BATCH_RETENTION = timedelta(days=35)
 # Parameters: day, month_start, tenant_id. SUM of BIGINT is NUMERIC on PostgreSQL: cast back.
 SELECT_USAGE_TOTALS = (
     "SELECT key_id, "

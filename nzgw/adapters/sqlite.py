@@ -412,13 +412,20 @@ class SqliteStore:
 
     # --- usage ledger -----------------------------------------------------------------------------
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         if not rows:
             return
+        now = self._clock()
+        batch = None if batch_id is None else _params([batch_id, now])
+        purge_before = _params([now - q.USAGE_BATCH_RETENTION])
         params = [_params(list(q.usage_values(r))) for r in rows]
 
         def work(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
+                if batch is not None:
+                    if conn.execute(q.INSERT_USAGE_BATCH, batch).rowcount == 0:
+                        return  # added before: a retry or a replay
+                    conn.execute(q.PURGE_USAGE_BATCHES, purge_before)
                 conn.executemany(q.UPSERT_USAGE, params)
 
         await self._run(work)

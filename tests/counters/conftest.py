@@ -234,10 +234,15 @@ class FakeLedger:
     stall: float = 0.0
     totals_calls: int = 0
     add_calls: int = 0
+    batch_ids: set[str] = attrs.Factory(set)
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         self.add_calls += 1
         await self._io()
+        if batch_id is not None:
+            if batch_id in self.batch_ids:
+                return  # added before
+            self.batch_ids.add(batch_id)
         for r in rows:
             acc = self.rows.setdefault((r.day, r.tenant_id, r.key_id, r.model), [0, 0, 0, 0])
             acc[0] += r.requests
