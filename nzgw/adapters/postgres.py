@@ -28,7 +28,7 @@ import trio_asyncio
 
 from nzgw.adapters import sql as q
 from nzgw.core.audit import AuditRow, PromptRecord
-from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
@@ -390,21 +390,7 @@ class PostgresStore:
 
     async def create_key(self, new: NewKey) -> ApiKey:
         now = self._clock()
-        params = [
-            new.tenant_id,
-            new.name,
-            new.prefix,
-            new.key_hash,
-            Status.ACTIVE.value,
-            *q.limits_values(new.limits),
-            *q.budgets_values(new.budgets),
-            q.encode_models(new.allowed_models),
-            new.log_prompts,
-            new.prompt_ttl_seconds,
-            now,
-            now,
-            new.expires_at,
-        ]
+        params = q.key_insert_params(new, now)
 
         async def work(conn: Connection) -> ApiKey:
             async with conn.transaction():
@@ -424,9 +410,7 @@ class PostgresStore:
             row = await conn.fetchrow(_pg(q.SELECT_PRINCIPAL), prefix)
             if row is None:
                 return None
-            return Principal(
-                q.key_from_row(row, _decode_time), q.tenant_from_row(row, _decode_time, "t_")
-            )
+            return q.principal_from_row(row, _decode_time)
 
         return await self._run(work)
 
@@ -448,12 +432,8 @@ class PostgresStore:
         async def work(conn: Connection) -> ApiKey:
             async with conn.transaction():
                 row = await conn.fetchrow(_pg(q.SELECT_KEY_BY_PREFIX + " FOR UPDATE"), prefix)
-                if row is None:
-                    raise NotFoundError(f"no key with prefix {prefix}")
-                current = q.key_from_row(row, _decode_time)
-                if q.key_change_refused(current.status, columns):
-                    raise ConflictError(f"the key {prefix} is revoked")
-                if not columns or current.status is Status.REVOKED:
+                current, to_write = q.key_to_change(row, prefix, columns, _decode_time)
+                if not to_write:
                     return current
                 sql = _pg(q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT))
                 try:
@@ -500,19 +480,7 @@ class PostgresStore:
             return
         now = self._clock()
         # Sorted by primary key, so concurrent flushers lock rows in the same order (no deadlock).
-        params = sorted(
-            (
-                r.day,
-                r.tenant_id,
-                r.key_id,
-                r.model,
-                r.requests,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.refusals,
-            )
-            for r in rows
-        )
+        params = sorted(q.usage_values(r) for r in rows)
 
         async def work(conn: Connection) -> None:
             async with conn.transaction():

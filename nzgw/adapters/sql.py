@@ -28,18 +28,22 @@ from nzgw.core.audit import (
     event_from_values,
     event_values,
 )
-from nzgw.core.models import ApiKey, Budgets, Limits, Status, Tenant
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
     Change,
     ChangeFeed,
+    ConflictError,
     KeyChanges,
+    NewKey,
+    NotFoundError,
     PromptLog,
     StoreError,
     TenantChanges,
     UsageQuery,
     UsageReportRow,
+    UsageRow,
     UsageTotals,
 )
 
@@ -234,6 +238,39 @@ def tenant_insert_params(
     ]
 
 
+def key_insert_params(new: NewKey, now: datetime) -> list[Any]:
+    """The parameters of `INSERT_KEY` for a new (active) key."""
+    return [
+        new.tenant_id,
+        new.name,
+        new.prefix,
+        new.key_hash,
+        Status.ACTIVE.value,
+        *limits_values(new.limits),
+        *budgets_values(new.budgets),
+        encode_models(new.allowed_models),
+        new.log_prompts,
+        new.prompt_ttl_seconds,
+        now,
+        now,
+        new.expires_at,
+    ]
+
+
+def usage_values(row: UsageRow) -> tuple[Any, ...]:
+    """The parameters of `UPSERT_USAGE` for one ledger row (its primary key first)."""
+    return (
+        row.day,
+        row.tenant_id,
+        row.key_id,
+        row.model,
+        row.requests,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.refusals,
+    )
+
+
 def limits_values(limits: Limits) -> list[int | None]:
     return [limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_requests]
 
@@ -305,6 +342,19 @@ def key_change_refused(current: Status, columns: Mapping[str, Any]) -> bool:
     )
 
 
+def key_to_change(
+    row: Row | None, prefix: str, columns: Mapping[str, Any], decode_time: Decode
+) -> tuple[ApiKey, bool]:
+    """The key a change applies to, and whether there is anything to write; `NotFoundError`
+    for an unknown prefix, `ConflictError` for a change to a revoked key."""
+    if row is None:
+        raise NotFoundError(f"no key with prefix {prefix}")
+    current = key_from_row(row, decode_time)
+    if key_change_refused(current.status, columns):
+        raise ConflictError(f"the key {prefix} is revoked")
+    return current, bool(columns) and current.status is not Status.REVOKED
+
+
 def changes_bump_epoch(columns: Mapping[str, Any]) -> bool:
     """Every change bumps the revocation epoch except a rehash (it does not change who is let in,
     and bumping would empty every gateway's key cache once per key after a parameter change)."""
@@ -352,6 +402,11 @@ def tenant_from_row(row: Row, decode_time: Decode, prefix: str = "") -> Tenant:
         allow_model_controls=bool(col("allow_model_controls")),
         weight=int(col("weight")),
     )
+
+
+def principal_from_row(row: Row, decode_time: Decode) -> Principal:
+    """A key and its tenant from one `SELECT_PRINCIPAL` row (tenant columns prefixed `t_`)."""
+    return Principal(key_from_row(row, decode_time), tenant_from_row(row, decode_time, "t_"))
 
 
 def key_from_row(row: Row, decode_time: Decode) -> ApiKey:

@@ -204,16 +204,22 @@ async def test_a_rebuild_counts_unflushed_usage_exactly_once(
     assert await daily_used(limiter, who) == 60  # now from the ledger, not twice
 
 
-async def test_a_settlement_in_flight_during_a_rebuild_is_counted_once(
-    clock: trio.testing.MockClock,
-) -> None:
-    # The settlement's counters call lands only after the seed would have read `_pending`:
-    # without the gate the seed counts it and the late call adds it again (epoch changed).
+async def admitted_then_restarted() -> tuple[Limiter, SwappableCounters, Principal, Lease]:
+    """A request admitted (100 tokens reserved), then the counters lost (a Redis restart)."""
     limiter, counters, _ = make()
     who = principal()
     lease = (await limiter.admit(who, model=MODEL, reserve_tokens=100)).lease
     assert lease is not None
     counters.restart()
+    return limiter, counters, who, lease
+
+
+async def test_a_settlement_in_flight_during_a_rebuild_is_counted_once(
+    clock: trio.testing.MockClock,
+) -> None:
+    # The settlement's counters call lands only after the seed would have read `_pending`:
+    # without the gate the seed counts it and the late call adds it again (epoch changed).
+    limiter, counters, who, lease = await admitted_then_restarted()
     counters.settle_delay = 2.0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
@@ -231,11 +237,7 @@ async def test_a_settlement_arriving_during_a_rebuild_is_counted_once(
 ) -> None:
     # The settlement comes after the seed read `_pending` but before the seed landed: without
     # the gate its call lands on the empty counters (skipped) and the seed lacks it: lost.
-    limiter, counters, _ = make()
-    who = principal()
-    lease = (await limiter.admit(who, model=MODEL, reserve_tokens=100)).lease
-    assert lease is not None
-    counters.restart()
+    limiter, counters, who, lease = await admitted_then_restarted()
     counters.seed_delay = 1.0
     async with trio.open_nursery() as nursery:
 
