@@ -5,7 +5,6 @@ T0 plus Trio's clock, so the tests assert exact instants.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from functools import partial
 
@@ -13,69 +12,18 @@ import pytest
 import trio
 import trio.testing
 
-from nzgw.adapters.memory_counters import MemoryCounters
-from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Limit, Periods, Scope
+from nzgw.core.limits import AdmissionResult, Lease, Limit, Scope
 from nzgw.core.models import Budgets, Limits, Principal
 from nzgw.ports import (
-    BudgetSeed,
-    BudgetSnapshot,
     CountersUnavailableError,
-    SeedNeeded,
     UsageRow,
-    UsageTotals,
 )
 from nzgw.services.limiter import Limiter, run_usage_flusher
 
-from .conftest import T0, FakeLedger, principal
+from .conftest import T0, FakeLedger, SwappableCounters, principal
 
 MARCH_31 = date(2025, 3, 31)
 MODEL = "llama3.2:latest"
-
-
-class SwappableCounters:
-    """Memory counters that can lose everything (a restart) and be slowed down per call."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryCounters()
-        self.settle_delay = 0.0
-        self.seed_delay = 0.0
-        self.seeds = 0
-
-    def restart(self) -> None:
-        self.inner = MemoryCounters()
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
-        return await self.inner.admit(request)
-
-    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
-        await trio.sleep(self.settle_delay)
-        await self.inner.settle(lease, tokens=tokens, now_ms=now_ms)
-
-    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
-        return await self.inner.refresh(lease, now_ms=now_ms)
-
-    async def seed(self, seed: BudgetSeed) -> bool:
-        self.seeds += 1
-        await trio.sleep(self.seed_delay)
-        return await self.inner.seed(seed)
-
-    async def budget_snapshot(
-        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
-    ) -> BudgetSnapshot | None:
-        return await self.inner.budget_snapshot(tenant_id, key_ids, periods)
-
-    async def correct_budgets(
-        self,
-        snapshot: BudgetSnapshot,
-        tenant: UsageTotals,
-        keys: Mapping[int, UsageTotals],
-        *,
-        now_ms: int,
-    ) -> bool:
-        return await self.inner.correct_budgets(snapshot, tenant, keys, now_ms=now_ms)
 
 
 def virtual_now() -> datetime:

@@ -9,7 +9,6 @@ whose usage is in the aggregate while its counters call is still on its way).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -20,15 +19,14 @@ import trio
 import trio.testing
 
 from nzgw.adapters.memory_counters import MemoryCounters
-from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Periods
 from nzgw.core.models import ApiKey, Budgets, Principal, Tenant
-from nzgw.ports import BudgetSeed, BudgetSnapshot, Counters, SeedNeeded, UsageRow, UsageTotals
+from nzgw.ports import Counters, UsageRow, UsageTotals
 from nzgw.services.limiter import Limiter
 from nzgw.services.reconcile import Reconciler, run_reconciliation
 from tests.harness import open_harness
 from tests.metrics_samples import parse_exposition
 
-from .conftest import T0, Backend, FakeLedger, principal
+from .conftest import T0, Backend, FakeLedger, SwappableCounters, principal
 
 MODEL = "llama3:latest"
 WHO = principal(1, 10)
@@ -94,45 +92,6 @@ async def test_drift_both_ways_is_corrected_to_the_ledger(backend: Backend) -> N
 # --- virtual time, memory counters ----------------------------------------------------------------
 
 
-class SlowSettle:
-    """Memory counters whose settlements take `settle_delay` seconds to land."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryCounters()
-        self.settle_delay = 0.0
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
-        return await self.inner.admit(request)
-
-    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
-        await trio.sleep(self.settle_delay)
-        await self.inner.settle(lease, tokens=tokens, now_ms=now_ms)
-
-    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
-        return await self.inner.refresh(lease, now_ms=now_ms)
-
-    async def seed(self, seed: BudgetSeed) -> bool:
-        return await self.inner.seed(seed)
-
-    async def budget_snapshot(
-        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
-    ) -> BudgetSnapshot | None:
-        return await self.inner.budget_snapshot(tenant_id, key_ids, periods)
-
-    async def correct_budgets(
-        self,
-        snapshot: BudgetSnapshot,
-        tenant: UsageTotals,
-        keys: Mapping[int, UsageTotals],
-        *,
-        now_ms: int,
-    ) -> bool:
-        return await self.inner.correct_budgets(snapshot, tenant, keys, now_ms=now_ms)
-
-
 def virtual_now() -> datetime:
     return T0 + timedelta(seconds=trio.current_time())
 
@@ -145,7 +104,7 @@ def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
 async def test_a_settlement_landing_during_the_quiet_period_defers_the_correction(
     clock: trio.testing.MockClock,
 ) -> None:
-    counters = SlowSettle()
+    counters = SwappableCounters()
     ledger = FakeLedger()
     limiter = Limiter(counters, ledger, now=virtual_now)
     await serve(limiter, 10)
@@ -165,7 +124,7 @@ async def test_a_settlement_landing_during_the_quiet_period_defers_the_correctio
 async def test_a_settlement_under_way_is_not_counted_twice(clock: trio.testing.MockClock) -> None:
     """The trap: the settlement's usage is in the aggregate, its counters call not landed yet.
     Correcting to ledger + aggregate then would charge it twice once the call lands."""
-    counters = SlowSettle()
+    counters = SwappableCounters()
     ledger = FakeLedger()
     limiter = Limiter(counters, ledger, now=virtual_now)
     await serve(limiter, 10)
