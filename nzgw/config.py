@@ -104,6 +104,8 @@ class Config:
     audit_queue_max: int
     flush_interval: float
     audit_probes: bool
+    spool_dir: str
+    reconcile_interval: float
     # Logging
     log_format: str
     log_level: str
@@ -127,6 +129,12 @@ class Config:
 
 
 def _str(raw: str) -> str:
+    return raw
+
+
+def _path(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("expected a directory")
     return raw
 
 
@@ -604,6 +612,21 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         "false",
         "Also audit health probes (GET /healthz, /readyz); by default they leave no audit row",
+    ),
+    Setting(
+        "NZGW_SPOOL_DIR",
+        "spool_dir",
+        _path,
+        "var/spool",
+        "Directory of the local spool: usage and audit rows the store could not take, written "
+        "to it at the next start (keep it on a persistent volume)",
+    ),
+    Setting(
+        "NZGW_RECONCILE_INTERVAL",
+        "reconcile_interval",
+        _seconds,
+        "300",
+        "Seconds between comparisons of the budget counters with the usage ledger (0: never)",
     ),
     Setting("NZGW_LOG_FORMAT", "log_format", _choice("json", "text"), "text", "Log line format"),
     Setting(

@@ -52,7 +52,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -72,7 +71,7 @@ from nzgw.ports import NewKey, Store, UsageQuery, UsageReportRow
 from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
-from tests.counters.conftest import COREDIS_CONNECT_LEAK, REDIS_SERVER, OwnedRedis
+from tests.counters.conftest import COREDIS_CONNECT_LEAK, OwnedRedis, own_redis_server
 from tests.harness import FAST_ARGON2, Harness, open_harness
 from tests.process_log import ProcessLog
 from tests.redis_cluster import own_redis_cluster
@@ -82,10 +81,6 @@ PER_PROCESS = 100
 COUNTERS_TIMEOUT = 0.5  # NZGW_COUNTERS_TIMEOUT: its default
 # A hang guard, not a latency figure (that is measured in bench/, bench/results/faults.md).
 FAIL_CLOSED_GUARD = 10.0
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 def _collect_failed_connections(caplog: pytest.LogCaptureFixture) -> None:
@@ -102,28 +97,11 @@ def _collect_failed_connections(caplog: pytest.LogCaptureFixture) -> None:
 # --- Redis ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def owned_redis() -> Iterator[OwnedRedis]:
     """A redis-server of this test's own (free port, `--save '' --appendonly no`)."""
-    if not os.path.exists(REDIS_SERVER):
-        if _in_ci():
-            pytest.fail(f"{REDIS_SERVER} not found (CI=true: this test must run)")
-        pytest.skip(f"{REDIS_SERVER} not found; install redis-server")
-    server = OwnedRedis(_free_port())
-    server.start()
-    try:
+    with own_redis_server() as server:
         yield server
-    finally:
-        if server.process is not None:
-            server.resume()
-        server.kill()
 
 
 # --- requests and the ledger ----------------------------------------------------------------------

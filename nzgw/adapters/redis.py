@@ -12,6 +12,8 @@ so each script touches one slot and runs on Redis Cluster too):
     P{t<t>}:d:<YYYY-MM-DD>       string  tokens of that day (settled + reserved)
     P{t<t>}:m:<YYYY-MM>          string  tokens of that month
     P{t<t>}:life                 string  lifetime tokens
+    P{t<t>}:ver                  string  settlements and corrections of the tenant (the
+                                         reconciliation's compare-and-set)
     P{t<t>}:k<k>:log|tok|lease|d:<day>|m:<month>|life    the same for key <k> of that tenant
 
 Window keys expire by themselves when idle; day and month counters a day after their period
@@ -55,7 +57,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, cast
 
@@ -80,13 +82,21 @@ from nzgw.core.limits import (
     Refusal,
     WindowUsage,
 )
-from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded
+from nzgw.ports import (
+    BudgetSeed,
+    BudgetSnapshot,
+    CountersUnavailableError,
+    ScopeBudget,
+    SeedNeeded,
+    UsageTotals,
+)
 
 log = logging.getLogger("nzgw.counters")
 
 # --- scripts ------------------------------------------------------------------------------------
 # KEYS of ADMIT, SETTLE and RELEASE: [1] seed marker, [2..7] key scope, [8..13] tenant scope,
-# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone.
+# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone,
+# [17] the tenant's version (SETTLE moves it).
 # ADMIT's ARGV[1] is its deadline in Redis ms (past it: status 3, nothing done); ARGV[23], [24]
 # the day and month ids; ARGV[25] the caller's clock for the windows (tests), '' for Redis'.
 # Every reply ends with Redis' clock; admitted or refused, the tokens reclaimed from expired
@@ -272,6 +282,7 @@ local delta = used - reserved
 local marker = redis.call('GET', KEYS[1])
 local day_ttl, month_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
 local budget = 0
+redis.call('INCR', KEYS[17])
 for s = 1, 2 do
   local base = 2 + (s - 1) * 6
   redis.call('ZREM', KEYS[base + 2], lease)
@@ -351,6 +362,61 @@ return 1
 """
 
 
+# Reconciliation. KEYS: marker, version, the :rsv of the tenant and of each key, then (day,
+# month, life) of the tenant and of each key. ARGV: day id, month id, scopes.
+# Returns {0} (not seeded) or {1, epoch, version, then per scope: day, month, life, and of those
+# the reservations of unsettled leases (day, month, life)}.
+_SNAPSHOT: Final = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return {0} end
+local out = {1, epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
+local n = tonumber(ARGV[3])
+for s = 1, n do
+  local base = 2 + n + (s - 1) * 3
+  for i = 1, 3 do out[#out + 1] = tonumber(redis.call('GET', KEYS[base + i]) or '0') end
+  local hd, hm, hl = 0, 0, 0
+  local held = redis.call('HVALS', KEYS[2 + s])
+  for i = 1, #held do
+    local tokens, day, month = string.match(held[i], '^(%d+)|([^|]*)|(.*)$')
+    tokens = tonumber(tokens)
+    hl = hl + tokens
+    if day == ARGV[1] then hd = hd + tokens end
+    if month == ARGV[2] then hm = hm + tokens end
+  end
+  out[#out + 1] = hd
+  out[#out + 1] = hm
+  out[#out + 1] = hl
+end
+return out
+"""
+
+# KEYS: as _SNAPSHOT. ARGV: epoch, version, day ttl, month ttl (<= 0: that period's counter is
+# gone, leave it), scopes, then (day, month, life) deltas per scope. Compare-and-set: nothing
+# unless epoch and version are unchanged; then the version moves (a second reconciler that read
+# the same snapshot does nothing). Admissions meanwhile only added reservations: kept.
+_CORRECT: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('INCR', KEYS[2])
+local day_ttl, month_ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for s = 1, n do
+  local base = 2 + n + (s - 1) * 3
+  local a = 5 + (s - 1) * 3
+  local dd, dm, dl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if dd ~= 0 and day_ttl > 0 then
+    redis.call('INCRBY', KEYS[base + 1], dd)
+    redis.call('PEXPIRE', KEYS[base + 1], day_ttl)
+  end
+  if dm ~= 0 and month_ttl > 0 then
+    redis.call('INCRBY', KEYS[base + 2], dm)
+    redis.call('PEXPIRE', KEYS[base + 2], month_ttl)
+  end
+  if dl ~= 0 then redis.call('INCRBY', KEYS[base + 3], dl) end
+end
+return 1
+"""
+
+
 class _Script:
     __slots__ = ("sha", "source")
 
@@ -367,6 +433,8 @@ _SCRIPTS: Final = {
         ("refresh", _REFRESH),
         ("seed", _SEED),
         ("release", _RELEASE),
+        ("snapshot", _SNAPSHOT),
+        ("correct", _CORRECT),
     )
 }
 
@@ -438,6 +506,7 @@ class RedisCounters:
             k + "rsv",
             t + "rsv",
             f"{k}gone:{lease_id}",
+            t + "ver",
         ]
 
     # --- the edge: every call bounded, shielded, translated
@@ -699,6 +768,66 @@ class RedisCounters:
             keys += [stem + day, stem + month, stem + "life"]
             args += [totals.day_tokens, totals.month_tokens, totals.lifetime_tokens]
         return await self._eval("seed", keys, args) == 1
+
+    # --- reconciliation
+
+    def _budget_keys(self, tenant_id: int, key_ids: Sequence[int], periods: Periods) -> list[str]:
+        t = f"{self._prefix}{{t{tenant_id}}}:"
+        stems = [t] + [f"{t}k{key_id}:" for key_id in key_ids]
+        day, month = f"d:{periods.day_id}", f"m:{periods.month_id}"
+        keys = [f"{t}seed", f"{t}ver"] + [stem + "rsv" for stem in stems]
+        for stem in stems:
+            keys += [stem + day, stem + month, stem + "life"]
+        return keys
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        keys = self._budget_keys(tenant_id, key_ids, periods)
+        args: list[_Value] = [periods.day_id, periods.month_id, 1 + len(key_ids)]
+        reply = await self._eval("snapshot", keys, args)
+        if not isinstance(reply, list) or not reply:
+            raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}")
+        try:
+            if int(reply[0]) == 0:
+                return None
+            values = [int(v) for v in reply[2:]]
+            scopes = [
+                ScopeBudget(UsageTotals(*values[i : i + 3]), UsageTotals(*values[i + 3 : i + 6]))
+                for i in range(1, len(values), 6)
+            ]
+            return BudgetSnapshot(
+                tenant_id=tenant_id,
+                epoch=str(reply[1]),
+                version=values[0],
+                periods=periods,
+                tenant=scopes[0],
+                keys=dict(zip(key_ids, scopes[1:], strict=True)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}") from exc
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        key_ids = list(keys)
+        periods = snapshot.periods
+        args: list[_Value] = [
+            snapshot.epoch,
+            snapshot.version,
+            periods.day_end_ms - now_ms + PERIOD_SLACK_MS,
+            periods.month_end_ms - now_ms + PERIOD_SLACK_MS,
+            1 + len(key_ids),
+        ]
+        for delta in [tenant, *keys.values()]:
+            args += [delta.day_tokens, delta.month_tokens, delta.lifetime_tokens]
+        keys_ = self._budget_keys(snapshot.tenant_id, key_ids, periods)
+        return await self._eval("correct", keys_, args) == 1
 
 
 def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | SeedNeeded:

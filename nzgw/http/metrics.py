@@ -129,6 +129,13 @@ class GatewayMetrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.auth_events = Counter(
+            "nzgw_auth_events",
+            "What authentication did: cache_hit, cache_miss, verification (an Argon2id run, "
+            "dummy ones included), failure, throttled, rehash, busy (cold-verification queue full)",
+            ["event"],
+            registry=registry,
+        )
         self.failovers = Counter(
             "nzgw_failovers",
             "Requests answered by a backend other than the first one tried",
@@ -199,6 +206,10 @@ class GatewayMetrics:
     def failed_over(self) -> None:
         """A request was answered by a backend other than the first one tried."""
         self.failovers.inc()
+
+    def auth_event(self, event: str) -> None:
+        """The authenticator's report (`nzgw.services.identity.AuthEvent`)."""
+        self.auth_events.labels(event).inc()
 
     def queue_waited(self, tenant: str, seconds: float) -> None:
         """A request got a backend slot after waiting `seconds` in the fair queue."""
@@ -298,12 +309,25 @@ class LiveCollector:
         self._backends = backends
         self._backlog = dict(backlog or {})
         self._counters: dict[str, tuple[str, Callable[[], int]]] = {}
+        self._labelled: dict[
+            str, tuple[str, list[str], Callable[[], Mapping[tuple[str, ...], int]]]
+        ] = {}
         self._slots: SlotPool | None = None
         self._slot_tenant_labels = True
 
     def track_counter(self, name: str, documentation: str, value: Callable[[], int]) -> None:
         """Report `value()` as the counter `name` (without `_total`) at every scrape."""
         self._counters[name] = (documentation, value)
+
+    def track_labelled_counter(
+        self,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        values: Callable[[], Mapping[tuple[str, ...], int]],
+    ) -> None:
+        """Report `values()` (label values → count) as the counter `name` at every scrape."""
+        self._labelled[name] = (documentation, labels, values)
 
     def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
         """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
@@ -334,6 +358,11 @@ class LiveCollector:
         for name, (documentation, value) in self._counters.items():
             family = CounterMetricFamily(name, documentation)
             family.add_metric([], value())
+            yield family
+        for name, (documentation, labels, values) in self._labelled.items():
+            family = CounterMetricFamily(name, documentation, labels=labels)
+            for label_values, count in sorted(values().items()):
+                family.add_metric(list(label_values), count)
             yield family
 
     @staticmethod

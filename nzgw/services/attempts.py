@@ -149,14 +149,14 @@ class SlotBackend:
         return await self._backend.get_json(path, limit=limit)
 
 
-class SlotResponse:
-    """An upstream response that gives its slot back when it is closed."""
+class WrappedResponse:
+    """An upstream response seen through a wrapper: everything delegated; subclasses change
+    what they add (`SlotResponse`, `nzgw.services.forwarding`'s replayed error answer)."""
 
-    __slots__ = ("_response", "_slot", "headers", "status")
+    __slots__ = ("_response", "headers", "status")
 
-    def __init__(self, response: UpstreamResponse, slot: Slot) -> None:
+    def __init__(self, response: UpstreamResponse) -> None:
         self._response = response
-        self._slot = slot
         self.status = response.status
         self.headers = response.headers
 
@@ -168,6 +168,19 @@ class SlotResponse:
 
     async def read_all(self, limit: int) -> bytes:
         return await self._response.read_all(limit)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class SlotResponse(WrappedResponse):
+    """An upstream response that gives its slot back when it is closed."""
+
+    __slots__ = ("_slot",)
+
+    def __init__(self, response: UpstreamResponse, slot: Slot) -> None:
+        super().__init__(response)
+        self._slot = slot
 
     async def aclose(self) -> None:
         try:

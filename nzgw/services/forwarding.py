@@ -39,7 +39,7 @@ from nzgw.core.record import FailedAttempt, Refused, RequestInfo
 from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import stream_error_frame
 from nzgw.ports import ForwardingMetrics, RegistryPort, Ticket, UpstreamError, UpstreamResponse
-from nzgw.services.attempts import BackendAttempts
+from nzgw.services.attempts import BackendAttempts, WrappedResponse
 from nzgw.services.drain import CUT_MESSAGE, StreamCut
 from nzgw.services.slots import SlotPool
 
@@ -235,17 +235,14 @@ class Forwarder:
         return Buffered(response.status, body, opened.content_type)
 
 
-class _Replayed:
+class _Replayed(WrappedResponse):
     """An upstream error response whose body was already read (kept for pass-through)."""
 
-    def __init__(self, response: UpstreamResponse, body: bytes) -> None:
-        self._response = response
-        self._body = body
-        self.status = response.status
-        self.headers = response.headers
+    __slots__ = ("_body",)
 
-    def header(self, name: bytes) -> bytes | None:
-        return self._response.header(name)
+    def __init__(self, response: UpstreamResponse, body: bytes) -> None:
+        super().__init__(response)
+        self._body = body
 
     async def receive_some(self) -> bytes:
         body, self._body = self._body, b""
@@ -253,9 +250,6 @@ class _Replayed:
 
     async def read_all(self, limit: int) -> bytes:
         return await self.receive_some()
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
 
 
 class Relay:

@@ -48,12 +48,14 @@ revocation cannot resurrect the key.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hmac
 import ipaddress
 import logging
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 
 import argon2
@@ -263,18 +265,25 @@ class MemoryAuthThrottle:
 # --- the authenticator ----------------------------------------------------------------------------
 
 
-@attrs.define
-class AuthStats:
-    """Counters for metrics and tests."""
+class AuthEvent(enum.StrEnum):
+    """What the authenticator reports as it works (`nzgw_auth_events_total{event}`)."""
 
-    cache_hits: int = 0
-    cache_misses: int = 0
-    verifications: int = 0  # Argon2id verifications run (dummy ones included)
-    failures: int = 0
-    throttled: int = 0
-    rehashes: int = 0
-    busy: int = 0  # refused because the cold-verification queue was full
-    rereads: int = 0  # records of cached keys read again while the watch was behind
+    CACHE_HIT = "cache_hit"
+    CACHE_MISS = "cache_miss"
+    VERIFICATION = "verification"  # an Argon2id verification ran (dummy ones included)
+    FAILURE = "failure"  # a presented key was refused
+    THROTTLED = "throttled"  # refused: the address failed too often
+    REHASH = "rehash"  # a hash was upgraded to the current parameters
+    BUSY = "busy"  # refused because the cold-verification queue was full
+    REREAD = "reread"  # a cached key's record read again while the watch was behind
+
+
+AuthEvents = Callable[[AuthEvent], None]
+"""Where the authenticator reports its events (the gateway's metrics; a counter in tests)."""
+
+
+def _unreported(event: AuthEvent) -> None:
+    """No one listens (tools that authenticate outside a gateway)."""
 
 
 @attrs.define
@@ -314,8 +323,10 @@ class Authenticator:
         ipv6_prefix: int = 64,
         max_staleness: float = 1.0,
         wall_clock: WallClock = utc_now,
+        events: AuthEvents = _unreported,
     ) -> None:
         self._store = store
+        self._event = events
         self._hasher = hasher
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self.gate = ColdGate(max_concurrency, queue_max)
@@ -335,7 +346,6 @@ class Authenticator:
         self._applied: deque[Change] = deque(maxlen=4096)
         self._fresh_until = float("-inf")  # cache trusted until then (trio clock)
         self._last_used: dict[int, datetime] = {}
-        self.stats = AuthStats()
 
     @classmethod
     def from_config(
@@ -345,6 +355,7 @@ class Authenticator:
         *,
         throttle: AuthThrottle | None = None,
         wall_clock: WallClock = utc_now,
+        events: AuthEvents = _unreported,
     ) -> Authenticator:
         return cls(
             store,
@@ -357,6 +368,7 @@ class Authenticator:
             ipv6_prefix=config.auth_ipv6_prefix,
             max_staleness=max(1.0, 2 * config.revocation_poll_interval),
             wall_clock=wall_clock,
+            events=events,
         )
 
     # --- the request path -------------------------------------------------------------------------
@@ -372,7 +384,7 @@ class Authenticator:
         parsed = parse_key(presented)
         if parsed is None:
             await self._record_failure(address)
-            self.stats.failures += 1
+            self._event(AuthEvent.FAILURE)
             raise AuthenticationError()
 
         mac = hmac.digest(self._secret, presented.encode("ascii"), "sha256")
@@ -385,11 +397,11 @@ class Authenticator:
             if entry is not None:
                 wall_now = self._wall_clock()
                 if _usable(entry.principal, wall_now):
-                    self.stats.cache_hits += 1
+                    self._event(AuthEvent.CACHE_HIT)
                     self._last_used[entry.principal.key.id] = wall_now
                     return entry.principal
                 self._cache.pop(parsed.prefix, None)  # expired while cached: the slow path
-        self.stats.cache_misses += 1
+        self._event(AuthEvent.CACHE_MISS)
 
         # The same key being verified already (a burst from one client on a cold cache):
         # share that verification, which costs this request no throttle allowance.
@@ -400,7 +412,7 @@ class Authenticator:
                 return flight.principal
             if flight.refused:
                 await self._record_failure(address)
-                self.stats.failures += 1
+                self._event(AuthEvent.FAILURE)
                 raise AuthenticationError()
             # The leader was throttled, cancelled, or the store failed: verify ourselves.
         # Lead. The flight is claimed before the throttle is asked (an await: a Redis call), so
@@ -415,15 +427,15 @@ class Authenticator:
             raise
         if retry_after is not None:
             self._land(mac, flight)  # the waiters ask the throttle for their own address
-            self.stats.throttled += 1
+            self._event(AuthEvent.THROTTLED)
             raise AuthThrottledError(retry_after)
         try:
             principal = await self._lead(parsed, mac, flight, address)
         except AuthenticationError:
-            self.stats.failures += 1
+            self._event(AuthEvent.FAILURE)
             raise  # the attempt stays spent
         except AuthBusyError:
-            self.stats.busy += 1
+            self._event(AuthEvent.BUSY)
             await self._refund(address)
             raise
         except BaseException:
@@ -486,7 +498,7 @@ class Authenticator:
         started = trio.current_time()
         try:
             found = await self._store.find_key(prefix)
-            self.stats.rereads += 1
+            self._event(AuthEvent.REREAD)
             if (
                 found is None
                 or not hmac.compare_digest(found.key.key_hash, entry.principal.key.key_hash)
@@ -513,7 +525,7 @@ class Authenticator:
         try:
             found = await self._store.find_key(parsed.prefix)
             key_hash = found.key.key_hash if found is not None else None
-            self.stats.verifications += 1
+            self._event(AuthEvent.VERIFICATION)
             matches = await trio.to_thread.run_sync(
                 self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
             )
@@ -533,7 +545,7 @@ class Authenticator:
         except StoreError as exc:
             log.warning("rehash failed", extra={"prefix": principal.key.prefix, "error": str(exc)})
         else:
-            self.stats.rehashes += 1
+            self._event(AuthEvent.REHASH)
 
     # --- revocation -------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import UTC, date, datetime
 
@@ -36,14 +36,24 @@ from nzgw.adapters.redis import RedisCounters, open_redis_counters
 from nzgw.adapters.redis_link import entered
 from nzgw.core.limits import (
     AdmissionRequest,
+    AdmissionResult,
     EffectiveLimits,
+    Lease,
     Periods,
     budget_zone,
     epoch_ms,
     periods_at,
 )
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Tenant
-from nzgw.ports import Counters, StoreUnavailableError, UsageRow, UsageTotals
+from nzgw.ports import (
+    BudgetSeed,
+    BudgetSnapshot,
+    Counters,
+    SeedNeeded,
+    StoreUnavailableError,
+    UsageRow,
+    UsageTotals,
+)
 from tests.redis_cluster import own_redis_cluster
 
 REDIS_URL = os.environ.get("NZGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -251,10 +261,15 @@ class FakeLedger:
     stall: float = 0.0
     totals_calls: int = 0
     add_calls: int = 0
+    batch_ids: set[str] = attrs.Factory(set)
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         self.add_calls += 1
         await self._io()
+        if batch_id is not None:
+            if batch_id in self.batch_ids:
+                return  # added before
+            self.batch_ids.add(batch_id)
         for r in rows:
             acc = self.rows.setdefault((r.day, r.tenant_id, r.key_id, r.model), [0, 0, 0, 0])
             acc[0] += r.requests
@@ -295,6 +310,55 @@ class FakeLedger:
             for (_d, t, _k, _m), acc in self.rows.items()
             if tenant_id is None or t == tenant_id
         )
+
+
+# --- memory counters that can be restarted or slowed down --------------------------------------
+
+
+class SwappableCounters:
+    """Memory counters that can lose everything (a restart) and be slowed down per call."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryCounters()
+        self.settle_delay = 0.0
+        self.seed_delay = 0.0
+        self.seeds = 0
+
+    def restart(self) -> None:
+        self.inner = MemoryCounters()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
+        return await self.inner.admit(request)
+
+    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
+        await trio.sleep(self.settle_delay)
+        await self.inner.settle(lease, tokens=tokens, now_ms=now_ms)
+
+    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
+        return await self.inner.refresh(lease, now_ms=now_ms)
+
+    async def seed(self, seed: BudgetSeed) -> bool:
+        self.seeds += 1
+        await trio.sleep(self.seed_delay)
+        return await self.inner.seed(seed)
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        return await self.inner.budget_snapshot(tenant_id, key_ids, periods)
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        return await self.inner.correct_budgets(snapshot, tenant, keys, now_ms=now_ms)
 
 
 # --- a redis-server of our own --------------------------------------------------------------------
