@@ -74,11 +74,14 @@ async def relay_to_client(
     connection: h11.Connection,
     stream: trio.abc.SendStream,
     send_lock: trio.Lock,
+    *,
+    head: bytes = b"",
 ) -> None:
-    """Write `body` to the client: `connection` has sent the response head and is in
-    SEND_BODY. The first piece goes through h11, which shows the framing it chose: chunked
-    (HTTP/1.1, no Content-Length) is then framed here, any other framing stays with h11.
-    Returns when the body ends or the client is gone."""
+    """Write `body` to the client: `connection` has produced the response head (`head`, the
+    bytes of it not written yet, go out with the first piece) and is in SEND_BODY. The first
+    piece goes through h11, which shows the framing it chose: chunked (HTTP/1.1, no
+    Content-Length) is then framed here, any other framing stays with h11. Returns when the
+    body ends or the client is gone."""
     # No checkpoint before the first piece is written (as on the slow path): a stream whose
     # head went out always carries its first frame, and the watcher always counts it.
     try:
@@ -96,8 +99,12 @@ async def relay_to_client(
                 frame = connection.send(h11.Data(data=data)) or b""
                 if chunked is None:
                     chunked = frame == b"%x\r\n%b\r\n" % (len(data), data)
+            if head:
+                frame, head = head + frame, b""
             if not await _write(stream, frame):
                 return  # the client is gone: hypercorn's reader sees it too, ends the request
+        if head:  # an empty body: the head goes out alone (h11 ends the body after us)
+            await _write(stream, head)
     finally:
         send_lock.release()
 
