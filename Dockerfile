@@ -54,8 +54,8 @@ WORKDIR /app
 COPY nzgw/ /app/nzgw/
 COPY schema/ /app/schema/
 RUN python -m compileall -q /app/nzgw \
-    && mkdir /app/var \
-    && chown nzgw:nzgw /app/var
+    && mkdir -p /app/var/spool \
+    && chown -R nzgw:nzgw /app/var
 USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM

@@ -34,7 +34,7 @@ BUDGETS = Budgets(daily_tokens=BIG, monthly_tokens=BIG, lifetime_tokens=BIG)
 
 
 class NullLedger:
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         await trio.lowlevel.checkpoint()
 
     async def usage_totals(

@@ -209,7 +209,7 @@ def start_servers(work: Path) -> tuple[dict[str, subprocess.Popen[bytes]], dict[
         "NZGW_BIND": f"127.0.0.1:{ports['nzgw']}",
         "NZGW_DISCOVERY_INTERVAL": "30",
         # Measure the relay, not the fair queue: as many backend slots as clients, and no
-        # bound on bodies in progress (one key from one address sends every request).
+        # bound on bodies in progress (32 clients share one key from one address).
         "OLLAMA_PARALLEL": "64",
         "NZGW_MAX_BODY_UPLOADS_PER_KEY": "0",
         "NZGW_MAX_BODY_UPLOADS_PER_CLIENT": "0",

@@ -60,6 +60,7 @@ class Config:
     # Storage
     database_url: str
     redis_url: str
+    redis_cluster: bool
     migrate_on_start: bool
     # HTTP server
     bind: str
@@ -103,6 +104,8 @@ class Config:
     audit_queue_max: int
     flush_interval: float
     audit_probes: bool
+    spool_dir: str
+    reconcile_interval: float
     # Logging
     log_format: str
     log_level: str
@@ -126,6 +129,12 @@ class Config:
 
 
 def _str(raw: str) -> str:
+    return raw
+
+
+def _path(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("expected a directory")
     return raw
 
 
@@ -338,6 +347,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Counters: redis://host:port/db; empty: in-process counters (single process only)",
         secret=True,
+    ),
+    Setting(
+        "NZGW_REDIS_CLUSTER",
+        "redis_cluster",
+        _bool,
+        "false",
+        "REDIS_URL names one node of a Redis Cluster (db 0); the others are discovered",
     ),
     Setting(
         "NZGW_MIGRATE_ON_START",
@@ -597,6 +613,21 @@ SETTINGS: tuple[Setting, ...] = (
         "false",
         "Also audit health probes (GET /healthz, /readyz); by default they leave no audit row",
     ),
+    Setting(
+        "NZGW_SPOOL_DIR",
+        "spool_dir",
+        _path,
+        "var/spool",
+        "Directory of the local spool: usage and audit rows the store could not take, written "
+        "to it at the next start (keep it on a persistent volume)",
+    ),
+    Setting(
+        "NZGW_RECONCILE_INTERVAL",
+        "reconcile_interval",
+        _seconds,
+        "300",
+        "Seconds between comparisons of the budget counters with the usage ledger (0: never)",
+    ),
     Setting("NZGW_LOG_FORMAT", "log_format", _choice("json", "text"), "text", "Log line format"),
     Setting(
         "NZGW_LOG_LEVEL",
@@ -683,6 +714,8 @@ def config_from_values(values: Mapping[str, str]) -> Config:
     config = Config(argon2=Argon2Params(**argon2), **fields)
     if config.lease_ttl <= 0:
         raise ConfigError("NZGW_LEASE_TTL: must be more than 0 seconds")
+    if config.redis_cluster and config.embedded_counters:
+        raise ConfigError("NZGW_REDIS_CLUSTER: needs REDIS_URL (a node of the cluster)")
     if config.workers > 1 and config.embedded_counters:
         raise ConfigError(
             "NZGW_WORKERS: more than one worker needs REDIS_URL "

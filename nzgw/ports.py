@@ -15,6 +15,7 @@ import attrs
 
 from nzgw.core.audit import AuditRow, PromptRecord
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.core.record import RequestInfo
 
 WallClock = Callable[[], datetime]
 """Wall-clock time for what is dated (expiry, audit rows, budget days); tests pass their own."""
@@ -140,6 +141,38 @@ class AuditGatePort(Protocol):
     refusing: bool
 
 
+class Ticket(Protocol):
+    """An admitted request's reservation (`http.limits.LimiterAdmitter`). `settle` runs once,
+    shielded, at the very end."""
+
+    headers: dict[str, str]
+    refresh_every: float  # seconds; a long stream extends its lease this often
+
+    async def refresh(self) -> None:
+        """Extend the concurrency lease (best effort, bounded, never raises)."""
+        ...
+
+    async def settle(self, info: RequestInfo) -> None: ...
+
+
+class Admitter(Protocol):
+    async def admit(
+        self, principal: Principal, *, model: str, reserve_tokens: int, info: RequestInfo
+    ) -> Ticket:
+        """Reserve, or raise `Refused` (429 over a limit, 503 when the counters are down)."""
+        ...
+
+
+class ForwardingMetrics(Protocol):
+    """What the data plane counts while it forwards (`http.metrics.GatewayMetrics`)."""
+
+    def backend_failed(self, backend: str, reason: str) -> None: ...
+
+    def failed_over(self) -> None: ...
+
+    def queue_waited(self, tenant: str, seconds: float) -> None: ...
+
+
 # --- Store: tenants, keys, usage ledger -----------------------------------------------------------
 
 
@@ -223,6 +256,29 @@ class ChainHead:
     hash: str
     updated_at: datetime | None = None
     recorded: bool = True  # False: rows of this chain exist, its head record does not
+
+
+@attrs.frozen
+class UsageBatch:
+    """Usage rows sealed for the ledger under one id: every write of it (a retry after an
+    unknown outcome, a spool replay at the next start) adds it to the ledger once."""
+
+    id: str
+    rows: tuple[UsageRow, ...]
+
+
+@attrs.frozen
+class AuditBatch:
+    """Audit rows sealed into a chain together, their prompt logs, and the chain head after
+    them: one `append_audit` call, idempotent (the store skips (chain_id, seq) it has)."""
+
+    rows: tuple[AuditRow, ...]
+    prompts: tuple[PromptRecord, ...]
+    head: ChainHead
+
+    @property
+    def key(self) -> str:
+        return f"audit:{self.head.chain_id}:{self.head.seq}"
 
 
 @attrs.frozen
@@ -403,8 +459,9 @@ class Store(AuditStore, Protocol):
         more means `changes` None)."""
         ...
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
-        """Add rows to the ledger (upsert-add per day, tenant, key, model), atomically."""
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
+        """Add rows to the ledger (upsert-add per day, tenant, key, model), atomically. With a
+        `batch_id`, a batch already added under that id is skipped (retries, spool replays)."""
         ...
 
     async def usage_totals(
@@ -440,6 +497,38 @@ class BudgetSeed:
     keys: Mapping[int, UsageTotals]
 
 
+@attrs.frozen
+class ScopeBudget:
+    """One scope's budget counters as stored (settled + reserved), and of those the
+    reservations of leases not settled yet, for the current day and month and for life."""
+
+    counted: UsageTotals
+    reserved: UsageTotals
+
+    @property
+    def settled(self) -> UsageTotals:
+        c, r = self.counted, self.reserved
+        return UsageTotals(
+            c.day_tokens - r.day_tokens,
+            c.month_tokens - r.month_tokens,
+            c.lifetime_tokens - r.lifetime_tokens,
+        )
+
+
+@attrs.frozen
+class BudgetSnapshot:
+    """A tenant's budget counters read in one step, for reconciliation with the ledger.
+    `version` moves with every settlement and correction of the tenant (not with admissions:
+    they only add reservations, which are counted apart)."""
+
+    tenant_id: int
+    epoch: str
+    version: int
+    periods: Periods
+    tenant: ScopeBudget
+    keys: Mapping[int, ScopeBudget]
+
+
 class Counters(Protocol):
     """Atomic check-and-reserve over the live counters. Errors: `CountersUnavailableError` only.
 
@@ -464,6 +553,26 @@ class Counters(Protocol):
 
     async def seed(self, seed: BudgetSeed) -> bool:
         """Set the budget counters unless the tenant's are present; True: this call set them."""
+        ...
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        """The tenant's and these keys' budget counters; None if they are not seeded."""
+        ...
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        """Add these deltas to the budget counters (day and month of `snapshot.periods`, and
+        lifetime), atomically, only if no settlement or correction ran since `snapshot` (same
+        epoch and version); the version then moves. Admissions in between are kept: their
+        reservations are not touched. False: something ran in between, nothing changed."""
         ...
 
 

@@ -6,7 +6,9 @@ Resources open outermost-first and close in reverse (docs/ARCHITECTURE.md, "Spin
         ├─ discovery          (started first: ready only after the first snapshot)
         ├─ metrics listener   (NZGW_METRICS_BIND: /metrics on its own socket, also while draining)
         ├─ revocation watch   (keys revoked elsewhere stop working here within a second)
+        ├─ spool replay       (orphaned spools of this store written to it, before the listener)
         ├─ usage flusher      (settled usage to the ledger; last flush shielded on the way out)
+        ├─ reconciliation     (budget counters compared with the ledger, drift corrected)
         ├─ last-used flusher
         ├─ audit flusher      (audit rows in batches; last flush shielded, with a deadline)
         ├─ prompt purge       (expired prompt logs, in bounded batches)
@@ -23,6 +25,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
@@ -31,21 +34,21 @@ from nzgw.adapters.memory_counters import MemoryCounters
 from nzgw.adapters.ollama import open_backends
 from nzgw.adapters.redis import open_redis_counters
 from nzgw.adapters.redis_throttle import open_redis_throttle
-from nzgw.adapters.stores import open_store
+from nzgw.adapters.stores import open_store, store_identity
 from nzgw.config import Config
 from nzgw.core.limits import budget_zone
 from nzgw.http.app import GatewayApp, create_app
 from nzgw.http.audit import audit_hook
-from nzgw.http.drain import StreamCut
 from nzgw.http.gateway import Gateway
 from nzgw.http.lifecycle import StartupLog, discovered, report_drain, store_kind
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
-from nzgw.http.metrics import METRICS, LiveCollector, serve_metrics
+from nzgw.http.metrics import GatewayMetrics, LiveCollector, serve_metrics
 from nzgw.ports import AuthThrottle, Counters, CountersUnavailableError, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
 from nzgw.services.deadlines import bound_store_calls
 from nzgw.services.discovery import run_discovery
+from nzgw.services.drain import StreamCut
 from nzgw.services.identity import (
     Authenticator,
     MemoryAuthThrottle,
@@ -53,8 +56,16 @@ from nzgw.services.identity import (
     run_revocation_watch,
 )
 from nzgw.services.limiter import Limiter, run_usage_flusher
+from nzgw.services.reconcile import Reconciler, run_reconciliation
 from nzgw.services.registry import Registry
 from nzgw.services.slots import SlotPool
+from nzgw.services.spool import (
+    Spool,
+    SpoolStats,
+    open_spool,
+    run_spool_replay,
+    store_fingerprint,
+)
 
 log = logging.getLogger("nzgw.server")
 
@@ -72,6 +83,7 @@ class Running:
     limiter: Limiter
     authenticator: Authenticator
     metrics: Bound | None = None  # the /metrics listener, when NZGW_METRICS_BIND is set
+    reconciler: Reconciler | None = None
 
     @property
     def url(self) -> str:
@@ -93,9 +105,17 @@ async def open_counters(config: Config) -> AsyncIterator[Counters]:
         yield MemoryCounters()
     else:
         async with open_redis_counters(
-            config.redis_url, call_timeout=config.counters_timeout
+            config.redis_url, call_timeout=config.counters_timeout, cluster=config.redis_cluster
         ) as counters:
             yield counters
+
+
+@contextlib.asynccontextmanager
+async def open_process_spool(config: Config, stats: SpoolStats) -> AsyncIterator[Spool]:
+    """This process's spool file, in the folder of the configured store (services/spool.py)."""
+    fingerprint = store_fingerprint(store_identity(config.database_url))
+    with open_spool(Path(config.spool_dir), fingerprint, stats) as spool:
+        yield spool
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +125,10 @@ async def open_auth_throttle(config: Config) -> AsyncIterator[AuthThrottle]:
         yield MemoryAuthThrottle(config.auth_fail_limit)
     else:
         async with open_redis_throttle(
-            config.redis_url, limit=config.auth_fail_limit, call_timeout=config.counters_timeout
+            config.redis_url,
+            limit=config.auth_fail_limit,
+            call_timeout=config.counters_timeout,
+            cluster=config.redis_cluster,
         ) as throttle:
             yield throttle
 
@@ -114,14 +137,18 @@ async def run_server(
     config: Config,
     *,
     shutdown_trigger: ShutdownTrigger = wait_for_signal,
+    worker: int | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until `shutdown_trigger` returns and the drain is over.
+
+    `worker`: this process's index under NZGW_WORKERS (named in `nzgw_worker_info`).
 
     Each start-up step is logged as it completes (`step_ms`: since the start), and so is the
     shutdown: draining (requests in flight, when the grace period ends), the grace period
     running out with requests still in flight, drained, stopped."""
     steps = StartupLog()
+    metrics = GatewayMetrics(worker=worker, tenant_labels=config.metrics_tenant_labels)
     # Bind first: a port already in use should fail before anything else is opened.
     sock = bind_socket(
         config.bind,
@@ -131,14 +158,16 @@ async def run_server(
     steps.done("port bound", bind=config.bind)
     try:
         async with open_store(config.database_url) as store:
-            store = METRICS.watch_store(store)  # failures counted
+            store = metrics.watch_store(store)  # failures counted
             steps.done("store opened", store=store_kind(config.database_url))
             if config.migrate_on_start:
                 applied = await store.migrate()
                 if applied:
                     log.info("migrations applied", extra={"migrations": ",".join(applied)})
                 steps.done("migrations checked", applied=len(applied))
+            spool_stats = SpoolStats()
             async with (
+                open_process_spool(config, spool_stats) as spool,
                 open_counters(config) as counters,
                 open_auth_throttle(config) as auth_throttle,
                 open_backends(
@@ -148,7 +177,7 @@ async def run_server(
                 ) as backends,
                 trio.open_nursery() as services,
             ):
-                counters = METRICS.watch_counters(counters)
+                counters = metrics.watch_counters(counters)
                 steps.done(
                     "counters and backend clients opened",
                     counters="in-process" if config.embedded_counters else "redis",
@@ -171,6 +200,7 @@ async def run_server(
                     bound_store_calls(store, timeout=config.store_timeout, nursery=services),
                     config,
                     throttle=auth_throttle,
+                    events=metrics.auth_event,
                 )
                 # Leases are refreshed from admission on (the keeper below): the ttl is only how
                 # long a crashed process's slots and reservations stay taken.
@@ -178,6 +208,18 @@ async def run_server(
                     counters, store, timezone=config.budget_timezone, lease_ttl=config.lease_ttl
                 )
                 await services.start(limiter.run_lease_keeper)
+                # Rows an earlier process could not write reach the store before we serve.
+                await services.start(
+                    partial(
+                        run_spool_replay,
+                        Path(config.spool_dir),
+                        store_fingerprint(store_identity(config.database_url)),
+                        store,
+                        spool_stats,
+                        own=spool.path,
+                    )
+                )
+                steps.done("spool replayed", rows=spool_stats.replayed_rows)
                 poll_timeout = max(0.5, min(config.discovery_interval, 5.0))
                 await services.start(
                     partial(
@@ -190,7 +232,6 @@ async def run_server(
                 )
                 steps.done("first discovery round done", **discovered(registry))
                 live = LiveCollector(registry)  # read at scrape time
-                METRICS.tenant_labels = config.metrics_tenant_labels
                 live.track_slots(slots, tenant_labels=config.metrics_tenant_labels)
                 live.track_backlog("usage", lambda: limiter.pending_rows)
                 live.track_counter(
@@ -199,6 +240,42 @@ async def run_server(
                     "unsettled (a crashed process's reservations: counters vs ledger drift)",
                     lambda: limiter.reclaimed_tokens,
                 )
+                for name, documentation, value in (
+                    (
+                        "nzgw_spool_rows_spooled",
+                        "Usage and audit rows written to the local spool (the store was away)",
+                        lambda: spool_stats.spooled_rows,
+                    ),
+                    (
+                        "nzgw_spool_rows_replayed",
+                        "Rows of an earlier process's spool written to the store at start",
+                        lambda: spool_stats.replayed_rows,
+                    ),
+                    (
+                        "nzgw_rows_lost",
+                        "Usage and audit rows that reached neither the store nor the spool",
+                        lambda: spool_stats.lost_rows,
+                    ),
+                ):
+                    live.track_counter(name, documentation, value)
+                # Budget counters compared with the ledger every NZGW_RECONCILE_INTERVAL;
+                # quiet: until usage settled before a snapshot is in the ledger, by any process.
+                reconciler = Reconciler(
+                    counters,
+                    store,
+                    limiter,
+                    quiet=2 * config.flush_interval + config.store_timeout,
+                )
+                live.track_labelled_counter(
+                    "nzgw_counters_drift_tokens",
+                    "Tokens the reconciliation corrected on the budget counters to agree with "
+                    "the usage ledger, by scope (key, tenant) and period (day, month, lifetime)",
+                    ["scope", "period"],
+                    lambda: reconciler.drift,
+                )
+                await services.start(
+                    partial(run_reconciliation, reconciler, interval=config.reconcile_interval)
+                )
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(
@@ -206,6 +283,7 @@ async def run_server(
                             serve_metrics,
                             config.metrics_bind,
                             token=config.metrics_token,
+                            metrics=metrics,
                             live=live,
                         )
                     )
@@ -218,7 +296,14 @@ async def run_server(
                     )
                 )
                 await services.start(
-                    partial(run_usage_flusher, limiter, store, interval=config.flush_interval)
+                    partial(
+                        run_usage_flusher,
+                        limiter,
+                        store,
+                        interval=config.flush_interval,
+                        spool=spool,
+                        spool_after=config.store_timeout,
+                    )
                 )
                 await services.start(
                     partial(
@@ -229,7 +314,14 @@ async def run_server(
                 audit = AuditLog(queue_max=config.audit_queue_max, zone=audit_zone)
                 live.track_backlog("audit", lambda: audit.pending)
                 await services.start(
-                    partial(run_audit_flusher, audit, store, interval=config.flush_interval)
+                    partial(
+                        run_audit_flusher,
+                        audit,
+                        store,
+                        interval=config.flush_interval,
+                        spool=spool,
+                        spool_after=config.store_timeout,
+                    )
                 )
                 await services.start(partial(run_prompt_purge, store))
                 steps.done("service tasks started")
@@ -242,25 +334,30 @@ async def run_server(
                     await counters.ping()
                     return True
 
+                stream_cut = StreamCut()
                 gateway = Gateway(
                     config,
                     authenticator,
                     registry,
-                    readiness={"store": store_ready, "counters": counters_ready},
+                    readiness={
+                        "store": store_ready,
+                        "counters": counters_ready,
+                        "audit": audit.ready,
+                    },
                     admitter=LimiterAdmitter(limiter, config),
+                    finish_hooks=[
+                        metrics.observe_request,
+                        audit_hook(audit, zone=audit_zone, probes=config.audit_probes),
+                    ],
+                    audit=audit,  # fail closed while its queue is full
+                    stream_cut=stream_cut,
                     slots=slots,
+                    metrics=metrics,
                 )
-                gateway.finish_hooks.append(METRICS.observe_request)
-                gateway.audit = audit  # fail closed while its queue is full
-                gateway.finish_hooks.append(
-                    audit_hook(audit, zone=audit_zone, probes=config.audit_probes)
-                )
-                gateway.readiness["audit"] = audit.ready
-                gateway.stream_cut = StreamCut()
                 shutdown_started = trio.Event()
                 await services.start(
                     partial(
-                        gateway.stream_cut.run,
+                        stream_cut.run,
                         shutdown_started,
                         graceful_timeout=config.graceful_timeout,
                     )
@@ -284,7 +381,16 @@ async def run_server(
                         ready["metrics"] = f"{metrics_bound.host}:{metrics_bound.port}"
                     log.info("nzgw ready", extra={**ready, "pid": os.getpid(), **steps.since()})
                     task_status.started(
-                        Running(bound, app, gateway, store, limiter, authenticator, metrics_bound)
+                        Running(
+                            bound,
+                            app,
+                            gateway,
+                            store,
+                            limiter,
+                            authenticator,
+                            metrics_bound,
+                            reconciler,
+                        )
                     )
                 log.info("drained", extra={"in_flight": gateway.in_flight})
                 services.cancel_scope.cancel()

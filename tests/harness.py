@@ -108,6 +108,7 @@ async def open_harness(
         ]
         fields: dict[str, Any] = {
             "database_url": f"sqlite:///{tmp_path}/nzgw.db",
+            "spool_dir": f"{tmp_path}/spool",
             "bind": "127.0.0.1:0",
             "migrate_on_start": True,
             "argon2": FAST_ARGON2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,13 @@ class ProcessLog:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    async def wait_until(self, check: Callable[[list[dict[str, Any]]], bool]) -> None:
+        """Return once `check(lines)` is true; fails if the process ends first."""
+        while not check(self.lines):
+            if self.eof.is_set():
+                raise AssertionError(f"exited before the condition held: {self.lines[-10:]}")
+            await self._changed.wait()
 
     def logged(self, msg: str) -> list[dict[str, Any]]:
         return [line for line in self.lines if line.get("msg") == msg]

@@ -12,6 +12,7 @@ figure is the benchmark's (`bench/auth_bench.py --flood`).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -22,6 +23,7 @@ import trio.testing
 
 from nzgw.core.keys import generate_key
 from nzgw.core.models import Principal
+from nzgw.http.metrics import render
 from nzgw.ports import Store
 from nzgw.services.coldgate import ColdGate, GateFullError
 from nzgw.services.identity import (
@@ -31,8 +33,9 @@ from nzgw.services.identity import (
     KeyHasher,
 )
 from tests.harness import Harness, open_harness
+from tests.metrics_samples import parse_exposition, sample_sum
 from tests.test_audit import CHAT, flushed_rows
-from tests.test_identity import FAST, FakeStore, WallClock
+from tests.test_identity import FAST, FakeStore, WallClock, counting
 
 ADDRESSES = [f"127.0.0.{i}" for i in range(2, 62)]  # 60 loopback source addresses
 PER_ADDRESS = 20
@@ -53,7 +56,15 @@ class OrderedStore(FakeStore):
 
 
 @pytest.fixture
-def flood_auth() -> Iterator[tuple[OrderedStore, Authenticator, KeyHasher]]:
+def events() -> collections.Counter[str]:
+    """What the fixture's authenticator reported (AuthEvent values)."""
+    return collections.Counter()
+
+
+@pytest.fixture
+def flood_auth(
+    events: collections.Counter[str],
+) -> Iterator[tuple[OrderedStore, Authenticator, KeyHasher]]:
     store = OrderedStore()
     hasher = KeyHasher(FAST)
     auth = Authenticator(
@@ -65,12 +76,14 @@ def flood_auth() -> Iterator[tuple[OrderedStore, Authenticator, KeyHasher]]:
         fail_limit=PER_ADDRESS,
         max_staleness=3600.0,
         wall_clock=WallClock(),
+        events=counting(events),
     )
     yield store, auth, hasher
 
 
 async def test_the_flood_is_bounded_and_a_new_client_goes_first(
     flood_auth: tuple[OrderedStore, Authenticator, KeyHasher],
+    events: collections.Counter[str],
 ) -> None:
     store, auth, hasher = flood_auth
     cached = store.add(hasher)
@@ -99,11 +112,11 @@ async def test_the_flood_is_bounded_and_a_new_client_goes_first(
             assert (auth.gate.running, auth.gate.waiting) == (SLOTS, QUEUE_MAX)
             assert outcomes["busy"] == len(ADDRESSES) * PER_ADDRESS - SLOTS - QUEUE_MAX
             # A busy gateway is not the client's fault: the throttle allowance was given back.
-            assert auth.stats.throttled == 0
+            assert events["throttled"] == 0
             # Cached keys are unaffected.
-            hits = auth.stats.cache_hits
+            hits = events["cache_hit"]
             assert (await auth.authenticate(cached, "192.0.2.50")).key.prefix == cached[:11]
-            assert auth.stats.cache_hits == hits + 1
+            assert events["cache_hit"] == hits + 1
             # A valid cold key from an address that has not been failing: admitted (a flooder
             # is refused in its place) and verified next, before any queued flooder.
             result: list[Principal] = []
@@ -222,7 +235,10 @@ async def test_over_http_a_full_queue_is_503_with_retry_after_and_audited(tmp_pa
         assert cached.status_code == 200 and again.status_code == 200
         refused = [r.event for r in rows if r.event.refusal == "auth_busy"]
         assert [(e.status, e.outcome) for e in refused] == [(503, "refused")] * 3
-        assert h.running.authenticator.stats.failures == 0  # not counted against the client
+        samples = parse_exposition(render(h.running.gateway.metrics).decode())
+        assert sample_sum(samples, "nzgw_auth_events_total", event="busy") == 3
+        # Not counted against the client.
+        assert sample_sum(samples, "nzgw_auth_events_total", event="failure") == 0
 
 
 async def caught_up(h: Harness) -> None:

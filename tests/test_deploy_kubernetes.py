@@ -38,6 +38,7 @@ API_VERSIONS = {
     "Job": "batch/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
     "PodDisruptionBudget": "policy/v1",
+    "PersistentVolumeClaim": "v1",
 }
 # Field names of the Kubernetes API objects used here (core/v1 PodSpec, Container, Probe...):
 # a typo is an unknown name.
@@ -114,10 +115,20 @@ def test_the_kustomization_lists_the_manifests() -> None:
         "Service/nzgw",
         "NetworkPolicy/nzgw",
         "PodDisruptionBudget/nzgw",
+        "PersistentVolumeClaim/nzgw-spool",
     }
     for name, doc in DOCS.items():
         assert doc["apiVersion"] == API_VERSIONS[doc["kind"]], name
         assert "namespace" not in doc["metadata"], name  # the operator chooses it
+
+
+def test_the_spool_directory_is_on_the_shared_persistent_volume() -> None:
+    """Rows spooled while PostgreSQL is away must outlive the pod: NZGW_SPOOL_DIR is the mount
+    of a ReadWriteMany claim, so the next replica to start replays them."""
+    (mount,) = [m for m in GATEWAY["volumeMounts"] if m["mountPath"] == CONFIG["NZGW_SPOOL_DIR"]]
+    (volume,) = [v for v in POD["spec"]["volumes"] if v["name"] == mount["name"]]
+    claim = DOCS[f"PersistentVolumeClaim/{volume['persistentVolumeClaim']['claimName']}"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_no_unknown_field_names() -> None:
@@ -214,13 +225,15 @@ def test_the_container_is_unprivileged_with_a_read_only_root() -> None:
             assert security["allowPrivilegeEscalation"] is False
             assert security["privileged"] is False
             assert security["capabilities"] == {"drop": ["ALL"]}
-            # /tmp is the one writable path (an in-memory emptyDir).
+            # /tmp is the one writable path (an in-memory emptyDir), and the gateway's spool.
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-            assert mounts == {"/tmp": "tmp"}
+            spool = {"/app/var/spool": "spool"} if spec is POD["spec"] else {}
+            assert mounts == {"/tmp": "tmp", **spool}
             assert container["resources"]["requests"]["memory"]
             assert container["resources"]["limits"]["memory"]
         volumes = {v["name"]: v for v in spec["volumes"]}
-        assert set(volumes) == {"tmp"} and volumes["tmp"]["emptyDir"]["medium"] == "Memory"
+        assert set(volumes) == {"tmp", *spool.values()}
+        assert volumes["tmp"]["emptyDir"]["medium"] == "Memory"
     assert GATEWAY["resources"]["requests"]["cpu"]
 
 

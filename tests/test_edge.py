@@ -9,6 +9,7 @@ wall-clock bounds: body deadlines are small settings and the tests wait for thei
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,22 @@ async def test_bodies_in_progress_are_bounded_per_key_and_per_client(tmp_path: P
             await trickle(other)  # another key from the same client: room for one more
             await wait_in_progress(3)
             over_client = await exchange(port, partial_chat(other))
+            # Both bounds full: a body that arrives whole with its headers (one write) is not
+            # "in progress" and holds nothing, so it is served (a burst of small requests
+            # must not be refused for bodies its busy gateway reads late).
+            body = json.dumps(CHAT).encode()
+            whole = raw_request(
+                "POST",
+                b"/api/chat",
+                [
+                    (b"Authorization", f"Bearer {h.key}".encode()),
+                    (b"Content-Length", str(len(body)).encode()),
+                ],
+                body,
+            )
+            served = await exchange(port, whole, expect_close=False)
+            assert served.responses[0].status == 200, served.responses[0].body
+            assert gate.in_progress(key=prefix) == 2
         finally:
             for stream in streams:
                 await stream.aclose()

@@ -4,11 +4,13 @@ for every fault kind with exactly one clean answer, cancellation during failover
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import trio
 
+from nzgw.core.failover import Failure
 from nzgw.testing import EmulatorSettings, Fault, default_models
 from tests.harness import open_harness
 
@@ -67,6 +69,15 @@ FAULTS = [
     Fault.STALL,
     "404",
 ]
+# How the request record names each fault's failed attempt.
+KIND = {
+    Fault.REFUSE: Failure.TRANSPORT,
+    Fault.HTTP_500: Failure.HTTP_5XX,
+    Fault.BUSY_503: Failure.HTTP_5XX,
+    Fault.CLOSE_BEFORE_FIRST_BYTE: Failure.TRANSPORT,
+    Fault.STALL: Failure.TIMEOUT,
+    "404": Failure.NOT_FOUND,
+}
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=str)
@@ -93,11 +104,20 @@ async def test_failover_before_the_first_byte(
         assert [f["done"] for f in frames].count(True) == 1  # one clean answer, no second one
         assert _served_by(h, "/api/chat") == ([0, 1] if fault is not Fault.REFUSE else [1])
         assert h.emulators[1].requests[-1].completed
-        (info,) = await h.wait_finished(1)
+        with trio.fail_after(10):
+            (info,) = await h.wait_finished(1)
         assert info.backend == "backend-1" and info.outcome == "ok"
+        # The cause is kept on the record (for the log and the audit), never sent to the client.
+        (failed,) = info.failed_attempts
+        assert (failed.backend, failed.kind) == ("backend-0", KIND[fault])
+        assert failed.elapsed >= (0.3 if fault is Fault.STALL else 0.0)
+        assert b"backend-0" not in response.content
 
 
-async def test_all_backends_failing_is_a_503_without_backend_identity(tmp_path: Path) -> None:
+async def test_all_backends_failing_is_a_503_without_backend_identity(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nzgw.forwarding")
     async with open_harness(tmp_path, backends=2, discovery_interval=60) as h:
         for emu in h.emulators:
             emu.settings.model_faults["llama3"] = Fault.HTTP_500
@@ -106,6 +126,17 @@ async def test_all_backends_failing_is_a_503_without_backend_identity(tmp_path: 
         assert response.json()["error"]["type"] == "api_error"
         assert b"backend-" not in response.content and b"127.0.0.1" not in response.content
         assert not any("backend" in v for v in response.headers.values())
+        with trio.fail_after(10):
+            (info,) = await h.wait_finished(1)
+    # Each failed attempt: on the record, and one log line with the request id.
+    assert info.refusal == "backend_failure"
+    kept = [(a.backend, a.kind) for a in info.failed_attempts]
+    assert kept == [("backend-0", Failure.HTTP_5XX), ("backend-1", Failure.HTTP_5XX)]
+    lines = [r for r in caplog.records if r.getMessage() == "backend attempt failed"]
+    logged = [(r.__dict__["backend"], r.__dict__["kind"], r.__dict__["request_id"]) for r in lines]
+    assert logged == [(b, "http_5xx", info.request_id) for b in ("backend-0", "backend-1")]
+    assert all(r.__dict__["elapsed_ms"] >= 0 for r in lines)
+    assert response.headers["x-request-id"] == info.request_id
 
 
 async def test_a_model_gone_from_every_backend_is_the_forbidden_403(tmp_path: Path) -> None:

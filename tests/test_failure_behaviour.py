@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ import trio
 from nzgw.adapters.sql import load_migrations
 from nzgw.config import config_from_values
 from nzgw.core.models import Limits
-from nzgw.http.drain import CUT_MESSAGE
+from nzgw.services.drain import CUT_MESSAGE
 from tests.harness import open_harness
 from tests.store import pg
 from tests.tcp_proxy import open_tcp_proxy
@@ -104,6 +105,39 @@ async def test_a_frozen_store_is_a_503_within_the_store_timeout(
                 proxy.thaw()
             answer = await h.client.post("/api/chat", json=CHAT, headers=h.auth)
             assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.postgres
+async def test_a_call_cancelled_on_a_frozen_store_ends_and_the_store_stays_usable(
+    pg_url: str,
+) -> None:
+    """Cancelling a query on a hung PostgreSQL used to wait as long as it hung (asyncpg asks
+    the same server to cancel, the ROLLBACK waits too): a shutdown with PostgreSQL frozen never
+    ended. The call's connection is now terminated `CANCEL_GRACE` after the cancellation."""
+    from nzgw.adapters.stores import open_store
+    from nzgw.ports import NewKey, UsageRow
+
+    host_port = pg_url.split("@", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    async with open_store(pg_url) as direct:
+        await direct.migrate()
+        tenant = await direct.create_tenant("t")
+        key = await direct.create_key(NewKey(tenant.id, "k", "nz_frozen001", "h"))
+    row = UsageRow(date(2031, 1, 1), tenant.id, key.id, "m", 1, 1, 1)
+    with trio.fail_after(HANG_GUARD):
+        async with (
+            open_tcp_proxy(host, int(port or 5432)) as proxy,
+            open_store(proxy.url_for(pg_url)) as store,
+        ):
+            await store.ping()
+            proxy.freeze()
+            with trio.move_on_after(0.2) as waited:
+                await store.add_usage([row], batch_id="frozen")
+            assert waited.cancelled_caught  # it ended: cancelled, not hanging on
+            proxy.thaw()
+            await store.add_usage([row], batch_id="frozen")  # retried on a new connection
+            totals, _ = await store.usage_totals(tenant.id, day=row.day, month_start=row.day)
+            assert totals.lifetime_tokens == 2  # the batch is in the ledger once
 
 
 def test_serve_refuses_an_unmigrated_database_with_one_line(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from nzgw.core.models import Limits
-from nzgw.http.metrics import METRICS, LiveCollector, render
+from nzgw.http.metrics import LiveCollector, render
 from nzgw.services.slots import SlotPool
 from nzgw.testing import Emulator, EmulatorSettings, open_emulator
 from nzgw.testing._emu_config import Fault, default_models
@@ -116,7 +116,7 @@ async def test_a_queued_request_counts_for_concurrency_and_pays_nothing_for_wait
                 hold.set()
             assert [r.status_code for r in results] == [200, 200]
             waits = [int(r.headers["x-queue-wait-ms"]) for r in results]
-            scraped = parse_exposition(render(METRICS).decode())
+            scraped = parse_exposition(render(h.running.gateway.metrics).decode())
             assert sample_sum(scraped, "nzgw_queue_wait_seconds_count", tenant="acme") >= 2
             assert waits[0] == 0 and waits[1] >= 0
             infos = await h.wait_finished(3)
@@ -202,13 +202,13 @@ async def test_a_client_that_leaves_while_queued_frees_its_place_at_once(
                 await pool.wait_until(lambda: pool.waiting == 1)
                 live = LiveCollector()
                 live.track_slots(pool)
-                scraped = parse_exposition(render(METRICS, live).decode())
+                scraped = parse_exposition(render(h.running.gateway.metrics, live).decode())
                 assert sample_sum(scraped, "nzgw_queue_depth", tenant="acme") == 1
                 assert sample_sum(scraped, "nzgw_backend_slots_busy", backend="backend-0") == 1
                 assert sample_sum(scraped, "nzgw_backend_slots", backend="backend-0") == 1
                 leaving.cancel()  # the client closes its connection
                 await pool.wait_until(lambda: pool.waiting == 0)
-                scraped = parse_exposition(render(METRICS, live).decode())
+                scraped = parse_exposition(render(h.running.gateway.metrics, live).decode())
                 assert sample_sum(scraped, "nzgw_queue_depth", tenant="acme") == 0
                 hold.set()
             await post(h, results)

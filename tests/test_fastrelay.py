@@ -24,7 +24,7 @@ import trio.testing
 
 import nzgw.http.edge
 import nzgw.http.fastrelay
-from nzgw.http.drain import CUT_MESSAGE
+from nzgw.services.drain import CUT_MESSAGE
 from nzgw.testing import Fault
 from tests.harness import Harness, open_harness
 from tests.rawhttp import RawResponse, _parse

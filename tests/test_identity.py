@@ -6,15 +6,16 @@ Rules for this module:
   while a test waits for an Argon2id thread (the clock would jump to its deadline), so
   freshness is fed by hand with `epoch_observed` unless the test is about
   `run_revocation_watch` itself.
-- Argon2id runs for real, with tiny parameters; `stats.verifications` counts every run,
+- Argon2id runs for real, with tiny parameters; the `verification` event counts every run,
   dummy verifications for unknown prefixes included.
 - Cross-process revocation on the real stores is in `tests/store/test_revocation.py`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -30,6 +31,7 @@ from nzgw.ports import Change, ChangeFeed, KeyChanges, Store, StoreUnavailableEr
 from nzgw.services.identity import (
     AuthenticationError,
     Authenticator,
+    AuthEvent,
     AuthThrottledError,
     FailureThrottle,
     KeyHasher,
@@ -131,6 +133,7 @@ class Setup:
     auth: Authenticator
     hasher: KeyHasher
     wall: WallClock
+    events: collections.Counter[str]  # what the authenticator reported (AuthEvent values)
 
     def fresh(self) -> None:
         """What a successful epoch read does: trust the cache for max_staleness from now."""
@@ -142,6 +145,7 @@ def setup() -> Iterator[Setup]:
     store = FakeStore()
     hasher = KeyHasher(FAST)
     wall = WallClock()
+    events: collections.Counter[str] = collections.Counter()
     auth = Authenticator(
         cast(Store, store),
         hasher=hasher,
@@ -149,8 +153,16 @@ def setup() -> Iterator[Setup]:
         cache_ttl=60.0,
         fail_limit=20,
         wall_clock=wall,
+        events=counting(events),
     )
-    yield Setup(store, auth, hasher, wall)
+    yield Setup(store, auth, hasher, wall, events)
+
+
+def counting(events: collections.Counter[str]) -> Callable[[AuthEvent], None]:
+    def record(event: AuthEvent) -> None:
+        events[event.value] += 1
+
+    return record
 
 
 # --- accept and refuse --------------------------------------------------------------------------
@@ -163,11 +175,11 @@ async def test_valid_key_then_cache_hit(
     setup.fresh()
     principal = await setup.auth.authenticate(key, CLIENT)
     assert principal.key.prefix == key[:11]
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
     for _ in range(5):
         assert await setup.auth.authenticate(key, CLIENT) == principal
-    assert setup.auth.stats.verifications == 1
-    assert setup.auth.stats.cache_hits == 5
+    assert setup.events["verification"] == 1
+    assert setup.events["cache_hit"] == 5
     assert setup.store.find_calls == 1
 
 
@@ -188,7 +200,7 @@ async def test_malformed_keys_cost_nothing(
             await setup.auth.authenticate(bad, CLIENT)
         assert type(info.value) is AuthenticationError
     assert setup.store.find_calls == 0
-    assert setup.auth.stats.verifications == 0
+    assert setup.events["verification"] == 0
 
 
 async def test_wrong_secret_and_unknown_prefix_both_verify_and_fail_alike(
@@ -204,7 +216,7 @@ async def test_wrong_secret_and_unknown_prefix_both_verify_and_fail_alike(
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1] == (AuthenticationError, "authentication failed")
     # The unknown prefix was verified against the dummy hash: same work as a wrong secret.
-    assert setup.auth.stats.verifications == 2
+    assert setup.events["verification"] == 2
 
 
 @pytest.mark.parametrize(
@@ -225,7 +237,7 @@ async def test_refused_keys(
     setup.fresh()
     with pytest.raises(AuthenticationError):
         await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
 
 
 async def test_a_cached_key_is_refused_once_it_expires(
@@ -261,7 +273,7 @@ async def test_rehash_when_parameters_changed(
     new_hash = setup.store.keys[key[:11]].key.key_hash
     assert not setup.hasher.needs_rehash(new_hash)
     assert setup.hasher.verify(new_hash, key)
-    assert setup.auth.stats.rehashes == 1
+    assert setup.events["rehash"] == 1
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -276,11 +288,11 @@ async def test_cache_entries_expire_after_the_ttl(
     await trio.sleep(59.9)
     setup.fresh()
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
     await trio.sleep(0.2)
     setup.fresh()
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 2
+    assert setup.events["verification"] == 2
 
 
 async def test_the_cache_is_not_trusted_when_the_epoch_is_stale(
@@ -291,10 +303,10 @@ async def test_the_cache_is_not_trusted_when_the_epoch_is_stale(
     await setup.auth.authenticate(key, CLIENT)
     await trio.sleep(0.99)
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
     await trio.sleep(0.02)  # 1.01 s since the last epoch read: go to the store
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 2
+    assert setup.events["verification"] == 2
     setup.store.down = True
     await trio.sleep(1.5)
     with pytest.raises(StoreUnavailableError):  # fail closed, not "cached, so fine"
@@ -309,7 +321,7 @@ async def test_an_epoch_change_empties_the_cache(
     await setup.auth.authenticate(key, CLIENT)
     setup.fresh()  # same epoch: the entry stays
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
     setup.store.set_key(key[:11], status=Status.REVOKED)
     setup.store.epoch += 1
     setup.fresh()
@@ -350,7 +362,7 @@ async def test_concurrent_misses_for_one_key_share_one_verification(
         for _ in range(50):
             nursery.start_soon(one)
     assert len(results) == 50
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
 
 
 async def test_a_cancelled_verification_leaves_nothing_behind(
@@ -364,7 +376,7 @@ async def test_a_cancelled_verification_leaves_nothing_behind(
     setup.store.gate = None
     setup.fresh()
     await setup.auth.authenticate(key, CLIENT)  # verifies anew, not throttled, no stale flight
-    assert setup.auth.stats.verifications == 1
+    assert setup.events["verification"] == 1
 
 
 # --- the failure throttle -----------------------------------------------------------------------
@@ -382,7 +394,7 @@ async def test_ten_thousand_random_keys_cost_only_the_throttle_allowance(
             throttled += 1
         except AuthenticationError:
             pass
-    assert setup.auth.stats.verifications == 20
+    assert setup.events["verification"] == 20
     assert setup.store.find_calls == 20
     assert throttled == 10_000 - 20
 
@@ -399,7 +411,7 @@ async def test_concurrent_random_keys_cannot_overrun_the_throttle(
     async with trio.open_nursery() as nursery:
         for _ in range(10_000):
             nursery.start_soon(guess)
-    assert setup.auth.stats.verifications == 20
+    assert setup.events["verification"] == 20
 
 
 async def test_the_allowance_refills_over_a_minute(
@@ -408,12 +420,12 @@ async def test_the_allowance_refills_over_a_minute(
     for _ in range(25):
         with pytest.raises(AuthenticationError):
             await setup.auth.authenticate(generate_key()[0], CLIENT)
-    assert setup.auth.stats.verifications == 20
+    assert setup.events["verification"] == 20
     await trio.sleep(30)  # half a minute: 10 more attempts
     for _ in range(25):
         with pytest.raises(AuthenticationError):
             await setup.auth.authenticate(generate_key()[0], CLIENT)
-    assert setup.auth.stats.verifications == 30
+    assert setup.events["verification"] == 30
 
 
 async def test_throttling_is_per_address_and_spares_cached_keys(
@@ -445,7 +457,7 @@ async def test_malformed_keys_count_towards_the_throttle(
             await setup.auth.authenticate("garbage", CLIENT)
     with pytest.raises(AuthThrottledError):
         await setup.auth.authenticate(generate_key()[0], CLIENT)
-    assert setup.auth.stats.verifications == 0
+    assert setup.events["verification"] == 0
 
 
 def test_throttle_keys() -> None:
@@ -481,21 +493,21 @@ async def test_revocation_watch_empties_the_cache_within_the_interval(
         )
         await setup.auth.authenticate(key, CLIENT)  # verified and cached
         await setup.auth.authenticate(key, CLIENT)
-        assert setup.auth.stats.cache_hits == 1
+        assert setup.events["cache_hit"] == 1
         await trio.sleep(0.25)
         setup.store.set_key(key[:11], status=Status.REVOKED)
         setup.store.epoch += 1
         changed_at = trio.current_time()
         while True:
-            hits = setup.auth.stats.cache_hits
+            hits = setup.events["cache_hit"]
             try:
                 await setup.auth.authenticate(key, CLIENT)
             except AuthenticationError:
                 break
-            assert setup.auth.stats.cache_hits == hits + 1
+            assert setup.events["cache_hit"] == hits + 1
             assert trio.current_time() - changed_at < 0.5
             await trio.sleep(0.01)
-        assert setup.auth.stats.cache_hits > 1
+        assert setup.events["cache_hit"] > 1
         nursery.cancel_scope.cancel()
 
 
@@ -515,7 +527,7 @@ async def test_revocation_watch_survives_store_errors(
         await trio.sleep(0.6)
         await setup.auth.authenticate(key, CLIENT)
         await setup.auth.authenticate(key, CLIENT)
-        assert setup.auth.stats.cache_hits == 1
+        assert setup.events["cache_hit"] == 1
         nursery.cancel_scope.cancel()
 
 
@@ -558,8 +570,12 @@ async def test_the_flush_task_flushes_once_more_when_cancelled(
     assert setup.store.touched[-1] == {1: T0 + timedelta(seconds=3)}
 
 
-def test_from_config() -> None:
+async def test_from_config(autojump_clock: trio.testing.MockClock) -> None:
     config = test_config(argon2=FAST, revocation_poll_interval=0.5)
-    auth = Authenticator.from_config(cast(Store, FakeStore()), config)
-    assert auth.stats.verifications == 0
+    events: collections.Counter[str] = collections.Counter()
+    auth = Authenticator.from_config(cast(Store, FakeStore()), config, events=counting(events))
+    with pytest.raises(AuthenticationError):
+        await auth.authenticate(generate_key()[0], CLIENT)
+    # An unknown key: a dummy verification, then a failure, reported where it was told.
+    assert events == {"cache_miss": 1, "verification": 1, "failure": 1}
     assert KEY_LEN == 51

@@ -217,3 +217,104 @@ def test_no_protocol_shares_its_name_with_a_class() -> None:
         if not protocol and name in protocols
     ]
     assert clashes == []
+
+
+# --- No hidden state on the request path (docs/ARCHITECTURE.md, "Explicit collaborators") ------
+
+# The layers a request runs through. Their collaborators are passed in, never reached through a
+# ContextVar, a `global` or an object built at import time.
+REQUEST_PATH = {"core", "ports", "adapters", "services", "http"}
+# What a module may build at import time: immutable values (by the callable's last name).
+IMMUTABLE_CALLS = {
+    "compile",  # re.compile
+    "getLogger",
+    "frozenset",
+    "tuple",
+    "TypeVar",
+    "MappingProxyType",
+    "maketrans",
+    "join",
+    "from_bytes",
+    "datetime",
+    "timedelta",
+    "EdgeRefusal",  # attrs.frozen values
+    "Limits",
+    "Budgets",
+    "_unnest_insert",  # returns a str
+}
+# Where a module-level dict, list or set would be shared by every request (core's tables are
+# constant data of a pure layer; adapters' are statement tables).
+NO_MUTABLE_TABLES = {"services", "http"}
+_MUTABLE_DISPLAYS = (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)
+
+
+def hidden_state(layer: str, source: str, filename: str = "<module>") -> list[str]:
+    """Module-level state a request could reach without it being passed in (empty: none)."""
+    if layer not in REQUEST_PATH:
+        return []
+    found: list[str] = []
+    tree = ast.parse(source, filename)
+    for node in ast.walk(tree):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Global):
+            found.append(f"{where}: `global {', '.join(node.names)}`")
+        elif isinstance(node, ast.Name | ast.Attribute):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            if name == "ContextVar":
+                found.append(f"{where}: ContextVar (pass the value in)")
+    for line, module in _imports(source, filename):
+        if module == "contextvars":
+            found.append(f"{filename}:{line}: imports contextvars (pass the value in)")
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign):
+            targets, value = [ast.unparse(t) for t in statement.targets], statement.value
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            targets, value = [ast.unparse(statement.target)], statement.value
+        else:
+            continue
+        where = f"{filename}:{statement.lineno}"
+        if isinstance(value, ast.Call):
+            called = ast.unparse(value.func).split(".")[-1]
+            if called not in IMMUTABLE_CALLS:
+                found.append(f"{where}: {targets[0]} = {called}(...) built at import time")
+        elif (
+            layer in NO_MUTABLE_TABLES
+            and isinstance(value, _MUTABLE_DISPLAYS)
+            and targets != ["__all__"]
+        ):
+            found.append(f"{where}: {targets[0]} is a mutable module-level table")
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_hidden_state_on_the_request_path(path: Path) -> None:
+    assert hidden_state(_layer(path), path.read_text(), str(path)) == []
+
+
+@pytest.mark.parametrize(
+    ("layer", "source", "expected"),
+    [
+        ("http", "import contextvars\n", "imports contextvars"),
+        ("services", "from contextvars import ContextVar\n", "imports contextvars"),
+        ("http", "STACK: 'ContextVar[int]' = make()\n", "built at import time"),
+        ("core", "def f(v):\n    return ContextVar(v)\n", "ContextVar"),
+        ("http", "METRICS = GatewayMetrics()\n", "METRICS = GatewayMetrics(...)"),
+        ("adapters", "POOL = pools.Pool(size=4)\n", "POOL = Pool(...)"),
+        ("services", "_seen = {}\n", "_seen is a mutable module-level table"),
+        ("http", "HEADERS: list[str] = []\n", "HEADERS is a mutable module-level table"),
+        ("ports", "def f():\n    global N\n    N = 1\n", "`global N`"),
+    ],
+)
+def test_the_state_checker_fails_on_hidden_state(layer: str, source: str, expected: str) -> None:
+    found = hidden_state(layer, source)
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_the_state_checker_accepts_constants_and_stays_off_the_wiring() -> None:
+    source = (
+        "import logging, re\nlog = logging.getLogger('x')\nR = re.compile('a')\n"
+        "ROUTES = frozenset({1})\n__all__ = ['R']\nLIMIT = 4\n"
+    )
+    assert hidden_state("http", source) == []
+    assert hidden_state("core", "TABLE = {'a': 1}\n") == []
+    assert hidden_state("server", "GLOBAL = Thing()\n") == []

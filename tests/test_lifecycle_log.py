@@ -29,6 +29,7 @@ STEPS = [
     "store opened",
     "migrations checked",
     "counters and backend clients opened",
+    "spool replayed",
     "first discovery round done",
     "service tasks started",
     "nzgw ready",

@@ -38,7 +38,6 @@ async def test_a_metrics_token_is_required_when_set(tmp_path: Path) -> None:
 
 
 async def test_tenant_labels_can_be_turned_off(tmp_path: Path) -> None:
-    # METRICS is per process: a tenant name no other test uses shows what this run labelled.
     tenant = f"hidden-{secrets.token_hex(4)}"
     async with open_harness(tmp_path, metrics_bind="127.0.0.1:0", metrics_tenant_labels=False) as h:
         with trio.fail_after(30):

@@ -14,9 +14,9 @@ import trio.testing
 
 from nzgw.core import paths
 from nzgw.core.framing import StreamKind, StreamWatcher
-from nzgw.http.gateway import RequestInfo
-from nzgw.http.proxy import Relay
+from nzgw.core.record import RequestInfo
 from nzgw.ports import UpstreamError
+from nzgw.services.forwarding import Relay
 
 
 def frame(i: int, *, done: bool = False) -> bytes:

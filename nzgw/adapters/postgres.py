@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import outcome
 import trio
 import trio_asyncio
 
 from nzgw.adapters import sql as q
 from nzgw.core.audit import AuditRow, PromptRecord
-from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
@@ -52,6 +53,11 @@ from nzgw.ports import (
 T = TypeVar("T")
 
 CLOSE_TIMEOUT = 10.0
+#: Seconds a cancelled call may take to end; then its connection is terminated. Cancelling a
+#: query on a hung server (frozen, or a network path that stops forwarding) otherwise waits as
+#: long as the server hangs: asyncpg sends the cancel request to the same server, and the
+#: transaction's ROLLBACK waits too. A shutdown must not.
+CANCEL_GRACE = 1.0
 # pg_advisory_xact_lock key serialising migrators: "nzgwmigr" as a big-endian int64.
 MIGRATION_LOCK_KEY = int.from_bytes(b"nzgwmigr", "big", signed=True)
 
@@ -229,15 +235,37 @@ class PostgresStore:
         self._clock = clock
 
     async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run `work(conn)` on a pooled connection, as one asyncio task; errors translated."""
+        """Run `work(conn)` on a pooled connection, as one asyncio task; errors translated.
+
+        Cancellation: the asyncio task is cancelled; if it has not ended `CANCEL_GRACE`
+        seconds later (a hung server), its connection is terminated, which ends it."""
         pool = self._pool
+        conns: list[Any] = []
+        done = trio.Event()
 
         async def job() -> T:
             async with pool.acquire() as conn:
+                conns.append(conn)
                 return await work(conn)
 
+        async def terminate_if_stuck() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(CANCEL_GRACE):
+                        await done.wait()
+                    if not done.is_set():
+                        for conn in conns:
+                            conn.terminate()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(terminate_if_stuck)
+            called = await outcome.acapture(trio_asyncio.aio_as_trio(job, loop=self._loop))
+            done.set()
+            nursery.cancel_scope.cancel()
         try:
-            result: T = await trio_asyncio.aio_as_trio(job, loop=self._loop)()
+            result: T = called.unwrap()
         except Exception as exc:
             translated = _translate(exc)
             if translated is exc:
@@ -362,21 +390,7 @@ class PostgresStore:
 
     async def create_key(self, new: NewKey) -> ApiKey:
         now = self._clock()
-        params = [
-            new.tenant_id,
-            new.name,
-            new.prefix,
-            new.key_hash,
-            Status.ACTIVE.value,
-            *q.limits_values(new.limits),
-            *q.budgets_values(new.budgets),
-            q.encode_models(new.allowed_models),
-            new.log_prompts,
-            new.prompt_ttl_seconds,
-            now,
-            now,
-            new.expires_at,
-        ]
+        params = q.key_insert_params(new, now)
 
         async def work(conn: Connection) -> ApiKey:
             async with conn.transaction():
@@ -396,9 +410,7 @@ class PostgresStore:
             row = await conn.fetchrow(_pg(q.SELECT_PRINCIPAL), prefix)
             if row is None:
                 return None
-            return Principal(
-                q.key_from_row(row, _decode_time), q.tenant_from_row(row, _decode_time, "t_")
-            )
+            return q.principal_from_row(row, _decode_time)
 
         return await self._run(work)
 
@@ -420,12 +432,8 @@ class PostgresStore:
         async def work(conn: Connection) -> ApiKey:
             async with conn.transaction():
                 row = await conn.fetchrow(_pg(q.SELECT_KEY_BY_PREFIX + " FOR UPDATE"), prefix)
-                if row is None:
-                    raise NotFoundError(f"no key with prefix {prefix}")
-                current = q.key_from_row(row, _decode_time)
-                if q.key_change_refused(current.status, columns):
-                    raise ConflictError(f"the key {prefix} is revoked")
-                if not columns or current.status is Status.REVOKED:
+                current, to_write = q.key_to_change(row, prefix, columns, _decode_time)
+                if not to_write:
                     return current
                 sql = _pg(q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT))
                 try:
@@ -467,26 +475,20 @@ class PostgresStore:
 
     # --- usage ledger -----------------------------------------------------------------------------
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         if not rows:
             return
+        now = self._clock()
         # Sorted by primary key, so concurrent flushers lock rows in the same order (no deadlock).
-        params = sorted(
-            (
-                r.day,
-                r.tenant_id,
-                r.key_id,
-                r.model,
-                r.requests,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.refusals,
-            )
-            for r in rows
-        )
+        params = sorted(q.usage_values(r) for r in rows)
 
         async def work(conn: Connection) -> None:
             async with conn.transaction():
+                if batch_id is not None:
+                    status = await conn.execute(_pg(q.INSERT_USAGE_BATCH), batch_id, now)
+                    if status.endswith(" 0"):
+                        return  # added before: a retry or a replay
+                    await conn.execute(_pg(q.PURGE_USAGE_BATCHES), now - q.USAGE_BATCH_RETENTION)
                 await conn.executemany(_pg(q.UPSERT_USAGE), params)
 
         await self._run(work)

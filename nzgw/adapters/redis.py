@@ -12,6 +12,8 @@ so each script touches one slot and runs on Redis Cluster too):
     P{t<t>}:d:<YYYY-MM-DD>       string  tokens of that day (settled + reserved)
     P{t<t>}:m:<YYYY-MM>          string  tokens of that month
     P{t<t>}:life                 string  lifetime tokens
+    P{t<t>}:ver                  string  settlements and corrections of the tenant (the
+                                         reconciliation's compare-and-set)
     P{t<t>}:k<k>:log|tok|lease|d:<day>|m:<month>|life    the same for key <k> of that tenant
 
 Window keys expire by themselves when idle; day and month counters a day after their period
@@ -52,15 +54,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, cast
 
 import coredis
 import trio
-from coredis.exceptions import NoScriptError, RedisError
-from coredis.retry import NoRetryPolicy
+from coredis.connection._request import Request
+from coredis.exceptions import AskError, MovedError, NoScriptError, RedisError
+from coredis.exceptions import ConnectionError as RedisConnectionError
 
+from nzgw.adapters.redis_link import Link, Links, Node, entered, redis_client
 from nzgw.core.limits import (
     CONCURRENCY_RETRY_MS,
     LIMIT_ORDER,
@@ -75,13 +79,21 @@ from nzgw.core.limits import (
     Refusal,
     WindowUsage,
 )
-from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded
+from nzgw.ports import (
+    BudgetSeed,
+    BudgetSnapshot,
+    CountersUnavailableError,
+    ScopeBudget,
+    SeedNeeded,
+    UsageTotals,
+)
 
 log = logging.getLogger("nzgw.counters")
 
 # --- scripts ------------------------------------------------------------------------------------
 # KEYS of ADMIT, SETTLE and RELEASE: [1] seed marker, [2..7] key scope, [8..13] tenant scope,
-# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone.
+# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone,
+# [17] the tenant's version (SETTLE moves it).
 # ADMIT's ARGV[1] is its deadline in Redis ms (past it: status 3, nothing done); ARGV[23], [24]
 # the day and month ids; ARGV[25] the caller's clock for the windows (tests), '' for Redis'.
 # Every reply ends with Redis' clock; admitted or refused, the tokens reclaimed from expired
@@ -267,6 +279,7 @@ local delta = used - reserved
 local marker = redis.call('GET', KEYS[1])
 local day_ttl, month_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
 local budget = 0
+redis.call('INCR', KEYS[17])
 for s = 1, 2 do
   local base = 2 + (s - 1) * 6
   redis.call('ZREM', KEYS[base + 2], lease)
@@ -346,6 +359,61 @@ return 1
 """
 
 
+# Reconciliation. KEYS: marker, version, the :rsv of the tenant and of each key, then (day,
+# month, life) of the tenant and of each key. ARGV: day id, month id, scopes.
+# Returns {0} (not seeded) or {1, epoch, version, then per scope: day, month, life, and of those
+# the reservations of unsettled leases (day, month, life)}.
+_SNAPSHOT: Final = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return {0} end
+local out = {1, epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
+local n = tonumber(ARGV[3])
+for s = 1, n do
+  local base = 2 + n + (s - 1) * 3
+  for i = 1, 3 do out[#out + 1] = tonumber(redis.call('GET', KEYS[base + i]) or '0') end
+  local hd, hm, hl = 0, 0, 0
+  local held = redis.call('HVALS', KEYS[2 + s])
+  for i = 1, #held do
+    local tokens, day, month = string.match(held[i], '^(%d+)|([^|]*)|(.*)$')
+    tokens = tonumber(tokens)
+    hl = hl + tokens
+    if day == ARGV[1] then hd = hd + tokens end
+    if month == ARGV[2] then hm = hm + tokens end
+  end
+  out[#out + 1] = hd
+  out[#out + 1] = hm
+  out[#out + 1] = hl
+end
+return out
+"""
+
+# KEYS: as _SNAPSHOT. ARGV: epoch, version, day ttl, month ttl (<= 0: that period's counter is
+# gone, leave it), scopes, then (day, month, life) deltas per scope. Compare-and-set: nothing
+# unless epoch and version are unchanged; then the version moves (a second reconciler that read
+# the same snapshot does nothing). Admissions meanwhile only added reservations: kept.
+_CORRECT: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('INCR', KEYS[2])
+local day_ttl, month_ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for s = 1, n do
+  local base = 2 + n + (s - 1) * 3
+  local a = 5 + (s - 1) * 3
+  local dd, dm, dl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if dd ~= 0 and day_ttl > 0 then
+    redis.call('INCRBY', KEYS[base + 1], dd)
+    redis.call('PEXPIRE', KEYS[base + 1], day_ttl)
+  end
+  if dm ~= 0 and month_ttl > 0 then
+    redis.call('INCRBY', KEYS[base + 2], dm)
+    redis.call('PEXPIRE', KEYS[base + 2], month_ttl)
+  end
+  if dl ~= 0 then redis.call('INCRBY', KEYS[base + 3], dl) end
+end
+return 1
+"""
+
+
 class _Script:
     __slots__ = ("sha", "source")
 
@@ -362,6 +430,8 @@ _SCRIPTS: Final = {
         ("refresh", _REFRESH),
         ("seed", _SEED),
         ("release", _RELEASE),
+        ("snapshot", _SNAPSHOT),
+        ("correct", _CORRECT),
     )
 }
 
@@ -378,40 +448,33 @@ class _NoAnswerError(CountersUnavailableError):
     """The command was sent and Redis did not answer in time: it may still run there."""
 
 
-def _complete(request: object) -> bool:
-    return bool(getattr(request, "complete", False))
+_REDIRECTS: Final = 3
+"""MOVED / ASK redirections a call follows (a slot moves once per failover or migration)."""
 
 
 class RedisCounters:
-    """The Counters port on Redis. Obtain it from `open_redis_counters`."""
+    """The Counters port on Redis (or Redis Cluster). Obtain it from `open_redis_counters`."""
 
     def __init__(
         self,
-        client: coredis.Redis[str],
+        client: coredis.Redis[str] | coredis.RedisCluster[str],
         *,
         prefix: str,
         call_timeout: float,
-        max_connections: int,
         caller_clock: bool = False,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (hash tags are ours)")
-        self._client = client
+        self._links = Links(client)
         self._prefix = prefix
         self._timeout = call_timeout
         self._max_wait = MAX_WAIT_FACTOR * call_timeout
-        # Entering coredis waits for a semaphore slot at most this long (a slot is held only
-        # while a connection is taken and a command queued; long only while connects hang).
-        self._enter_by = self._max_wait
-        # No more calls inside coredis' pool than pool slots: coredis then never waits for one.
-        self._slots = trio.Semaphore(max_connections)
         self._static_keys: dict[tuple[int, int], tuple[str, ...]] = {}
-        # When this process last got a reply from Redis (trio clock): "silent" is measured from it.
-        self._last_reply = -math.inf
-        # A lower bound of (Redis ms - local ms): Redis' clock at a local instant is at least the
-        # local time plus this. Deadlines converted with it never fall after the local one.
-        self._offset_ms: float | None = None
-        self._clock_read: trio.Event | None = None  # set when the running TIME call is over
+        # Per node: a lower bound of (Redis ms - local ms): that node's clock at a local instant
+        # is at least the local time plus this. Deadlines converted with it never fall after
+        # the local one.
+        self._offset_ms: dict[str, float] = {}
+        self._clock_read: dict[str, trio.Event] = {}  # set when that node's TIME call is over
         # Tests only: windows and leases on the callers' `now_ms` (exact virtual times).
         self._caller_clock = caller_clock
 
@@ -440,13 +503,22 @@ class RedisCounters:
             k + "rsv",
             t + "rsv",
             f"{k}gone:{lease_id}",
+            t + "ver",
         ]
 
     # --- the edge: every call bounded, shielded, translated
 
     async def _eval(
-        self, name: str, keys: Sequence[str], args: Sequence[_Value], *, start: float | None = None
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[_Value],
+        *,
+        start: float | None = None,
+        node: Node = None,
     ) -> object:
+        """Run script `name` on the node that serves `keys` (`node`, if the caller routed
+        already), following cluster redirections."""
         script = _SCRIPTS[name]
         if start is None:
             start = trio.current_time()
@@ -454,140 +526,146 @@ class RedisCounters:
         # (trap 1); the waits below bound the call instead.
         with trio.CancelScope(shield=True):
             try:
-                try:
-                    request = await self._queue(
-                        start, b"EVALSHA", script.sha, len(keys), *keys, *args
-                    )
-                    return await self._reply(request, start)
-                except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it again
-                    request = await self._queue(
-                        start, b"EVAL", script.source, len(keys), *keys, *args
-                    )
-                    return await self._reply(request, start)
+                if node is None:
+                    node = self._links.node_for(keys[0])
+                asking = False
+                for _ in range(_REDIRECTS):
+                    try:
+                        try:
+                            return await self._call(
+                                node, start, asking, b"EVALSHA", script.sha, len(keys), *keys, *args
+                            )
+                        except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it again
+                            return await self._call(
+                                node, start, asking, b"EVAL", script.source, len(keys), *keys, *args
+                            )
+                    except MovedError as moved:  # the slot has a new master: it did not run
+                        node, asking = self._links.moved(node, moved), False
+                    except AskError as ask:  # the slot is migrating: ask its target, once
+                        node, asking = self._links.asked(ask), True
+                raise CountersUnavailableError(f"counter store: more than {_REDIRECTS} redirects")
             except (RedisError, OSError) as exc:  # OSError: TimeoutError included
                 log.warning("counter store: %s failed: %r", name, exc)
                 raise CountersUnavailableError(f"counter store: {exc!r}") from exc
         raise AssertionError("unreachable: a shielded scope without a deadline")
 
-    async def _queue(self, start: float, command: bytes, *args: _Value) -> Awaitable[object]:
-        """Queue one command through coredis' pool, as `Redis.execute_command` does it, minus
-        the layers we do not use (command wrappers, retries, telemetry, client cache): 30-40 %
-        less CPU per call. As there, the connection goes back to the pool as soon as the command
-        is queued, so concurrent calls share (pipeline on) one connection."""
+    async def _call(
+        self, node: Node, start: float, asking: bool, command: bytes, *args: _Value
+    ) -> object:
+        """One command on `node`'s live connection, sent before this task yields; its reply."""
+        link = await self._connected(node, start)
+        if asking:
+            link.request(b"ASKING", timeout=2 * self._max_wait)
+        request = link.request(command, *args, timeout=2 * self._max_wait)
         try:
-            self._slots.acquire_nowait()  # the usual case: no scope, no wait
-        except trio.WouldBlock:
-            acquired = False
-            with trio.move_on_at(start + self._enter_by):
-                await self._slots.acquire()
-                acquired = True
-            if not acquired:
-                raise CountersUnavailableError("counter store: too many calls waiting") from None
+            await link.flush()
+        except RedisError as exc:
+            self._links.failed(node, exc)
+            raise
         try:
-            pool = self._client.connection_pool
-            # Ends by itself (connected, or failed after connect_timeout): never cancelled here.
-            connection = await pool.get_connection()
-            try:
-                # coredis' own reply timeout stays out of the way: `_reply` decides.
-                request: Awaitable[object] = connection.create_request(
-                    command, *args, decode=True, timeout=2 * self._max_wait
-                )
-                return request
-            finally:
-                pool.release(connection)
-        finally:
-            self._slots.release()
+            return await self._reply(link, request, start)
+        except RedisConnectionError as exc:
+            self._links.failed(node, exc)
+            raise
 
-    async def _reply(self, request: Awaitable[object], start: float) -> object:
+    async def _connected(self, node: Node, start: float) -> Link:
+        """`node`'s live connection: at once in the usual case; else one connect per node at
+        a time, bounded by coredis' connect_timeout (`max_wait`: a loopback connect is
+        instant, only a busy loop makes it look slow, and a refused one fails at once)."""
+        link = self._links.live(node)
+        if link is not None:
+            return link
+        with trio.move_on_at(start + self._max_wait):
+            return await self._links.link(node)
+        raise CountersUnavailableError("counter store: no connection within the call's wait")
+
+    async def _reply(self, link: Link, request: Request, start: float) -> object:
         """Wait for `request`'s reply while Redis is not silent (see the module docstring)."""
         hard = start + self._max_wait
         while True:
-            silent_at = max(start, self._last_reply) + self._timeout
+            silent_at = max(start, link.last_reply) + self._timeout
             with trio.move_on_at(min(hard, silent_at)) as waited:
-                reply = await request
+                try:
+                    reply = await request
+                finally:
+                    if request.complete:  # an error reply is an answer too
+                        link.last_reply = trio.current_time()
             if not waited.cancelled_caught:
-                break
+                return reply
             # Our loop may have been busy: the reply (or others') may sit in the socket. Let
             # the connection's reader run before judging Redis.
             for _ in range(_CATCH_UP_CHECKPOINTS):
                 await trio.lowlevel.checkpoint()
-            if _complete(request):
-                reply = await request
-                break
+            if request.complete:
+                link.last_reply = trio.current_time()
+                return await request
             now = trio.current_time()
-            if now >= hard or now >= max(start, self._last_reply) + self._timeout:
+            if now >= hard or now >= max(start, link.last_reply) + self._timeout:
                 raise _NoAnswerError(
                     f"counter store: no answer for {self._timeout} s"
                     if now < hard
                     else f"counter store: no answer within {self._max_wait} s"
                 )
-        self._last_reply = trio.current_time()
-        return reply
 
-    def _observe_clock(self, redis_ms: int) -> None:
+    def _observe_clock(self, node: Node, redis_ms: int) -> None:
+        name = Links.name(node)
         sample = redis_ms - trio.current_time() * 1000
-        offset = self._offset_ms
+        offset = self._offset_ms.get(name)
         # Keep the tightest lower bound; a clock stepped back by more than a second resets it.
         if offset is None or sample > offset or sample < offset - 1000:
-            self._offset_ms = sample
+            self._offset_ms[name] = sample
 
-    async def _redis_ms(self, local: float) -> int:
-        """A lower bound of Redis' clock at the local instant `local` (trio clock)."""
-        while self._offset_ms is None:
-            if self._clock_read is not None:  # one TIME call at a time; the others wait for it
-                await self._clock_read.wait()
+    async def _redis_ms(self, local: float, node: Node) -> int:
+        """A lower bound of `node`'s clock at the local instant `local` (trio clock)."""
+        name = Links.name(node)
+        while (offset := self._offset_ms.get(name)) is None:
+            running = self._clock_read.get(name)
+            if running is not None:  # one TIME call per node at a time; the others wait for it
+                await running.wait()
                 continue
-            done = self._clock_read = trio.Event()
+            done = self._clock_read[name] = trio.Event()
             start = trio.current_time()
             try:
                 with trio.CancelScope(shield=True):
                     try:
-                        reply = await self._reply(await self._queue(start, b"TIME"), start)
+                        reply = await self._call(node, start, False, b"TIME")
                     except (RedisError, OSError) as exc:
                         raise CountersUnavailableError(f"counter store: {exc!r}") from exc
             finally:
-                self._clock_read = None
+                del self._clock_read[name]
                 done.set()
             seconds, micros = cast("list[str]", reply)
-            self._observe_clock(int(seconds) * 1000 + int(micros) // 1000)
-        return math.floor(local * 1000 + self._offset_ms)
+            self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
+        return math.floor(local * 1000 + offset)
 
-    async def _release_nowait(self, keys: Sequence[str], request: AdmissionRequest) -> None:
+    async def _release_nowait(
+        self, node: Node, keys: Sequence[str], request: AdmissionRequest
+    ) -> None:
         """Tell Redis that the caller of `request` gave up; do not wait for an answer."""
         args: list[_Value] = [
             request.lease_id,
             request.reserve_tokens,
             math.ceil(2 * self._max_wait * 1000) + 1000,
         ]
+        link = self._links.live(node)
+        if link is None:
+            return  # best effort: the admission's own deadline still holds
+        link.request(b"EVAL", _RELEASE, len(keys), *keys, *args, timeout=2 * self._max_wait)
         with trio.CancelScope(shield=True):
-            acquired = False
-            with trio.move_on_after(self._enter_by):
-                await self._slots.acquire()
-                acquired = True
-            if not acquired:
-                return  # best effort: the admission's own deadline still holds
             try:
-                pool = self._client.connection_pool
-                connection = await pool.get_connection()
-                try:
-                    connection.create_request(
-                        b"EVAL", _RELEASE, len(keys), *keys, *args, noreply=True
-                    )
-                finally:
-                    pool.release(connection)
-            except (RedisError, OSError) as exc:
+                await link.flush()
+            except RedisError as exc:
                 log.warning("counter store: release of lease %s failed: %r", request.lease_id, exc)
-            finally:
-                self._slots.release()
 
     # --- the port
 
     async def ping(self) -> None:
         """Runs the cheapest script: proves the server answers scripts, not only PING. The
-        first one also connects and reads Redis' clock (call it at start: a burst then finds
-        a connection and the clock offset ready)."""
-        if self._offset_ms is None:
-            await self._redis_ms(trio.current_time())
+        first one also connects and reads Redis' clock, on each master of a cluster (call it
+        at start: a burst then finds the connections and the clock offsets ready)."""
+        for node in self._links.primaries():
+            if Links.name(node) not in self._offset_ms:
+                await self._redis_ms(trio.current_time(), node)
         keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
         await self._eval("refresh", keys, ["-", 1, ""])
 
@@ -596,7 +674,14 @@ class RedisCounters:
         in time sends a release (see the module docstring) and raises."""
         periods = request.periods
         start = trio.current_time()
-        deadline = await self._redis_ms(start + self._max_wait)
+        keys = self._keys(request.tenant_id, request.key_id, periods, request.lease_id)
+        try:
+            node = self._links.node_for(keys[0])
+        except RedisError as exc:  # a cluster slot that no master serves
+            raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+        # In the clock of the node that serves the tenant (after a redirection, the other
+        # node's clock: cluster nodes' clocks agree to well within the call's wait).
+        deadline = await self._redis_ms(start + self._max_wait, node)
         args: list[_Value] = [
             deadline,
             request.lease_id,
@@ -612,15 +697,14 @@ class RedisCounters:
         for limits in (request.limits.key, request.limits.tenant):
             args += [-1 if value is None else value for value in limits.as_tuple()]
         args += [periods.day_id, periods.month_id, request.now_ms if self._caller_clock else ""]
-        keys = self._keys(request.tenant_id, request.key_id, periods, request.lease_id)
         try:
-            reply = await self._eval("admit", keys, args, start=start)
+            reply = await self._eval("admit", keys, args, start=start, node=node)
         except _NoAnswerError:  # it may still run in Redis: undo it (refused connects cannot)
-            await self._release_nowait(keys, request)
+            await self._release_nowait(node, keys, request)
             raise
         try:
             if isinstance(reply, list) and reply:
-                self._observe_clock(int(reply[-1]))
+                self._observe_clock(node, int(reply[-1]))
             return _admission(request, reply)
         except (TypeError, ValueError, IndexError) as exc:
             raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}") from exc
@@ -661,6 +745,66 @@ class RedisCounters:
             keys += [stem + day, stem + month, stem + "life"]
             args += [totals.day_tokens, totals.month_tokens, totals.lifetime_tokens]
         return await self._eval("seed", keys, args) == 1
+
+    # --- reconciliation
+
+    def _budget_keys(self, tenant_id: int, key_ids: Sequence[int], periods: Periods) -> list[str]:
+        t = f"{self._prefix}{{t{tenant_id}}}:"
+        stems = [t] + [f"{t}k{key_id}:" for key_id in key_ids]
+        day, month = f"d:{periods.day_id}", f"m:{periods.month_id}"
+        keys = [f"{t}seed", f"{t}ver"] + [stem + "rsv" for stem in stems]
+        for stem in stems:
+            keys += [stem + day, stem + month, stem + "life"]
+        return keys
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        keys = self._budget_keys(tenant_id, key_ids, periods)
+        args: list[_Value] = [periods.day_id, periods.month_id, 1 + len(key_ids)]
+        reply = await self._eval("snapshot", keys, args)
+        if not isinstance(reply, list) or not reply:
+            raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}")
+        try:
+            if int(reply[0]) == 0:
+                return None
+            values = [int(v) for v in reply[2:]]
+            scopes = [
+                ScopeBudget(UsageTotals(*values[i : i + 3]), UsageTotals(*values[i + 3 : i + 6]))
+                for i in range(1, len(values), 6)
+            ]
+            return BudgetSnapshot(
+                tenant_id=tenant_id,
+                epoch=str(reply[1]),
+                version=values[0],
+                periods=periods,
+                tenant=scopes[0],
+                keys=dict(zip(key_ids, scopes[1:], strict=True)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}") from exc
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        key_ids = list(keys)
+        periods = snapshot.periods
+        args: list[_Value] = [
+            snapshot.epoch,
+            snapshot.version,
+            periods.day_end_ms - now_ms + PERIOD_SLACK_MS,
+            periods.month_end_ms - now_ms + PERIOD_SLACK_MS,
+            1 + len(key_ids),
+        ]
+        for delta in [tenant, *keys.values()]:
+            args += [delta.day_tokens, delta.month_tokens, delta.lifetime_tokens]
+        keys_ = self._budget_keys(snapshot.tenant_id, key_ids, periods)
+        return await self._eval("correct", keys_, args) == 1
 
 
 def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | SeedNeeded:
@@ -706,29 +850,27 @@ async def open_redis_counters(
     call_timeout: float,
     prefix: str = "nzgw:",
     max_connections: int = 64,
+    cluster: bool = False,
     caller_clock: bool = False,
 ) -> AsyncIterator[RedisCounters]:
-    """Counters on the Redis server at `url` (`redis://host:port/db`).
+    """Counters on the Redis server at `url` (`redis://host:port/db`), or with `cluster` on the
+    Redis Cluster whose node `url` names (`NZGW_REDIS_CLUSTER`).
 
     `call_timeout` (`NZGW_COUNTERS_TIMEOUT`): seconds Redis may stay silent while a call waits
     before it raises `CountersUnavailableError`; no call waits more than `5 * call_timeout`.
-    Connects lazily: opening succeeds while Redis is down, and every call then fails closed until
-    it is back. Enter it in a task that outlives the requests. `caller_clock` (tests only): the
-    windows and leases use the callers' `now_ms` instead of Redis' clock.
+    A single server is connected to lazily: opening succeeds while Redis is down, and every call
+    then fails closed until it is back. A cluster's slot map is read when opening (it fails if
+    no node answers). Enter it in a task that outlives the requests. `caller_clock` (tests
+    only): the windows and leases use the callers' `now_ms` instead of Redis' clock.
     """
-    client: coredis.Redis[str] = coredis.Redis.from_url(
+    client = redis_client(
         url,
-        decode_responses=True,
+        cluster=cluster,
         connect_timeout=MAX_WAIT_FACTOR * call_timeout,
         stream_timeout=2 * MAX_WAIT_FACTOR * call_timeout,
         max_connections=max_connections,
-        retry_policy=NoRetryPolicy(),
     )
-    async with client:
+    async with entered(client):
         yield RedisCounters(
-            client,
-            prefix=prefix,
-            call_timeout=call_timeout,
-            max_connections=max_connections,
-            caller_clock=caller_clock,
+            client, prefix=prefix, call_timeout=call_timeout, caller_clock=caller_clock
         )

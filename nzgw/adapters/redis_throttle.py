@@ -21,8 +21,8 @@ import coredis
 import trio
 from coredis.commands import Script
 from coredis.exceptions import RedisError
-from coredis.retry import NoRetryPolicy
 
+from nzgw.adapters.redis_link import entered, redis_client
 from nzgw.ports import CountersUnavailableError
 
 log = logging.getLogger("nzgw.counters")
@@ -70,7 +70,7 @@ class RedisAuthThrottle:
 
     def __init__(
         self,
-        client: coredis.Redis[str],
+        client: coredis.Redis[str] | coredis.RedisCluster[str],
         *,
         limit: int,
         window: float = 60.0,
@@ -139,18 +139,20 @@ async def open_redis_throttle(
     call_timeout: float,
     prefix: str = "nzgw:",
     max_connections: int = 16,
+    cluster: bool = False,
 ) -> AsyncIterator[RedisAuthThrottle]:
-    """The throttle on the Redis at `url`. Connects lazily (opening succeeds while Redis is
-    down; calls then fail closed). Enter it in a task that outlives the requests."""
-    client: coredis.Redis[str] = coredis.Redis.from_url(
+    """The throttle on the Redis at `url` (with `cluster`: the Redis Cluster of that node; one
+    key per call, routed by coredis' cluster client). A single server is connected to lazily
+    (opening succeeds while Redis is down; calls then fail closed). Enter it in a task that
+    outlives the requests."""
+    client = redis_client(
         url,
-        decode_responses=True,
+        cluster=cluster,
         connect_timeout=call_timeout / 4,
         stream_timeout=call_timeout,
         max_connections=max_connections,
-        retry_policy=NoRetryPolicy(),
     )
-    async with client:
+    async with entered(client):
         yield RedisAuthThrottle(
             client,
             limit=limit,

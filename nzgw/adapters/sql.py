@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,22 @@ from nzgw.core.audit import (
     event_from_values,
     event_values,
 )
-from nzgw.core.models import ApiKey, Budgets, Limits, Status, Tenant
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
     Change,
     ChangeFeed,
+    ConflictError,
     KeyChanges,
+    NewKey,
+    NotFoundError,
     PromptLog,
     StoreError,
     TenantChanges,
     UsageQuery,
     UsageReportRow,
+    UsageRow,
     UsageTotals,
 )
 
@@ -193,6 +197,15 @@ UPSERT_USAGE = (
     "completion_tokens = usage_ledger.completion_tokens + excluded.completion_tokens, "
     "refusals = usage_ledger.refusals + excluded.refusals"
 )
+# A batch id is recorded in the transaction that adds its rows (schema/0008_usage_batches.sql):
+# no row inserted means the batch was added before, and its rows are skipped.
+INSERT_USAGE_BATCH = (
+    "INSERT INTO usage_batches (batch_id, applied_at) VALUES (?, ?) "
+    "ON CONFLICT (batch_id) DO NOTHING"
+)
+PURGE_USAGE_BATCHES = "DELETE FROM usage_batches WHERE applied_at < ?"
+#: How long a batch id is remembered: a spool replayed later than this could count it twice.
+USAGE_BATCH_RETENTION = timedelta(days=35)
 # Parameters: day, month_start, tenant_id. SUM of BIGINT is NUMERIC on PostgreSQL: cast back.
 SELECT_USAGE_TOTALS = (
     "SELECT key_id, "
@@ -223,6 +236,39 @@ def tenant_insert_params(
         now,
         weight,
     ]
+
+
+def key_insert_params(new: NewKey, now: datetime) -> list[Any]:
+    """The parameters of `INSERT_KEY` for a new (active) key."""
+    return [
+        new.tenant_id,
+        new.name,
+        new.prefix,
+        new.key_hash,
+        Status.ACTIVE.value,
+        *limits_values(new.limits),
+        *budgets_values(new.budgets),
+        encode_models(new.allowed_models),
+        new.log_prompts,
+        new.prompt_ttl_seconds,
+        now,
+        now,
+        new.expires_at,
+    ]
+
+
+def usage_values(row: UsageRow) -> tuple[Any, ...]:
+    """The parameters of `UPSERT_USAGE` for one ledger row (its primary key first)."""
+    return (
+        row.day,
+        row.tenant_id,
+        row.key_id,
+        row.model,
+        row.requests,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.refusals,
+    )
 
 
 def limits_values(limits: Limits) -> list[int | None]:
@@ -296,6 +342,19 @@ def key_change_refused(current: Status, columns: Mapping[str, Any]) -> bool:
     )
 
 
+def key_to_change(
+    row: Row | None, prefix: str, columns: Mapping[str, Any], decode_time: Decode
+) -> tuple[ApiKey, bool]:
+    """The key a change applies to, and whether there is anything to write; `NotFoundError`
+    for an unknown prefix, `ConflictError` for a change to a revoked key."""
+    if row is None:
+        raise NotFoundError(f"no key with prefix {prefix}")
+    current = key_from_row(row, decode_time)
+    if key_change_refused(current.status, columns):
+        raise ConflictError(f"the key {prefix} is revoked")
+    return current, bool(columns) and current.status is not Status.REVOKED
+
+
 def changes_bump_epoch(columns: Mapping[str, Any]) -> bool:
     """Every change bumps the revocation epoch except a rehash (it does not change who is let in,
     and bumping would empty every gateway's key cache once per key after a parameter change)."""
@@ -343,6 +402,11 @@ def tenant_from_row(row: Row, decode_time: Decode, prefix: str = "") -> Tenant:
         allow_model_controls=bool(col("allow_model_controls")),
         weight=int(col("weight")),
     )
+
+
+def principal_from_row(row: Row, decode_time: Decode) -> Principal:
+    """A key and its tenant from one `SELECT_PRINCIPAL` row (tenant columns prefixed `t_`)."""
+    return Principal(key_from_row(row, decode_time), tenant_from_row(row, decode_time, "t_"))
 
 
 def key_from_row(row: Row, decode_time: Decode) -> ApiKey:

@@ -29,7 +29,7 @@ import trio
 
 from nzgw.adapters import sql as q
 from nzgw.core.audit import AuditRow, PromptRecord
-from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Status, Tenant
+from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Tenant
 from nzgw.ports import (
     AuditQuery,
     ChainHead,
@@ -323,23 +323,7 @@ class SqliteStore:
 
     async def create_key(self, new: NewKey) -> ApiKey:
         now = self._clock()
-        params = _params(
-            [
-                new.tenant_id,
-                new.name,
-                new.prefix,
-                new.key_hash,
-                Status.ACTIVE.value,
-                *q.limits_values(new.limits),
-                *q.budgets_values(new.budgets),
-                q.encode_models(new.allowed_models),
-                new.log_prompts,
-                new.prompt_ttl_seconds,
-                now,
-                now,
-                new.expires_at,
-            ]
-        )
+        params = _params(q.key_insert_params(new, now))
 
         def work(conn: sqlite3.Connection) -> ApiKey:
             with _transaction(conn):
@@ -361,9 +345,7 @@ class SqliteStore:
             row = conn.execute(q.SELECT_PRINCIPAL, (prefix,)).fetchone()
             if row is None:
                 return None
-            return Principal(
-                q.key_from_row(row, _decode_time), q.tenant_from_row(row, _decode_time, "t_")
-            )
+            return q.principal_from_row(row, _decode_time)
 
         return await self._run(work)
 
@@ -385,12 +367,8 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> ApiKey:
             with _transaction(conn):
                 row = conn.execute(q.SELECT_KEY_BY_PREFIX, (prefix,)).fetchone()
-                if row is None:
-                    raise NotFoundError(f"no key with prefix {prefix}")
-                current = q.key_from_row(row, _decode_time)
-                if q.key_change_refused(current.status, columns):
-                    raise ConflictError(f"the key {prefix} is revoked")
-                if not columns or current.status is Status.REVOKED:
+                current, to_write = q.key_to_change(row, prefix, columns, _decode_time)
+                if not to_write:
                     return current
                 sql = q.update_sql("api_keys", columns, "id = ?", q.KEY_SELECT)
                 row = _fetch_one_unique(
@@ -434,27 +412,20 @@ class SqliteStore:
 
     # --- usage ledger -----------------------------------------------------------------------------
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         if not rows:
             return
-        params = [
-            _params(
-                [
-                    r.day,
-                    r.tenant_id,
-                    r.key_id,
-                    r.model,
-                    r.requests,
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.refusals,
-                ]
-            )
-            for r in rows
-        ]
+        now = self._clock()
+        batch = None if batch_id is None else _params([batch_id, now])
+        purge_before = _params([now - q.USAGE_BATCH_RETENTION])
+        params = [_params(list(q.usage_values(r))) for r in rows]
 
         def work(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
+                if batch is not None:
+                    if conn.execute(q.INSERT_USAGE_BATCH, batch).rowcount == 0:
+                        return  # added before: a retry or a replay
+                    conn.execute(q.PURGE_USAGE_BATCHES, purge_before)
                 conn.executemany(q.UPSERT_USAGE, params)
 
         await self._run(work)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from nzgw.ports import Store, WallClock, utc_now
 
@@ -32,3 +34,18 @@ async def open_store(database_url: str, *, clock: WallClock = utc_now) -> AsyncI
             yield sqlite_store
     else:
         raise ValueError(f"unknown database URL scheme {scheme!r}: use postgresql:// or sqlite:///")
+
+
+def store_identity(database_url: str) -> str:
+    """The database `database_url` names, without credentials or options: for PostgreSQL
+    ``postgresql://host:port/dbname``, for SQLite ``sqlite:`` and the file's absolute path.
+    Two URLs of one database give the same text (the local spool's folder is named by it)."""
+    scheme = database_url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        from nzgw.adapters.sqlite import sqlite_path
+
+        path = sqlite_path(database_url)
+        return "sqlite::memory:" if path == ":memory:" else f"sqlite:{Path(path).resolve()}"
+    parts = urlsplit(database_url)
+    host = parts.hostname or "localhost"
+    return f"postgresql://{host}:{parts.port or 5432}/{parts.path.lstrip('/') or 'postgres'}"

@@ -52,6 +52,7 @@ from nzgw.services.identity import KeyHasher
 from nzgw.services.issuing import issue_key
 
 F = TypeVar("F", bound=Callable[..., Any])
+V = TypeVar("V")
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 KEY_NAME_MAX = 200
@@ -77,22 +78,36 @@ def _bad(param: click.Parameter | None, message: str) -> CliInputError:
     return CliInputError(f"{name}: {message}")
 
 
-class CountType(click.ParamType[int | _Clear]):
-    """A whole number >= 0 (`1_000` allowed); with `clearable`, `none` means unset."""
+class _Clearable(click.ParamType[V | _Clear]):
+    """An option value; with `clearable`, one of `clear_words` means unset. Subclasses parse."""
 
-    name = "integer"
+    value_type: type[V]
+    clear_words = frozenset({"none"})
 
     def __init__(self, *, clearable: bool) -> None:
         self.clearable = clearable
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int | _Clear:
-        if isinstance(value, int | _Clear):
+    ) -> V | _Clear:
+        if isinstance(value, self.value_type | _Clear):
             return value
         text = str(value).strip()
-        if self.clearable and text.lower() == "none":
+        if self.clearable and text.lower() in self.clear_words:
             return CLEAR
+        return self.parse(text, value, param)
+
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> V:
+        raise NotImplementedError
+
+
+class CountType(_Clearable[int]):
+    """A whole number >= 0 (`1_000` allowed); with `clearable`, `none` means unset."""
+
+    name = "integer"
+    value_type = int
+
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> int:
         if not re.fullmatch(r"\d[\d_]*", text):
             raise _bad(param, f"expected a whole number >= 0, got {value!r}")
         number = int(text.replace("_", ""))
@@ -101,44 +116,27 @@ class CountType(click.ParamType[int | _Clear]):
         return number
 
 
-class DurationType(click.ParamType[int | _Clear]):
+class DurationType(_Clearable[int]):
     """`7d`, `12h`, `30m`, `90s` → seconds; with `clearable`, `none` means unset."""
 
     name = "duration"
+    value_type = int
 
-    def __init__(self, *, clearable: bool) -> None:
-        self.clearable = clearable
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int | _Clear:
-        if isinstance(value, int | _Clear):
-            return value
-        text = str(value).strip()
-        if self.clearable and text.lower() == "none":
-            return CLEAR
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> int:
         try:
             return int(parse_duration(text).total_seconds())
         except ValueError as exc:
             raise _bad(param, str(exc)) from None
 
 
-class ExpiryType(click.ParamType[datetime | _Clear]):
+class ExpiryType(_Clearable[datetime]):
     """A duration from now (`30d`) or an ISO date / date-time; `never` unsets (update)."""
 
     name = "expiry"
+    value_type = datetime
+    clear_words = frozenset({"never", "none"})
 
-    def __init__(self, *, clearable: bool) -> None:
-        self.clearable = clearable
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> datetime | _Clear:
-        if isinstance(value, datetime | _Clear):
-            return value
-        text = str(value).strip()
-        if self.clearable and text.lower() in {"never", "none"}:
-            return CLEAR
+    def parse(self, text: str, value: Any, param: click.Parameter | None) -> datetime:
         try:
             return parse_expiry(text, utc_now())
         except ValueError as exc:

@@ -23,7 +23,6 @@ from nzgw.config import SETTINGS, Config
 from nzgw.core.keys import parse_key
 from nzgw.core.models import Status
 from nzgw.http.listen import bind_socket
-from nzgw.http.metrics import METRICS
 from nzgw.logs import setup_logging
 from nzgw.ports import ConflictError, NewKey, NotFoundError, Store
 from nzgw.server import Running, run_server
@@ -47,9 +46,13 @@ def serve() -> None:
     if worker is None:  # workers: their supervisor checked
         require_current_schema(config)
     if worker is not None:
-        METRICS.set_worker(worker.index)
         config = worker.configure(config)
-        trio.run(functools.partial(run_server, shutdown_trigger=worker.shutdown_trigger), config)
+        trio.run(
+            functools.partial(
+                run_server, shutdown_trigger=worker.shutdown_trigger, worker=worker.index
+            ),
+            config,
+        )
     elif config.workers > 1:
         sys.exit(run_workers(config.workers, graceful_timeout=config.graceful_timeout))
     else:

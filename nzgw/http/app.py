@@ -24,7 +24,7 @@ from nzgw.core import paths
 from nzgw.core.audit import AUDIT_QUEUE_FULL
 from nzgw.core.edge import check_request
 from nzgw.core.surfaces import Surface, error_response
-from nzgw.http.asgi import GatewayHTTPConnection, name_request, request_cleanup
+from nzgw.http.asgi import GatewayHTTPConnection, RequestScope, request_scope
 from nzgw.http.audit import is_probe
 from nzgw.http.gateway import Gateway, RequestInfo
 from nzgw.http.proxy import error, handle_route
@@ -80,6 +80,8 @@ def _client_address(gateway: Gateway) -> str:
 async def _dispatch(gateway: Gateway) -> Response:
     started = trio.current_time()
     request_id = os.urandom(8).hex()
+    owned = request_scope(request.scope)
+    owned.request_id = request_id
     raw_target: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
     query = request.scope.get("query_string") or b""
     if query:
@@ -94,12 +96,10 @@ async def _dispatch(gateway: Gateway) -> Response:
         wall_started=time.time(),
         target=raw_target,
     )
-    stack = request_cleanup()
     gateway.in_flight += 1  # until _finish, which the stack runs whatever happens
-    stack.push_async_callback(_finish, gateway, info)
-    name_request(request_id)
+    owned.cleanup.push_async_callback(_finish, gateway, info)
     try:
-        response = await _respond(gateway, info)
+        response = await _respond(gateway, info, owned)
     except Exception:
         # Contained: this request gets a 500 in its surface's shape; the connection, the
         # process and every other request carry on (README "Security", "The edge").
@@ -114,7 +114,7 @@ async def _dispatch(gateway: Gateway) -> Response:
     return response
 
 
-async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
+async def _respond(gateway: Gateway, info: RequestInfo, owned: RequestScope) -> Response:
     decision = info.decision
     refused = check_request(request.scope.get("http_version", ""), request.scope["headers"])
     if refused is not None:
@@ -146,7 +146,7 @@ async def _respond(gateway: Gateway, info: RequestInfo) -> Response:
     if route.route is paths.RouteId.ROOT:
         body = b"" if request.method == "HEAD" else b"Ollama is running"
         return Response(body, 200, content_type="text/plain; charset=utf-8")
-    return await handle_route(gateway, info, route)
+    return await handle_route(gateway, info, route, owned.cleanup)
 
 
 async def _readyz(gateway: Gateway) -> Response:

@@ -7,10 +7,11 @@ Two quart-trio behaviours would otherwise leak (docs/ARCHITECTURE.md, "quart-tri
    keep-alive connections live forever. Each `send` therefore runs shielded: it cannot block
    forever either, because hypercorn's socket writes are bounded by TCP_USER_TIMEOUT (server.py).
 2. A response body that was created but never iterated (the request was cancelled after the
-   handler returned, before Quart sent the body) is never closed. Every request gets an
-   `AsyncExitStack`; handlers register what must be released (upstream responses, counter leases,
-   the settlement of a request) with `request_cleanup()`, and the connection closes the stack in
-   its `finally`, shielded and under a deadline, whatever happened.
+   handler returned, before Quart sent the body) is never closed. Every request gets a
+   `RequestScope` with an `AsyncExitStack`, placed in the ASGI scope (`request_scope`); the
+   dispatcher passes it down explicitly, handlers register what must be released (upstream
+   responses, counter leases, the settlement of a request) on it, and the connection closes the
+   stack in its `finally`, shielded and under a deadline, whatever happened.
 
 And one shortcut: a `RelayResponse` body goes to the connection's relay extension when it
 offers one (`nzgw.http.fastrelay`; docs/ARCHITECTURE.md, "The relay fast path").
@@ -19,10 +20,11 @@ offers one (`nzgw.http.fastrelay`; docs/ARCHITECTURE.md, "The relay fast path").
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
+import attrs
 import trio
 from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
@@ -35,20 +37,24 @@ log = logging.getLogger("nzgw.http")
 # store; both have their own timeouts. This deadline only guards against a bug hanging shutdown.
 CLEANUP_DEADLINE = 10.0
 
-_request_stack: contextvars.ContextVar[contextlib.AsyncExitStack] = contextvars.ContextVar(
-    "nzgw_request_stack"
-)
+# The key of the request's `RequestScope` in the ASGI scope.
+SCOPE_KEY = "nzgw.request"
 
 
-def request_cleanup() -> contextlib.AsyncExitStack:
-    """The current request's cleanup stack (closed when the connection is done with it)."""
-    return _request_stack.get()
+@attrs.define(eq=False)
+class RequestScope:
+    """What the connection owns for one request: the cleanup stack it closes when it is done
+    with the request, and the request id for the one log line of a failure that escapes the
+    handler (a response body that raises mid-stream)."""
+
+    cleanup: contextlib.AsyncExitStack = attrs.Factory(contextlib.AsyncExitStack)
+    request_id: str | None = None
 
 
-# The request id, for the one log line of a failure that escapes the handler (a response body
-# that raises mid-stream). A mutable cell set before the request nursery starts, so the
-# handler task can fill it in and the connection can read it.
-_request_name: contextvars.ContextVar[list[str]] = contextvars.ContextVar("nzgw_request_name")
+def request_scope(scope: Mapping[str, Any]) -> RequestScope:
+    """The `RequestScope` the connection placed in this request's ASGI scope."""
+    found: RequestScope = scope[SCOPE_KEY]
+    return found
 
 
 def split_errors(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
@@ -60,24 +66,15 @@ def split_errors(exc: BaseException) -> tuple[BaseException | None, BaseExceptio
     return None, exc
 
 
-def name_request(request_id: str) -> None:
-    """Record the current request's id for the connection's failure log."""
-    cell = _request_name.get(None)
-    if cell is not None:
-        cell[:] = [request_id]
-
-
 class GatewayHTTPConnection(TrioASGIHTTPConnection):
     async def __call__(self, receive: Any, send: Any) -> None:
         async def shielded_send(message: Any) -> None:
             with trio.CancelScope(shield=True):
                 await send(message)
 
-        stack = contextlib.AsyncExitStack()
-        # Set before the request nursery starts, so both of its tasks inherit it.
-        token = _request_stack.set(stack)
-        name: list[str] = []
-        name_token = _request_name.set(name)
+        owned = RequestScope()
+        # In the scope Quart's request is made from, before the request nursery starts.
+        cast(dict[str, Any], self.scope)[SCOPE_KEY] = owned
         try:
             await super().__call__(receive, shielded_send)
         except (Exception, BaseExceptionGroup) as exc:
@@ -88,17 +85,15 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
                 log.error(
                     "request failed",
                     exc_info=errors,
-                    extra={"request_id": name[0] if name else None},
+                    extra={"request_id": owned.request_id},
                 )
             if rest is not None:
                 raise rest from None
         finally:
-            _request_stack.reset(token)
-            _request_name.reset(name_token)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + CLEANUP_DEADLINE
                 try:
-                    await stack.aclose()
+                    await owned.cleanup.aclose()
                 except Exception:
                     log.exception("request cleanup failed")
             if scope.cancelled_caught:

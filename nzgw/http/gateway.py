@@ -1,27 +1,37 @@
-"""What the HTTP layer needs from the rest of nzgw, and the record one request leaves behind.
+"""What the HTTP layer needs from the rest of nzgw: the `Gateway`, built complete by `server.py`.
 
-The HTTP layer sees services and adapters only through the protocols of `nzgw.ports` (and
-`Admitter`/`Ticket` below, which speak in terms of the request record); `server.py` wires the
-concrete objects.
+The HTTP layer sees services and adapters only through the protocols of `nzgw.ports`;
+`server.py` wires the concrete objects. The request record (`RequestInfo`) and `Refused` live
+in `nzgw.core.record` and are re-exported here for the HTTP modules.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import attrs
 import trio
 
 from nzgw.config import Config
-from nzgw.core import paths
-from nzgw.core.framing import Usage
-from nzgw.core.models import Principal
-from nzgw.http.drain import StreamCut
+from nzgw.core.record import Refused, RequestInfo
+from nzgw.http.metrics import GatewayMetrics
 from nzgw.http.uploads import UploadGate
-from nzgw.ports import AuditGatePort, AuthenticatorPort, RegistryPort
+from nzgw.ports import Admitter, AuditGatePort, AuthenticatorPort, RegistryPort, Ticket
+from nzgw.services.drain import StreamCut
+from nzgw.services.forwarding import Forwarder
 from nzgw.services.slots import SlotPool
+
+__all__ = [
+    "OLLAMA_API_VERSION",
+    "Admitter",
+    "FinishHook",
+    "Gateway",
+    "ReadinessCheck",
+    "Refused",
+    "RequestInfo",
+    "Ticket",
+]
 
 log = logging.getLogger("nzgw.gateway")
 
@@ -29,96 +39,25 @@ log = logging.getLogger("nzgw.gateway")
 OLLAMA_API_VERSION = "0.33.0"
 
 
-@attrs.define(eq=False)
-class RequestInfo:
-    """Everything one request leaves for the log, the audit row and settlement."""
-
-    request_id: str
-    method: str
-    decision: paths.Route | paths.Blocked | paths.NotFound | paths.MethodNotAllowed
-    client: str
-    started: float  # trio clock
-    wall_started: float  # unix time
-    status: int = 0
-    refusal: str | None = None
-    principal: Principal | None = None
-    model: str | None = None
-    streamed: bool = False
-    backend: str | None = None  # stored for the audit, never shown to clients
-    usage: Usage | None = None
-    first_byte: float | None = None
-    finished: float | None = None
-    prompt_estimate: int = 0  # charged as prompt tokens when no usage was reported
-    outcome: str = "ok"  # ok | cancelled | upstream_failed | upstream_truncated | refused
-    request_body: bytes | None = None  # kept only for keys that opted in to prompt logging
-    response_text: str | None = None
-    target: bytes = b""  # the raw request target (the audit keeps a cleaned prefix for 404/405)
-    queue_wait: float | None = None  # seconds waited for backend slots (None: never queued)
-
-    @property
-    def log_path(self) -> str:
-        decision = self.decision
-        # Routes and blocked endpoints have canonical names; raw unknown paths are not logged.
-        return decision.path if isinstance(decision, paths.Route | paths.Blocked) else "-"
-
-    @property
-    def tenant_name(self) -> str | None:
-        return self.principal.tenant.name if self.principal else None
-
-    @property
-    def key_prefix(self) -> str | None:
-        return self.principal.key.prefix if self.principal else None
-
-
-class Refused(Exception):
-    """A request refused before forwarding: status, message, audit reason, extra headers."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        refusal: str,
-        headers: dict[str, str] | None = None,
-        code: str | None = None,
-        error_type: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.refusal = refusal
-        self.headers = headers or {}
-        self.code = code
-        self.error_type = error_type
-
-
-class Ticket(Protocol):
-    """An admitted request's reservation. `settle` runs once, shielded, at the very end."""
-
-    headers: dict[str, str]
-    refresh_every: float  # seconds; a long stream extends its lease this often
-
-    async def refresh(self) -> None:
-        """Extend the concurrency lease (best effort, bounded, never raises)."""
-        ...
-
-    async def settle(self, info: RequestInfo) -> None: ...
-
-
-class Admitter(Protocol):
-    async def admit(
-        self, principal: Principal, *, model: str, reserve_tokens: int, info: RequestInfo
-    ) -> Ticket:
-        """Reserve, or raise `Refused` (429 over a limit, 503 when the counters are down)."""
-        ...
-
-
 ReadinessCheck = Callable[[], Awaitable[bool]]
 FinishHook = Callable[[RequestInfo], Awaitable[None]]
 
 
+def _forwarder(gateway: Gateway) -> Forwarder:
+    return Forwarder(
+        gateway.registry,
+        gateway.metrics,
+        slots=gateway.slots,
+        first_byte_timeout=gateway.config.upstream_first_byte_timeout,
+        stream_cut=gateway.stream_cut,
+    )
+
+
 @attrs.define(eq=False)
 class Gateway:
+    """Everything a request needs, built complete in one expression by `server.run_server`
+    (tests build smaller ones). Only `in_flight` changes while it serves."""
+
     config: Config
     authenticator: AuthenticatorPort
     registry: RegistryPort
@@ -137,6 +76,12 @@ class Gateway:
     body_workers: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
     stream_cut: StreamCut | None = None  # streams left at the end of the drain: error frame
     slots: SlotPool | None = None  # backend slots and the fair queue; None: no queueing
+    # This gateway's Prometheus numbers (one per process in production, one per test gateway).
+    metrics: GatewayMetrics = attrs.Factory(GatewayMetrics)
+    # The data plane below HTTP (nzgw.services.forwarding), made of the fields above.
+    forwarder: Forwarder = attrs.field(
+        init=False, default=attrs.Factory(_forwarder, takes_self=True)
+    )
     in_flight: int = 0  # requests dispatched and not settled yet (logged when draining)
 
     async def missing_dependencies(self) -> list[str]:

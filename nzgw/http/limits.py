@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import MappingProxyType
 
 import trio
 
@@ -17,16 +18,20 @@ from nzgw.services.limiter import Limiter
 
 log = logging.getLogger("nzgw.limits")
 
-_BUDGETS = {
-    Limit.DAILY_TOKENS: "daily",
-    Limit.MONTHLY_TOKENS: "monthly",
-    Limit.LIFETIME_TOKENS: "lifetime",
-}
-_RATES = {
-    Limit.REQUESTS_PER_MINUTE: ("requests per minute", "requests"),
-    Limit.TOKENS_PER_MINUTE: ("tokens per minute", "tokens"),
-    Limit.CONCURRENT_REQUESTS: ("concurrent requests", "requests"),
-}
+_BUDGETS = MappingProxyType(
+    {
+        Limit.DAILY_TOKENS: "daily",
+        Limit.MONTHLY_TOKENS: "monthly",
+        Limit.LIFETIME_TOKENS: "lifetime",
+    }
+)
+_RATES = MappingProxyType(
+    {
+        Limit.REQUESTS_PER_MINUTE: ("requests per minute", "requests"),
+        Limit.TOKENS_PER_MINUTE: ("tokens per minute", "tokens"),
+        Limit.CONCURRENT_REQUESTS: ("concurrent requests", "requests"),
+    }
+)
 
 
 class LimiterAdmitter:

@@ -2,13 +2,15 @@
 
 Two kinds of numbers:
 
-* **Counted as they happen** by `METRICS` (one `GatewayMetrics` per process, with its own
-  `CollectorRegistry`, never prometheus_client's global one): requests by surface, route,
+* **Counted as they happen** by the `GatewayMetrics` the gateway owns (`Gateway.metrics`: one
+  per process, built by `server.run_server`, with its own `CollectorRegistry`, never
+  prometheus_client's global one): requests by surface, route,
   status and refusal reason; latency to the upstream's first byte and in total; tokens by
   tenant; streams in flight; backend attempt failures and failovers; store and counter-store
   errors. The request figures come from one finish hook (`observe_request`) that runs in the
   request's shielded settlement, after the last byte; the data plane itself only touches the
-  streams gauge and, when a backend fails, the failure counters. Each is a dict lookup and an
+  streams gauge and, through `nzgw.ports.ForwardingMetrics`, the failure and failover counters
+  and the queue wait. Each is a dict lookup and an
   increment under prometheus_client's lock: a few microseconds per request.
 * **Read at scrape time** by the listener's `LiveCollector`: backend health from the routing
   registry's current snapshot, and the flushers' backlogs (rows waiting to be written).
@@ -49,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from nzgw import __version__
 from nzgw.core import paths
-from nzgw.http.gateway import RequestInfo
+from nzgw.core.record import RequestInfo
 from nzgw.http.listen import Bound
 from nzgw.ports import ConflictError, CountersUnavailableError, NotFoundError, StoreError
 from nzgw.services.registry import Snapshot
@@ -71,11 +73,13 @@ _MAX_REQUEST_HEAD = 16 * 1024
 
 
 class GatewayMetrics:
-    """Everything one gateway process counts. Use the process-wide `METRICS`."""
+    """Everything one gateway counts (`worker`: its index under NZGW_WORKERS, if any)."""
 
-    def __init__(self, *, pid: int | None = None) -> None:
+    def __init__(
+        self, *, pid: int | None = None, worker: int | None = None, tenant_labels: bool = True
+    ) -> None:
         # False (NZGW_METRICS_TENANT_LABELS): token totals under tenant "_all", no tenant names.
-        self.tenant_labels = True
+        self.tenant_labels = tenant_labels
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "nzgw_requests",
@@ -125,6 +129,13 @@ class GatewayMetrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.auth_events = Counter(
+            "nzgw_auth_events",
+            "What authentication did: cache_hit, cache_miss, verification (an Argon2id run, "
+            "dummy ones included), failure, throttled, rehash, busy (cold-verification queue full)",
+            ["event"],
+            registry=registry,
+        )
         self.failovers = Counter(
             "nzgw_failovers",
             "Requests answered by a backend other than the first one tried",
@@ -149,7 +160,7 @@ class GatewayMetrics:
             registry=registry,
         )
         self._info = info
-        self.set_worker(None, pid=pid)
+        self.set_worker(worker, pid=pid)
         ProcessCollector(registry=registry)
 
     def set_worker(self, worker: int | None, *, pid: int | None = None) -> None:
@@ -192,6 +203,18 @@ class GatewayMetrics:
         """A backend attempt failed before its first byte (data plane, failover loop)."""
         self.backend_failures.labels(backend, reason).inc()
 
+    def failed_over(self) -> None:
+        """A request was answered by a backend other than the first one tried."""
+        self.failovers.inc()
+
+    def auth_event(self, event: str) -> None:
+        """The authenticator's report (`nzgw.services.identity.AuthEvent`)."""
+        self.auth_events.labels(event).inc()
+
+    def queue_waited(self, tenant: str, seconds: float) -> None:
+        """A request got a backend slot after waiting `seconds` in the fair queue."""
+        self.queue_wait.labels(tenant=self.tenant_label(tenant)).observe(seconds)
+
     # --- adapters -----------------------------------------------------------------------------
 
     def watch_store(self, store: T) -> T:
@@ -208,10 +231,6 @@ class GatewayMetrics:
 
 # `*_created` series (a timestamp per counter child) only double the scrape for nzgw's uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-METRICS = GatewayMetrics()
-"""This process's metrics. A module-level value on purpose: prometheus numbers describe the
-process, and the data plane reaches them without any object having to carry them."""
 
 
 def _count_failures(
@@ -290,12 +309,25 @@ class LiveCollector:
         self._backends = backends
         self._backlog = dict(backlog or {})
         self._counters: dict[str, tuple[str, Callable[[], int]]] = {}
+        self._labelled: dict[
+            str, tuple[str, list[str], Callable[[], Mapping[tuple[str, ...], int]]]
+        ] = {}
         self._slots: SlotPool | None = None
         self._slot_tenant_labels = True
 
     def track_counter(self, name: str, documentation: str, value: Callable[[], int]) -> None:
         """Report `value()` as the counter `name` (without `_total`) at every scrape."""
         self._counters[name] = (documentation, value)
+
+    def track_labelled_counter(
+        self,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        values: Callable[[], Mapping[tuple[str, ...], int]],
+    ) -> None:
+        """Report `values()` (label values → count) as the counter `name` at every scrape."""
+        self._labelled[name] = (documentation, labels, values)
 
     def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
         """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
@@ -326,6 +358,11 @@ class LiveCollector:
         for name, (documentation, value) in self._counters.items():
             family = CounterMetricFamily(name, documentation)
             family.add_metric([], value())
+            yield family
+        for name, (documentation, labels, values) in self._labelled.items():
+            family = CounterMetricFamily(name, documentation, labels=labels)
+            for label_values, count in sorted(values().items()):
+                family.add_metric(list(label_values), count)
             yield family
 
     @staticmethod
@@ -415,7 +452,7 @@ async def serve_metrics(
     bind: str,
     *,
     token: str = "",
-    metrics: GatewayMetrics = METRICS,
+    metrics: GatewayMetrics,
     live: LiveCollector | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:

@@ -1,62 +1,48 @@
-"""The data plane: authenticate, check, admit, forward with failover, relay, settle.
+"""The HTTP glue of the data plane: authenticate, read and check the body, admit, then hand the
+request to the forwarder (`nzgw.services.forwarding`: failover, relay, accounting) and turn its
+answer into a Quart response.
 
-Ownership on the request path (who closes what, also on cancellation):
-
-* Every upstream response is registered on the request's cleanup stack (`request_cleanup()`)
-  the moment it exists, before its first chunk is read. The connection closes that stack in its
-  `finally`, shielded, so an upstream is closed whether the client left before the first byte,
-  mid-stream, after the handler returned but before Quart sent the body, or never.
-* Settlement (usage, counters, audit) is the `_finish` callback that `app._dispatch` registered
-  first, so it runs last: after the upstream was closed, with the tokens seen so far.
-* Failover happens only before anything was committed to the client: the status line of a
-  stream is sent only after its first chunk arrived from a backend.
+Everything that must be released is registered on the request's cleanup stack (`cleanup`,
+owned by the connection, http/asgi.py), passed down explicitly. Settlement (usage, counters,
+audit) is the `_finish` callback that `app._dispatch` registered first, so it runs last: after
+the upstream was closed, with the tokens seen so far.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
-import attrs
 import trio
 from quart import Response, request
 
 from nzgw.core import framing, paths
-from nzgw.core.audit import PROMPT_LOG_MAX_BYTES
-from nzgw.core.disclosure import trim_ps_entry, trim_show_body
-from nzgw.core.framing import StreamKind, StreamWatcher, Usage
+from nzgw.core.disclosure import trim_ps_entry
 from nzgw.core.models import Principal
 from nzgw.core.names import InvalidModelNameError, allowed_models, normalize_model_name
-from nzgw.core.requests import Prepared
-from nzgw.core.surfaces import JSON_UTF8, Surface, error_response, stream_error_frame
-from nzgw.http.asgi import request_cleanup
+from nzgw.core.surfaces import JSON_UTF8, Surface, error_response
 from nzgw.http.bodies import prepare_body
-from nzgw.http.drain import CUT_MESSAGE, StreamCut
 from nzgw.http.fastrelay import RelayResponse
-from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo, Ticket
-from nzgw.http.metrics import METRICS
-from nzgw.http.queueing import BackendAttempts
-from nzgw.http.uploads import UploadsBusyError
-from nzgw.ports import CountersUnavailableError, StoreError, UpstreamError, UpstreamResponse
+from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
+from nzgw.http.uploads import HANDOVER_ROUNDS, UploadsBusyError, arrived_whole
+from nzgw.ports import CountersUnavailableError, StoreError, Ticket
+from nzgw.services.forwarding import FORBIDDEN_MODEL, Relay
 from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
+
+__all__ = ["Relay", "error", "handle_route"]  # Relay: its home is nzgw.services.forwarding
 
 R = paths.RouteId
 
-# Frames a stream may carry beyond its output cap: role, finish, usage, done, and the
-# structure events of /v1/responses and /v1/messages.
-FRAME_SLACK = 32
-
 UPLOADS_BUSY = "too many request bodies in progress, try again"
 BODY_TIMEOUT = "the request body did not arrive in time"
-RETRY_SOON = {"Retry-After": "1"}
-CLOSE = {"Connection": "close"}
-
-# One message for "unknown", "not on any backend" and "not allowed": no existence disclosure.
-FORBIDDEN_MODEL = "model not available for this key"
+RETRY_SOON = MappingProxyType({"Retry-After": "1"})
+CLOSE = MappingProxyType({"Connection": "close"})
 
 _STREAM_KIND = framing.STREAM_KINDS
 _MODEL_ROUTES = frozenset({*_STREAM_KIND, R.EMBED, R.EMBEDDINGS, R.V1_EMBEDDINGS, R.SHOW})
@@ -66,7 +52,7 @@ def error(
     surface: Surface,
     status: int,
     message: str,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     *,
     code: str | None = None,
     error_type: str | None = None,
@@ -100,14 +86,16 @@ def _allowed(principal: Principal) -> Callable[[str], bool]:
     return allowed_models(principal.key.allowed_models, principal.tenant.allowed_models)
 
 
-async def handle_route(gateway: Gateway, info: RequestInfo, route: paths.Route) -> Response:
+async def handle_route(
+    gateway: Gateway, info: RequestInfo, route: paths.Route, cleanup: AsyncExitStack
+) -> Response:
     surface = route.surface
     try:
         principal = await _authenticate(gateway, info)
         if route.route is R.V1_COUNT_TOKENS:
             return await _count_tokens(gateway, info, principal)
         if route.route in _MODEL_ROUTES:
-            return await _model_request(gateway, info, route, principal)
+            return await _model_request(gateway, info, route, principal, cleanup)
         return _listing(gateway, info, route, principal)
     except Refused as refused:
         info.refusal = refused.refusal
@@ -229,9 +217,14 @@ async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
         raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
     parts: list[bytes] = []
     size = 0
+    key, client = info.key_prefix or "", info.client
+    # A body that arrived whole takes no upload slot (http/uploads.py).
+    whole = gateway.uploads.full(key, client) and await arrived_whole(
+        request.body, rounds=HANDOVER_ROUNDS
+    )
     try:
         with (
-            gateway.uploads.receiving(info.key_prefix or "", info.client),
+            contextlib.nullcontext() if whole else gateway.uploads.receiving(key, client),
             trio.move_on_after(config.body_timeout or math.inf) as deadline,
         ):
             async for chunk in request.body:
@@ -249,7 +242,11 @@ async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
 
 
 async def _model_request(
-    gateway: Gateway, info: RequestInfo, route: paths.Route, principal: Principal
+    gateway: Gateway,
+    info: RequestInfo,
+    route: paths.Route,
+    principal: Principal,
+    cleanup: AsyncExitStack,
 ) -> Response:
     body = await _read_body(gateway, info)
     prepared = await prepare_body(gateway, route.route, body, principal)
@@ -260,8 +257,6 @@ async def _model_request(
     info.streamed = stream
     reservation = prepared.reservation
     info.prompt_estimate = reservation.prompt_estimate
-    strip_usage = prepared.strip_usage
-    body = prepared.body
 
     headers: dict[str, str] = {}
     ticket: Ticket | None = None
@@ -270,298 +265,37 @@ async def _model_request(
             principal, model=name, reserve_tokens=reservation.tokens, info=info
         )
         headers.update(ticket.headers)
-        request_cleanup().push_async_callback(ticket.settle, info)
+        cleanup.push_async_callback(ticket.settle, info)
 
-    upstream = await _open_with_failover(gateway, info, route, name, body, stream)
+    forwarder = gateway.forwarder
+    opened = await forwarder.open(info, cleanup, route, name, prepared.body, stream=stream)
     response: Response
     if info.queue_wait is not None and gateway.config.queue_wait_header:
         headers["X-Queue-Wait-Ms"] = str(round(info.queue_wait * 1000))
-    if stream and upstream.response.status == 200:
-        kind = _STREAM_KIND[route.route]
-        watcher = StreamWatcher(kind, strip_usage=strip_usage)
-        relay = Relay(
-            upstream.response,
-            upstream.first,
-            watcher,
+    if stream and opened.response.status == 200:
+        relay = forwarder.relay(
+            opened,
             info,
-            kind,
+            cleanup,
+            _STREAM_KIND[route.route],
+            strip_usage=prepared.strip_usage,
             ticket=ticket,
-            max_frames=reservation.output_cap + FRAME_SLACK if ticket else None,
-            stall_timeout=gateway.config.upstream_first_byte_timeout,
-            cut=gateway.stream_cut,
+            output_cap=reservation.output_cap,
         )
-        METRICS.streams_in_flight.inc()  # until the connection is done with the request
-        request_cleanup().callback(METRICS.streams_in_flight.dec)
-        # The fast path's hook: the connection may write this body itself (http/fastrelay.py).
-        response = RelayResponse(relay, 200, content_type=_content_type(upstream.response))
-        cache_control = upstream.response.header(b"cache-control")
+        streams = gateway.metrics.streams_in_flight
+        streams.inc()  # until the connection is done with the request
+        cleanup.callback(streams.dec)
+        # The one place a streamed answer's response object is made; the fast path's hook:
+        # the connection may write this body itself (http/fastrelay.py).
+        response = RelayResponse(relay, 200, content_type=opened.content_type)
+        cache_control = opened.response.header(b"cache-control")
         if cache_control:
             response.headers["Cache-Control"] = cache_control.decode("latin-1")
     else:
-        response = await _buffered(gateway, info, route, upstream, prepared)
+        whole = await forwarder.read_whole(
+            opened, info, route.route, prepared, limit=gateway.config.max_body_bytes * 4
+        )
+        response = Response(whole.body, whole.status, content_type=whole.content_type)
     for key, value in headers.items():
         response.headers[key] = value
     return response
-
-
-class _Opened:
-    __slots__ = ("first", "response")
-
-    def __init__(self, response: UpstreamResponse, first: bytes) -> None:
-        self.response = response
-        self.first = first
-
-
-def _is_model_not_found(status: int, body: bytes) -> bool:
-    return status == 404 and b"not found" in body
-
-
-async def _open_with_failover(
-    gateway: Gateway,
-    info: RequestInfo,
-    route: paths.Route,
-    model: str,
-    body: bytes,
-    stream: bool,
-) -> _Opened:
-    """The first backend that answers usefully, tried in priority order.
-
-    A transport error, a timeout to the first byte, a 5xx (Ollama's 503 "busy" included), an
-    empty stream, or a 404 for the model (a stale snapshot) moves on to the next backend. The
-    whole loop runs in the request's cancel scope: a client that leaves cancels every attempt.
-    With backend slots, each attempt first waits for a slot in the fair queue (`BackendAttempts`).
-    """
-    registry = gateway.registry
-    stack = request_cleanup()
-    headers = [(b"content-type", b"application/json")]
-    timeout = gateway.config.upstream_first_byte_timeout
-    path = route.path.encode("ascii")
-    attempts = not_found = 0
-    async for backend in BackendAttempts(gateway, info, model, generates=route.route is not R.SHOW):
-        attempts += 1
-        response: UpstreamResponse | None = None
-        try:
-            with trio.fail_after(timeout):
-                response = await backend.open(b"POST", path, body=body, headers=headers)
-                stack.push_async_callback(response.aclose)
-                if response.status >= 500 or response.status == 404:
-                    error_body = await response.read_all(64 * 1024)
-                    if response.status >= 500 or _is_model_not_found(404, error_body):
-                        await response.aclose()
-                        if response.status == 404:
-                            not_found += 1  # a stale snapshot, not a sick backend
-                            METRICS.backend_failed(backend.name, "not_found")
-                        else:
-                            registry.record_failure(backend.name)
-                            METRICS.backend_failed(backend.name, "http_5xx")
-                        continue
-                    return _Opened(_Replayed(response, error_body), b"")
-                first = await response.receive_some() if stream and response.status == 200 else b""
-                if stream and response.status == 200 and not first:
-                    await response.aclose()
-                    registry.record_failure(backend.name)
-                    METRICS.backend_failed(backend.name, "empty")
-                    continue
-        except (UpstreamError, trio.TooSlowError) as exc:
-            if response is not None:
-                await response.aclose()
-            registry.record_failure(backend.name)
-            METRICS.backend_failed(
-                backend.name, "timeout" if isinstance(exc, trio.TooSlowError) else "transport"
-            )
-            continue
-        registry.record_success(backend.name)
-        if attempts > 1:
-            METRICS.failovers.inc()
-        info.backend = backend.name
-        info.first_byte = trio.current_time()
-        return _Opened(response, first)
-    if not attempts or not_found < attempts:
-        info.outcome = "upstream_failed"
-        raise Refused(
-            503, "the model is temporarily unavailable, try again", refusal="backend_failure"
-        )
-    # Every backend thought to host it said 404: it is gone. The same answer as forbidden.
-    raise Refused(403, FORBIDDEN_MODEL, refusal="forbidden_model")
-
-
-class _Replayed:
-    """An upstream error response whose body was already read (kept for pass-through)."""
-
-    def __init__(self, response: UpstreamResponse, body: bytes) -> None:
-        self._response = response
-        self._body = body
-        self.status = response.status
-        self.headers = response.headers
-
-    def header(self, name: bytes) -> bytes | None:
-        return self._response.header(name)
-
-    async def receive_some(self) -> bytes:
-        body, self._body = self._body, b""
-        return body
-
-    async def read_all(self, limit: int) -> bytes:
-        return await self.receive_some()
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
-
-
-def _content_type(response: UpstreamResponse) -> str:
-    value = response.header(b"content-type")
-    return value.decode("latin-1") if value else "application/json"
-
-
-async def _buffered(
-    gateway: Gateway, info: RequestInfo, route: paths.Route, upstream: _Opened, prepared: Prepared
-) -> Response:
-    """A whole (non-streaming or error) answer: read it, account for it, pass it on.
-
-    Held to the reservation like a stream: an answer with more output tokens than the cap
-    nzgw reserved and forwarded (a backend that ignored it) is withheld, and charged the cap."""
-    response = upstream.response
-    body = upstream.first + await response.read_all(gateway.config.max_body_bytes * 4)
-    await response.aclose()
-    if response.status == 200:
-        usage = info.usage = framing.usage_from_body(route.route, body)
-        cap = prepared.reservation.output_cap
-        if cap and usage is not None and usage.completion_tokens > cap:
-            info.usage = attrs.evolve(usage, completion_tokens=cap)
-            info.outcome = "reservation_exhausted"
-            raise Refused(
-                502, "this request used up its token reservation", refusal="reservation_exhausted"
-            )
-        if route.route is R.SHOW:
-            body = trim_show_body(body, prepared.model)
-    if info.request_body is not None:
-        info.response_text = body.decode("utf-8", "replace")
-    return Response(body, response.status, content_type=_content_type(response))
-
-
-class Relay:
-    """The body of a streamed answer: upstream chunks as they arrive, watched, not re-encoded.
-
-    A plain async iterator (no generator), so that no cancel scope is ever held across a
-    `yield` and closing it is explicit. The upstream response itself is closed by the request's
-    cleanup stack; this object only decides what the client sees.
-    """
-
-    __slots__ = (
-        "_cut",
-        "_done",
-        "_first",
-        "_info",
-        "_kept",
-        "_kind",
-        "_max_frames",
-        "_next_refresh",
-        "_stall_timeout",
-        "_ticket",
-        "_upstream",
-        "_watcher",
-    )
-
-    def __init__(
-        self,
-        upstream: UpstreamResponse,
-        first: bytes,
-        watcher: StreamWatcher,
-        info: RequestInfo,
-        kind: StreamKind,
-        *,
-        ticket: Ticket | None = None,
-        max_frames: int | None = None,
-        stall_timeout: float = 300.0,
-        cut: StreamCut | None = None,
-    ) -> None:
-        self._upstream = upstream
-        self._cut = cut
-        self._ticket = ticket
-        self._max_frames = max_frames
-        self._stall_timeout = stall_timeout
-        self._next_refresh = trio.current_time() + ticket.refresh_every if ticket else math.inf
-        self._first: bytes | None = first
-        self._watcher = watcher
-        self._info = info
-        self._kind = kind
-        self._done = False
-        # Until the stream ends: a stream the client left, or shutdown cut, stays "cancelled".
-        info.outcome = "cancelled"
-        # Prompt logging (the key opted in): the bytes relayed, as relayed (frames, not text),
-        # up to a bound; handed to the audit by the request's cleanup, before settlement.
-        self._kept: bytearray | None = None
-        if info.request_body is not None:
-            self._kept = bytearray()
-            request_cleanup().callback(self._keep_response)
-
-    def __aiter__(self) -> Relay:
-        return self
-
-    async def __anext__(self) -> bytes:
-        while True:
-            if self._first is not None:
-                data, self._first = self._first, None
-            elif self._done:
-                raise StopAsyncIteration
-            else:
-                data = b""
-                with trio.move_on_after(self._stall_timeout) as stall, suppress(UpstreamError):
-                    if self._cut is None:
-                        data = await self._upstream.receive_some()
-                    else:
-                        with self._cut.watch(stall):
-                            data = await self._upstream.receive_some()
-                if stall.cancelled_caught:
-                    if self._cut is not None and self._cut.happened:
-                        tail = self._end(CUT_MESSAGE)
-                        self._info.outcome = "cancelled"  # cut by the shutdown, as before
-                        return tail
-                    return self._end("the model server stopped sending")
-                if not data:
-                    return self._end()
-                if trio.current_time() >= self._next_refresh and self._ticket is not None:
-                    await self._ticket.refresh()
-                    self._next_refresh = trio.current_time() + self._ticket.refresh_every
-            out = self._watcher.feed(data)
-            self._info.usage = self._watcher.usage()
-            if self._max_frames is not None and self._watcher.frames > self._max_frames:
-                # The backend ignored the output cap: stop at the reservation, charge what came.
-                self._info.outcome = "reservation_exhausted"
-                return out + self._end("this request used up its token reservation")
-            if out:
-                if self._kept is not None:
-                    self._kept += out[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
-                return out
-
-    def _end(self, cut: str | None = None) -> bytes:
-        """The last bytes for the client: what the watcher held back, and an error frame when
-        the stream did not end properly (or `cut` says why nzgw ends it)."""
-        self._done = True
-        watcher = self._watcher
-        tail = watcher.flush()
-        info = self._info
-        if cut is None and watcher.completed and watcher.upstream_error is None:
-            info.outcome = "ok"
-        else:
-            if info.outcome != "reservation_exhausted":
-                info.outcome = "upstream_truncated"
-            message = (
-                cut or watcher.upstream_error or "the model server ended the stream unexpectedly"
-            )
-            tail += stream_error_frame(self._kind, message)
-        info.usage = watcher.usage() or Usage(0, watcher.frames, reported=False)
-        if not tail:
-            raise StopAsyncIteration
-        if self._kept is not None:
-            self._kept += tail[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
-        return tail
-
-    def _keep_response(self) -> None:
-        if self._kept is not None:
-            self._info.response_text = self._kept.decode("utf-8", "replace")
-
-    async def aclose(self) -> None:
-        """Called by Quart when the body is done or abandoned; the stack closes upstream."""
-        if not self._done:
-            self._info.usage = self._watcher.usage() or Usage(0, self._watcher.frames, False)

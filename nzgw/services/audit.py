@@ -22,7 +22,9 @@ Ownership: the queue, the chain and the counters belong to the `AuditLog`; one f
 time (a lock). A batch is sealed once (seq and hashes fixed) and kept until a write of it
 succeeds: a failed or cancelled write is retried with the very same rows, and writing a batch
 twice is harmless (the store skips (chain_id, seq) it has), so no row is lost or duplicated and
-the chain has no holes.
+the chain has no holes. That is also what makes the local spool safe (`services/spool.py`):
+`seal_all` seals the whole queue into batches, the spool keeps them on disk, and a replay at
+the next start writes them into their own chain, skipping what the store already has.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from datetime import UTC, datetime, tzinfo
+from functools import partial
 
 import attrs
 import trio
@@ -45,7 +48,8 @@ from nzgw.core.audit import (
     new_chain_id,
     overflow_event,
 )
-from nzgw.ports import AuditStore, ChainHead, StoreError, WallClock, utc_now
+from nzgw.ports import AuditBatch, AuditStore, ChainHead, StoreError, WallClock, utc_now
+from nzgw.services.spool import Spool, SpoolStats, flush_or_spool, spool_at_shutdown
 
 log = logging.getLogger("nzgw.audit")
 
@@ -92,8 +96,9 @@ class AuditLog:
         self._now = now
         self._queue: deque[tuple[AuditEvent, PendingPrompt | None]] = deque()
         self._queued_bytes = 0  # prompt bytes in `_queue`
-        self._sealed: list[AuditRow] = []  # the batch in hand: sealed, not written yet
-        self._sealed_prompts: list[PromptRecord] = []
+        # Sealed, not written yet, oldest first (more than one only after a `seal_all`).
+        self._sealed: deque[tuple[AuditBatch, int]] = deque()  # (batch, its prompt bytes)
+        self._sealed_rows = 0
         self._sealed_bytes = 0
         self._lock = trio.Lock()  # one flush at a time: batches go out in chain order
         self._batch_ready = trio.Event()
@@ -112,7 +117,7 @@ class AuditLog:
     @property
     def pending(self) -> int:
         """Rows queued or sealed, not written yet."""
-        return len(self._queue) + len(self._sealed)
+        return len(self._queue) + self._sealed_rows
 
     @property
     def pending_bytes(self) -> int:
@@ -195,11 +200,12 @@ class AuditLog:
                         return written
                     if not self._seal_batch():
                         return written
-                rows = self._sealed
-                last = rows[-1]
-                head = ChainHead(self.chain.id, self.chain.started_at, last.seq, last.hash)
-                await store.append_audit(rows, self._sealed_prompts, [head])
-                self._sealed, self._sealed_prompts, self._sealed_bytes = [], [], 0
+                batch, size = self._sealed[0]
+                await store.append_audit(batch.rows, batch.prompts, [batch.head])
+                self._sealed.popleft()
+                self._sealed_rows -= len(batch.rows)
+                self._sealed_bytes -= size
+                rows = batch.rows
                 written += len(rows)
                 self.rows_written += len(rows)
                 self.batches_written += 1
@@ -214,8 +220,21 @@ class AuditLog:
                     )
                     self.record_refusals()
 
+    @property
+    def sealed_batches(self) -> list[AuditBatch]:
+        """The sealed batches not written yet, oldest first."""
+        return [batch for batch, _ in self._sealed]
+
+    def seal_all(self) -> list[AuditBatch]:
+        """Seal everything queued (in batches of `batch_max`); return every batch not written
+        yet, oldest first: what a spool must hold while the store is away. Runs beside a
+        flush in progress: the new batches come after the one being written."""
+        while self._seal_batch():
+            pass
+        return self.sealed_batches
+
     def _seal_batch(self) -> bool:
-        """Move up to `batch_max` queued events into the chain, as the batch in hand."""
+        """Move up to `batch_max` queued events into the chain, as a sealed batch."""
         queue = self._queue
         if not queue:
             return False
@@ -233,7 +252,11 @@ class AuditLog:
         self._queued_bytes -= size
         if len(queue) < self.batch_max and self._batch_ready.is_set():
             self._batch_ready = trio.Event()
-        self._sealed, self._sealed_prompts, self._sealed_bytes = rows, prompts, size
+        last = rows[-1]
+        head = ChainHead(chain.id, chain.started_at, last.seq, last.hash)
+        self._sealed.append((AuditBatch(tuple(rows), tuple(prompts), head), size))
+        self._sealed_rows += len(rows)
+        self._sealed_bytes += size
         return True
 
 
@@ -265,26 +288,44 @@ async def run_audit_flusher(
     *,
     interval: float,
     final_flush_timeout: float = FINAL_FLUSH_TIMEOUT,
+    spool: Spool | None = None,
+    spool_after: float = 5.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Write the audit queue every `interval` seconds, and as soon as a batch is full; never
     returns. A failed write keeps its rows and is retried `interval` seconds later (the failure
-    is logged once per outage). On cancellation (shutdown) a last flush drains the queue,
-    shielded, retrying for at most `final_flush_timeout` seconds; rows still unwritten then are
-    counted in `audit.rows_lost` and logged. The chain's id and final head are logged, so they
-    can be kept outside the database (see `nzgw.core.audit`)."""
+    is logged once per outage); with a `spool`, a write that fails or has not answered within
+    `spool_after` seconds also seals the queue and appends it there (`services/spool.py`). On
+    cancellation (shutdown) a last flush drains the queue, shielded, retrying for at most
+    `final_flush_timeout` seconds; rows still unwritten then go to the spool, or without one
+    (or if it fails) are counted in `audit.rows_lost` and logged. The chain's id and final head
+    are logged, so they can be kept outside the database (see `nzgw.core.audit`)."""
     interval = max(interval, 0.01)
     chain = audit.chain
     log.info("audit chain %s started", chain.id)
     task_status.started()
     failing = False
+
+    def unwritten() -> list[AuditBatch]:
+        return audit.sealed_batches
+
+    async def flush_once(*, full_batches_only: bool = False) -> int:
+        return await flush_or_spool(
+            "audit",
+            partial(audit.flush, store, full_batches_only=full_batches_only),
+            seal=audit.seal_all,
+            unwritten=unwritten,
+            spool=spool,
+            spool_after=spool_after,
+        )
+
     try:
         while True:
             with trio.move_on_after(interval) as timer:
                 await audit.wait_batch_ready()
             try:
                 # A full batch does not wait for the interval; the rest does.
-                await audit.flush(store, full_batches_only=not timer.cancelled_caught)
+                await flush_once(full_batches_only=not timer.cancelled_caught)
             except StoreError as exc:
                 if not failing:
                     log.warning("audit rows not written, kept for the next try: %s", exc)
@@ -295,19 +336,20 @@ async def run_audit_flusher(
                     log.warning("audit store reachable again; %d rows waiting", audit.pending)
                     failing = False
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(final_flush_timeout):
-            audit.record_refusals()
-            while audit.pending:
-                try:
-                    await audit.flush(store)
-                except StoreError as exc:
-                    log.warning("final audit flush failed, retrying: %s", exc)
-                    await trio.sleep(min(interval, 0.5))
-        if audit.pending:
-            audit.rows_lost += audit.pending
-            log.error(
-                "%d audit rows could not be written before shutdown and are lost", audit.pending
-            )
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(final_flush_timeout):
+                audit.record_refusals()
+                while audit.pending:
+                    try:
+                        await flush_once()
+                    except StoreError as exc:
+                        log.warning("final audit flush failed, retrying: %s", exc)
+                        await trio.sleep(min(interval, 0.5))
+            stats = spool.stats if spool is not None else SpoolStats()
+            lost = await spool_at_shutdown("audit", audit.seal_all(), spool, stats)
+        if lost:
+            audit.rows_lost += lost
+            log.error("%d audit rows could not be written before shutdown and are lost", lost)
         log.info("audit chain %s ends at seq %d, hash %s", chain.id, chain.seq, chain.head)
 
 

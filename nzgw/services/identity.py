@@ -41,12 +41,14 @@ revocation cannot resurrect the key.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hmac
 import ipaddress
 import logging
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 
 import argon2
@@ -256,17 +258,24 @@ class MemoryAuthThrottle:
 # --- the authenticator ----------------------------------------------------------------------------
 
 
-@attrs.define
-class AuthStats:
-    """Counters for metrics and tests."""
+class AuthEvent(enum.StrEnum):
+    """What the authenticator reports as it works (`nzgw_auth_events_total{event}`)."""
 
-    cache_hits: int = 0
-    cache_misses: int = 0
-    verifications: int = 0  # Argon2id verifications run (dummy ones included)
-    failures: int = 0
-    throttled: int = 0
-    rehashes: int = 0
-    busy: int = 0  # refused because the cold-verification queue was full
+    CACHE_HIT = "cache_hit"
+    CACHE_MISS = "cache_miss"
+    VERIFICATION = "verification"  # an Argon2id verification ran (dummy ones included)
+    FAILURE = "failure"  # a presented key was refused
+    THROTTLED = "throttled"  # refused: the address failed too often
+    REHASH = "rehash"  # a hash was upgraded to the current parameters
+    BUSY = "busy"  # refused because the cold-verification queue was full
+
+
+AuthEvents = Callable[[AuthEvent], None]
+"""Where the authenticator reports its events (the gateway's metrics; a counter in tests)."""
+
+
+def _unreported(event: AuthEvent) -> None:
+    """No one listens (tools that authenticate outside a gateway)."""
 
 
 @attrs.define
@@ -304,8 +313,10 @@ class Authenticator:
         ipv6_prefix: int = 64,
         max_staleness: float = 1.0,
         wall_clock: WallClock = utc_now,
+        events: AuthEvents = _unreported,
     ) -> None:
         self._store = store
+        self._event = events
         self._hasher = hasher
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self.gate = ColdGate(max_concurrency, queue_max)
@@ -324,7 +335,6 @@ class Authenticator:
         self._applied: deque[Change] = deque(maxlen=4096)
         self._fresh_until = float("-inf")  # cache trusted until then (trio clock)
         self._last_used: dict[int, datetime] = {}
-        self.stats = AuthStats()
 
     @classmethod
     def from_config(
@@ -334,6 +344,7 @@ class Authenticator:
         *,
         throttle: AuthThrottle | None = None,
         wall_clock: WallClock = utc_now,
+        events: AuthEvents = _unreported,
     ) -> Authenticator:
         return cls(
             store,
@@ -346,6 +357,7 @@ class Authenticator:
             ipv6_prefix=config.auth_ipv6_prefix,
             max_staleness=max(1.0, 2 * config.revocation_poll_interval),
             wall_clock=wall_clock,
+            events=events,
         )
 
     # --- the request path -------------------------------------------------------------------------
@@ -361,7 +373,7 @@ class Authenticator:
         parsed = parse_key(presented)
         if parsed is None:
             await self._record_failure(address)
-            self.stats.failures += 1
+            self._event(AuthEvent.FAILURE)
             raise AuthenticationError()
 
         mac = hmac.digest(self._secret, presented.encode("ascii"), "sha256")
@@ -374,11 +386,11 @@ class Authenticator:
         ):
             wall_now = self._wall_clock()
             if _usable(entry.principal, wall_now):
-                self.stats.cache_hits += 1
+                self._event(AuthEvent.CACHE_HIT)
                 self._last_used[entry.principal.key.id] = wall_now
                 return entry.principal
             del self._cache[parsed.prefix]  # expired while cached: refuse on the slow path
-        self.stats.cache_misses += 1
+        self._event(AuthEvent.CACHE_MISS)
 
         # The same key being verified already (a burst from one client on a cold cache):
         # share that verification, which costs this request no throttle allowance.
@@ -390,12 +402,12 @@ class Authenticator:
                     return flight.principal
                 if flight.refused:
                     await self._record_failure(address)
-                    self.stats.failures += 1
+                    self._event(AuthEvent.FAILURE)
                     raise AuthenticationError()
                 # The leader was cancelled or the store failed: verify ourselves.
             retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
             if retry_after is not None:
-                self.stats.throttled += 1
+                self._event(AuthEvent.THROTTLED)
                 raise AuthThrottledError(retry_after)
             if mac not in self._inflight:
                 break
@@ -405,10 +417,10 @@ class Authenticator:
         try:
             principal = await self._lead(parsed, mac, address)
         except AuthenticationError:
-            self.stats.failures += 1
+            self._event(AuthEvent.FAILURE)
             raise  # the attempt stays spent
         except AuthBusyError:
-            self.stats.busy += 1
+            self._event(AuthEvent.BUSY)
             await self._refund(address)
             raise
         except BaseException:
@@ -458,7 +470,7 @@ class Authenticator:
         try:
             found = await self._store.find_key(parsed.prefix)
             key_hash = found.key.key_hash if found is not None else None
-            self.stats.verifications += 1
+            self._event(AuthEvent.VERIFICATION)
             matches = await trio.to_thread.run_sync(
                 self._hasher.verify, key_hash, parsed.key, limiter=self._limiter
             )
@@ -478,7 +490,7 @@ class Authenticator:
         except StoreError as exc:
             log.warning("rehash failed", extra={"prefix": principal.key.prefix, "error": str(exc)})
         else:
-            self.stats.rehashes += 1
+            self._event(AuthEvent.REHASH)
 
     # --- revocation -------------------------------------------------------------------------------
 

@@ -48,10 +48,12 @@ from nzgw.ports import (
     CountersUnavailableError,
     SeedNeeded,
     StoreError,
+    UsageBatch,
     UsageRow,
     UsageTotals,
     utc_now,
 )
+from nzgw.services.spool import Spool, SpoolStats, flush_or_spool, spool_at_shutdown
 
 log = logging.getLogger("nzgw.limiter")
 
@@ -61,7 +63,7 @@ _FINAL_RETRY_INTERVAL = 0.5  # seconds between attempts of the last flush at shu
 class UsageLedger(Protocol):
     """The part of the Store the limiter uses (the Store port has both methods)."""
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None: ...
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None: ...
 
     async def usage_totals(
         self, tenant_id: int, *, day: date, month_start: date
@@ -69,6 +71,10 @@ class UsageLedger(Protocol):
 
 
 _UsageKey = tuple[date, int, int, str]  # day, tenant, key, model
+
+
+def new_batch_id() -> str:
+    return secrets.token_hex(12)
 
 
 @attrs.define
@@ -102,6 +108,10 @@ class _TenantGate:
         self.settling = 0  # settlements between their `_pending` write and their counters call
         self.idle: trio.Event | None = None  # set when `settling` drops to 0
 
+    def busy(self) -> bool:
+        """A settlement is between its usage record and its counters call, or a seed runs."""
+        return self.settling > 0 or self.seeding is not None
+
 
 class Limiter:
     """Admission and settlement against the Counters port; the in-memory usage aggregate.
@@ -128,6 +138,8 @@ class Limiter:
         self._now = now
         self._periods: Periods | None = None
         self._pending: dict[_UsageKey, _Usage] = {}
+        # Sealed batches not written yet (a flush failed), oldest first; kept until written.
+        self._unflushed: list[UsageBatch] = []
         self._ledger_lock = trio.Lock()  # a flush's rows are in neither place while it runs
         self._gates: dict[int, _TenantGate] = {}
         # Leases admitted and not yet settled: the requests in flight (`run_lease_keeper`).
@@ -151,7 +163,7 @@ class Limiter:
     @property
     def pending_rows(self) -> int:
         """Usage aggregates settled but not yet written to the ledger (a metrics backlog)."""
-        return len(self._pending)
+        return len(self._pending) + sum(len(b.rows) for b in self._unflushed)
 
     def _clock(self) -> tuple[int, Periods]:
         now = self._now()
@@ -307,19 +319,44 @@ class Limiter:
     async def _seed_now(self, tenant_id: int) -> None:
         now_ms, periods = self._clock()
         with trio.move_on_after(self._seed_timeout) as deadline:
-            async with self._ledger_lock:
-                try:
-                    tenant, keys = await self._ledger.usage_totals(
-                        tenant_id, day=periods.day, month_start=periods.month_start
-                    )
-                except StoreError as exc:
-                    raise CountersUnavailableError(f"usage ledger: {exc}") from exc
-                tenant, keys = self._add_pending(tenant_id, periods, tenant, keys)
+            try:
+                tenant, keys = await self._charged(tenant_id, periods)
+            except StoreError as exc:
+                raise CountersUnavailableError(f"usage ledger: {exc}") from exc
         if deadline.cancelled_caught:
             raise CountersUnavailableError("usage ledger: no answer in time for a rebuild")
         seed = BudgetSeed(tenant_id, secrets.token_hex(8), periods, now_ms, tenant, keys)
         if await self._counters.seed(seed):
             log.info("budget counters of tenant %s rebuilt from the ledger", tenant_id)
+
+    async def _charged(
+        self, tenant_id: int, periods: Periods
+    ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
+        """What the tenant and its keys have used: the ledger and this process's usage not
+        written to it yet, read together (no flush lands in between). Raises `StoreError`."""
+        async with self._ledger_lock:
+            tenant, keys = await self._ledger.usage_totals(
+                tenant_id, day=periods.day, month_start=periods.month_start
+            )
+            return self._add_pending(tenant_id, periods, tenant, keys)
+
+    def clock(self) -> tuple[int, Periods]:
+        """Now (epoch ms) and the budget periods around it."""
+        return self._clock()
+
+    async def charged_for_reconciliation(
+        self, tenant_id: int, periods: Periods
+    ) -> tuple[UsageTotals, dict[int, UsageTotals]] | None:
+        """`_charged`, or None while one of this process's settlements of the tenant is
+        between its usage record and its counters call, or a rebuild runs: the counters may
+        not show what the aggregate does yet, and a correction would count it twice (the
+        reconciliation's compare-and-set cannot see a settlement that lands after it)."""
+        gate = self._gate(tenant_id)
+        if gate.busy():
+            return None
+        charged = await self._charged(tenant_id, periods)
+        # Checked again right after the aggregate was read (no checkpoint in between).
+        return None if gate.busy() else charged
 
     def _add_pending(
         self,
@@ -329,10 +366,19 @@ class Limiter:
         keys: dict[int, UsageTotals],
     ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
         keys = dict(keys)
-        for (day, row_tenant, key_id, _model), usage in self._pending.items():
+        unflushed = [
+            (row.day, row.tenant_id, row.key_id, row.prompt_tokens + row.completion_tokens)
+            for batch in self._unflushed
+            for row in batch.rows
+        ]
+        pending = [
+            (day, row_tenant, key_id, usage.prompt_tokens + usage.completion_tokens)
+            for (day, row_tenant, key_id, _model), usage in self._pending.items()
+        ]
+        for day, row_tenant, key_id, tokens in unflushed + pending:
             if row_tenant != tenant_id:
                 continue
-            extra = _totals(day, periods, usage.prompt_tokens + usage.completion_tokens)
+            extra = _totals(day, periods, tokens)
             tenant = _plus(tenant, extra)
             keys[key_id] = _plus(keys.get(key_id, UsageTotals()), extra)
         return tenant, keys
@@ -347,7 +393,13 @@ class Limiter:
         return usage
 
     def drain_usage(self) -> list[UsageRow]:
-        """Take the aggregated usage (one row per day, tenant, key, model) out, for the ledger."""
+        """Take all unwritten usage out (one row per day, tenant, key, model), merged."""
+        for batch in self._unflushed:
+            self.restore_usage(batch.rows)
+        self._unflushed = []
+        return self._drain_pending()
+
+    def _drain_pending(self) -> list[UsageRow]:
         pending, self._pending = self._pending, {}
         return [
             UsageRow(
@@ -372,23 +424,35 @@ class Limiter:
             usage.completion_tokens += row.completion_tokens
             usage.refusals += row.refusals
 
-    async def flush_usage(self, store: UsageLedger) -> int:
-        """Write the aggregated usage to `store`'s ledger; return the rows written.
+    @property
+    def unflushed_batches(self) -> list[UsageBatch]:
+        """The sealed batches not written yet, oldest first."""
+        return list(self._unflushed)
 
-        On failure (any `StoreError`, or cancellation) the rows are put back and the error
-        propagates. Holds a lock a rebuild also takes: while rows are on their way they are in
-        neither the ledger nor the aggregate, and a rebuild must not read between the two.
+    def seal_usage(self) -> list[UsageBatch]:
+        """Seal the usage aggregated so far into a batch (kept until written); return every
+        batch not written yet, oldest first: what a spool must hold if the store is away."""
+        rows = self._drain_pending()
+        if rows:
+            self._unflushed.append(UsageBatch(new_batch_id(), tuple(rows)))
+        return self.unflushed_batches
+
+    async def flush_usage(self, store: UsageLedger) -> int:
+        """Seal the aggregated usage into a batch and write every unwritten batch to `store`'s
+        ledger, oldest first; return the rows written.
+
+        On failure (any `StoreError`, or cancellation) the batches not written stay sealed for
+        the next flush (same ids: written twice, added once) and the error propagates. Holds a
+        lock a rebuild also takes, so a rebuild never reads the ledger while a batch is
+        landing (it counts the unwritten batches itself).
         """
         async with self._ledger_lock:
-            rows = self.drain_usage()
-            if not rows:
-                return 0
-            try:
-                await store.add_usage(rows)
-            except BaseException:
-                self.restore_usage(rows)
-                raise
-            return len(rows)
+            written = 0
+            for batch in self.seal_usage():
+                await store.add_usage(batch.rows, batch_id=batch.id)
+                self._unflushed.remove(batch)
+                written += len(batch.rows)
+            return written
 
 
 def _totals(day: date, periods: Periods, tokens: int) -> UsageTotals:
@@ -413,35 +477,59 @@ async def run_usage_flusher(
     *,
     interval: float,
     final_flush_timeout: float = 10.0,
+    spool: Spool | None = None,
+    spool_after: float = 5.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Flush the limiter's usage aggregate to `store` every `interval` seconds; never returns.
 
-    A failed flush keeps the rows for the next one. On cancellation (shutdown) a last flush runs
-    shielded and is retried until `final_flush_timeout`; rows it cannot write by then are lost
-    and counted in one error line (rows, requests, tokens): the ledger misses them, the live
-    counters never did.
+    A failed flush keeps the rows for the next one; with a `spool`, a flush that fails or has
+    not answered within `spool_after` seconds also appends them to it (`services/spool.py`). On
+    cancellation (shutdown) a last flush runs shielded and is retried until
+    `final_flush_timeout`; rows it cannot write by then go to the spool, or without one (or if
+    the spool fails) are lost and counted in one error line (rows, requests, tokens): the
+    ledger misses them, the live counters never did.
     """
     task_status.started()
+
+    async def flush() -> int:
+        return await limiter.flush_usage(store)
+
+    def unwritten() -> list[UsageBatch]:
+        return limiter.unflushed_batches
+
+    async def flush_once() -> int:
+        return await flush_or_spool(
+            "usage",
+            flush,
+            seal=limiter.seal_usage,
+            unwritten=unwritten,
+            spool=spool,
+            spool_after=spool_after,
+        )
+
     try:
         while True:
             await trio.sleep(interval)
             try:
-                await limiter.flush_usage(store)
+                await flush_once()
             except StoreError as exc:
                 log.warning("usage flush failed, rows kept for the next one: %s", exc)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(final_flush_timeout):
-            while True:
-                try:
-                    await limiter.flush_usage(store)
-                    break
-                except StoreError as exc:
-                    log.warning("final usage flush failed, retrying: %s", exc)
-                    await trio.sleep(_FINAL_RETRY_INTERVAL)
-        lost = limiter.drain_usage()
-        limiter.restore_usage(lost)  # kept here: what the process does with them is its own
-        if lost:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(final_flush_timeout):
+                while True:
+                    try:
+                        await flush_once()
+                        break
+                    except StoreError as exc:
+                        log.warning("final usage flush failed, retrying: %s", exc)
+                        await trio.sleep(_FINAL_RETRY_INTERVAL)
+            left = limiter.seal_usage()
+            stats = spool.stats if spool is not None else SpoolStats()
+            lost_rows = await spool_at_shutdown("usage", left, spool, stats)
+        if lost_rows:
+            lost = [row for batch in left for row in batch.rows]
             log.error(
                 "final usage flush gave up after %s s: %d usage rows lost",
                 final_flush_timeout,

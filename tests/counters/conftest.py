@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import UTC, date, datetime
 
@@ -32,16 +32,28 @@ import trio
 
 from nzgw.adapters.memory_counters import MemoryCounters
 from nzgw.adapters.redis import RedisCounters, open_redis_counters
+from nzgw.adapters.redis_link import entered
 from nzgw.core.limits import (
     AdmissionRequest,
+    AdmissionResult,
     EffectiveLimits,
+    Lease,
     Periods,
     budget_zone,
     epoch_ms,
     periods_at,
 )
 from nzgw.core.models import ApiKey, Budgets, Limits, Principal, Tenant
-from nzgw.ports import Counters, StoreUnavailableError, UsageRow, UsageTotals
+from nzgw.ports import (
+    BudgetSeed,
+    BudgetSnapshot,
+    Counters,
+    SeedNeeded,
+    StoreUnavailableError,
+    UsageRow,
+    UsageTotals,
+)
+from tests.redis_cluster import own_redis_cluster
 
 REDIS_URL = os.environ.get("NZGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -79,16 +91,25 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-async def delete_prefix(client: coredis.Redis[str], prefix: str) -> None:
+async def delete_prefix(
+    client: coredis.Redis[str] | coredis.RedisCluster[str], prefix: str
+) -> None:
     keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
     for i in range(0, len(keys), 500):
         await client.delete(keys[i : i + 500])
 
 
 @asynccontextmanager
-async def raw_redis(url: str) -> AsyncIterator[coredis.Redis[str]]:
-    client: coredis.Redis[str] = coredis.Redis.from_url(url, decode_responses=True)
-    async with client:
+async def raw_redis(
+    url: str, *, cluster: bool = False
+) -> AsyncIterator[coredis.Redis[str] | coredis.RedisCluster[str]]:
+    client: coredis.Redis[str] | coredis.RedisCluster[str]
+    if cluster:
+        host, port = _redis_address(url)
+        client = coredis.RedisCluster(host, port, decode_responses=True)
+    else:
+        client = coredis.Redis.from_url(url, decode_responses=True)
+    async with entered(client):
         yield client
 
 
@@ -114,34 +135,50 @@ async def _wipe_memory(_old: Counters) -> AsyncIterator[Counters]:
     yield MemoryCounters()
 
 
-def _redis_backend(url: str) -> Backend:
+def _redis_backend(url: str, *, cluster: bool = False) -> Backend:
     @asynccontextmanager
     async def open_() -> AsyncIterator[Counters]:
         prefix = f"nzgwtest:{secrets.token_hex(6)}:"
         try:
             async with open_redis_counters(
-                url, call_timeout=CALL_TIMEOUT, prefix=prefix, caller_clock=True
+                url, call_timeout=CALL_TIMEOUT, prefix=prefix, caller_clock=True, cluster=cluster
             ) as c:
                 yield c
         finally:
             with trio.CancelScope(shield=True):
-                async with raw_redis(url) as client:
+                async with raw_redis(url, cluster=cluster) as client:
                     await delete_prefix(client, prefix)
 
     @asynccontextmanager
     async def wipe(old: Counters) -> AsyncIterator[Counters]:
         assert isinstance(old, RedisCounters)
-        async with raw_redis(url) as client:
+        async with raw_redis(url, cluster=cluster) as client:
             await delete_prefix(client, old._prefix)
         yield old
 
-    return Backend("redis", open_, wipe)
+    return Backend("redis-cluster" if cluster else "redis", open_, wipe)
 
 
-@pytest.fixture(scope="session", params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of the session's own (3 masters, tests/redis_cluster.py)."""
+    with own_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ],
+)
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         return Backend("memory", _open_memory, _wipe_memory)
+    if request.param == "redis-cluster":
+        return _redis_backend(request.getfixturevalue("redis_cluster_url"), cluster=True)
     return _redis_backend(request.getfixturevalue("redis_url"))
 
 
@@ -207,10 +244,15 @@ class FakeLedger:
     stall: float = 0.0
     totals_calls: int = 0
     add_calls: int = 0
+    batch_ids: set[str] = attrs.Factory(set)
 
-    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+    async def add_usage(self, rows: Sequence[UsageRow], *, batch_id: str | None = None) -> None:
         self.add_calls += 1
         await self._io()
+        if batch_id is not None:
+            if batch_id in self.batch_ids:
+                return  # added before
+            self.batch_ids.add(batch_id)
         for r in rows:
             acc = self.rows.setdefault((r.day, r.tenant_id, r.key_id, r.model), [0, 0, 0, 0])
             acc[0] += r.requests
@@ -251,6 +293,55 @@ class FakeLedger:
             for (_d, t, _k, _m), acc in self.rows.items()
             if tenant_id is None or t == tenant_id
         )
+
+
+# --- memory counters that can be restarted or slowed down --------------------------------------
+
+
+class SwappableCounters:
+    """Memory counters that can lose everything (a restart) and be slowed down per call."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryCounters()
+        self.settle_delay = 0.0
+        self.seed_delay = 0.0
+        self.seeds = 0
+
+    def restart(self) -> None:
+        self.inner = MemoryCounters()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
+        return await self.inner.admit(request)
+
+    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
+        await trio.sleep(self.settle_delay)
+        await self.inner.settle(lease, tokens=tokens, now_ms=now_ms)
+
+    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
+        return await self.inner.refresh(lease, now_ms=now_ms)
+
+    async def seed(self, seed: BudgetSeed) -> bool:
+        self.seeds += 1
+        await trio.sleep(self.seed_delay)
+        return await self.inner.seed(seed)
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        return await self.inner.budget_snapshot(tenant_id, key_ids, periods)
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        return await self.inner.correct_budgets(snapshot, tenant, keys, now_ms=now_ms)
 
 
 # --- a redis-server of our own --------------------------------------------------------------------

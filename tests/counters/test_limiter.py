@@ -12,47 +12,18 @@ import pytest
 import trio
 import trio.testing
 
-from nzgw.adapters.memory_counters import MemoryCounters
-from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Limit, Scope
+from nzgw.core.limits import AdmissionResult, Lease, Limit, Scope
 from nzgw.core.models import Budgets, Limits, Principal
-from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded, UsageRow
+from nzgw.ports import (
+    CountersUnavailableError,
+    UsageRow,
+)
 from nzgw.services.limiter import Limiter, run_usage_flusher
 
-from .conftest import T0, FakeLedger, principal
+from .conftest import T0, FakeLedger, SwappableCounters, principal
 
 MARCH_31 = date(2025, 3, 31)
 MODEL = "llama3.2:latest"
-
-
-class SwappableCounters:
-    """Memory counters that can lose everything (a restart) and be slowed down per call."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryCounters()
-        self.settle_delay = 0.0
-        self.seed_delay = 0.0
-        self.seeds = 0
-
-    def restart(self) -> None:
-        self.inner = MemoryCounters()
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
-        return await self.inner.admit(request)
-
-    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
-        await trio.sleep(self.settle_delay)
-        await self.inner.settle(lease, tokens=tokens, now_ms=now_ms)
-
-    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
-        return await self.inner.refresh(lease, now_ms=now_ms)
-
-    async def seed(self, seed: BudgetSeed) -> bool:
-        self.seeds += 1
-        await trio.sleep(self.seed_delay)
-        return await self.inner.seed(seed)
 
 
 def virtual_now() -> datetime:
@@ -181,16 +152,22 @@ async def test_a_rebuild_counts_unflushed_usage_exactly_once(
     assert await daily_used(limiter, who) == 60  # now from the ledger, not twice
 
 
-async def test_a_settlement_in_flight_during_a_rebuild_is_counted_once(
-    clock: trio.testing.MockClock,
-) -> None:
-    # The settlement's counters call lands only after the seed would have read `_pending`:
-    # without the gate the seed counts it and the late call adds it again (epoch changed).
+async def admitted_then_restarted() -> tuple[Limiter, SwappableCounters, Principal, Lease]:
+    """A request admitted (100 tokens reserved), then the counters lost (a Redis restart)."""
     limiter, counters, _ = make()
     who = principal()
     lease = (await limiter.admit(who, model=MODEL, reserve_tokens=100)).lease
     assert lease is not None
     counters.restart()
+    return limiter, counters, who, lease
+
+
+async def test_a_settlement_in_flight_during_a_rebuild_is_counted_once(
+    clock: trio.testing.MockClock,
+) -> None:
+    # The settlement's counters call lands only after the seed would have read `_pending`:
+    # without the gate the seed counts it and the late call adds it again (epoch changed).
+    limiter, counters, who, lease = await admitted_then_restarted()
     counters.settle_delay = 2.0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
@@ -208,11 +185,7 @@ async def test_a_settlement_arriving_during_a_rebuild_is_counted_once(
 ) -> None:
     # The settlement comes after the seed read `_pending` but before the seed landed: without
     # the gate its call lands on the empty counters (skipped) and the seed lacks it: lost.
-    limiter, counters, _ = make()
-    who = principal()
-    lease = (await limiter.admit(who, model=MODEL, reserve_tokens=100)).lease
-    assert lease is not None
-    counters.restart()
+    limiter, counters, who, lease = await admitted_then_restarted()
     counters.seed_delay = 1.0
     async with trio.open_nursery() as nursery:
 

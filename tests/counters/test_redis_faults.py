@@ -109,7 +109,9 @@ async def test_an_admission_that_reaches_redis_after_its_deadline_does_nothing(
     """The script's own deadline (Redis TIME) holds even when the release is lost."""
     who = principal(key_budgets=Budgets(daily_tokens=100_000))
 
-    async def lost(self: RedisCounters, keys: object, request: AdmissionRequest) -> None:
+    async def lost(
+        self: RedisCounters, node: object, keys: object, request: AdmissionRequest
+    ) -> None:
         await trio.lowlevel.checkpoint()
 
     monkeypatch.setattr(RedisCounters, "_release_nowait", lost)

@@ -437,6 +437,34 @@ async def test_add_usage_is_atomic(store: Store, unique: str) -> None:
     assert await store.usage_totals(tenant_id, day=day, month_start=day) == (UsageTotals(), {})
 
 
+async def test_a_usage_batch_id_is_added_once(store: Store, unique: str) -> None:
+    """A retried flush whose first attempt did commit, or a spool replayed at the next start,
+    writes a batch again: the ledger counts it once; another id is another batch."""
+    tenant_id, key_id, _ = await _tenant_and_key(store, unique)
+    day = date(2031, 4, 2)
+    rows = [UsageRow(day, tenant_id, key_id, "m", 2, 10, 5)]
+    batch_id = f"b-{unique}"
+    await store.add_usage(rows, batch_id=batch_id)
+    await store.add_usage(rows, batch_id=batch_id)
+    tenant, _ = await store.usage_totals(tenant_id, day=day, month_start=day)
+    assert tenant.lifetime_tokens == 15
+    await store.add_usage(rows, batch_id=f"c-{unique}")
+    await store.add_usage(rows)  # no id: always added
+    tenant, _ = await store.usage_totals(tenant_id, day=day, month_start=day)
+    assert tenant.lifetime_tokens == 45
+
+
+async def test_a_failed_usage_batch_leaves_its_id_free(store: Store, unique: str) -> None:
+    tenant_id, key_id, _ = await _tenant_and_key(store, unique)
+    day = date(2031, 4, 3)
+    batch_id = f"f-{unique}"
+    with pytest.raises(NotFoundError):
+        await store.add_usage([UsageRow(day, tenant_id, 2**62, "m", 1, 1, 1)], batch_id=batch_id)
+    await store.add_usage([UsageRow(day, tenant_id, key_id, "m", 1, 1, 1)], batch_id=batch_id)
+    tenant, _ = await store.usage_totals(tenant_id, day=day, month_start=day)
+    assert tenant.lifetime_tokens == 2
+
+
 async def test_concurrent_usage_adds_are_not_lost(
     store_url: str, store: Store, unique: str
 ) -> None:

@@ -1,10 +1,10 @@
 """The data plane's one seam into the slot pool: the backends a request tries, in order.
 
-`BackendAttempts` is what `_open_with_failover` iterates. Without a slot pool it yields the
-registry's candidates as before. With one, it walks the priority tiers of the model's backends;
-in each tier it waits (fairly, `nzgw.services.slots`) for a slot on any backend it has not
-tried yet, and yields that backend wrapped so that the slot is held from "backend chosen" until
-the upstream response is closed:
+`BackendAttempts` is what the forwarder (`nzgw.services.forwarding`) iterates. Without a slot
+pool it yields the registry's candidates as before. With one, it walks the priority tiers of the
+model's backends; in each tier it waits (fairly, `nzgw.services.slots`) for a slot on any
+backend it has not tried yet, and yields that backend wrapped so that the slot is held from
+"backend chosen" until the upstream response is closed:
 
 * `open` failing (transport error, cancelled) releases the slot at once;
 * the response's `aclose` releases it (the request's cleanup stack closes every response, and
@@ -27,32 +27,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
-from nzgw.http.asgi import request_cleanup
-from nzgw.http.gateway import Gateway, Refused, RequestInfo
-from nzgw.http.metrics import METRICS
-from nzgw.ports import Backend, UpstreamResponse
-from nzgw.services.slots import QueueFullError, QueueTimeoutError, Slot
+from nzgw.core.record import Refused, RequestInfo
+from nzgw.ports import Backend, ForwardingMetrics, RegistryPort, UpstreamResponse
+from nzgw.services.slots import QueueFullError, QueueTimeoutError, Slot, SlotPool
 
 
 class BackendAttempts:
     """Async iterator over the backends to try for one request (see the module docstring)."""
 
     def __init__(
-        self, gateway: Gateway, info: RequestInfo, model: str, *, generates: bool = True
+        self,
+        registry: RegistryPort,
+        slots: SlotPool | None,
+        metrics: ForwardingMetrics,
+        info: RequestInfo,
+        cleanup: AsyncExitStack,
+        model: str,
+        *,
+        generates: bool = True,
     ) -> None:
-        self._gateway = gateway
+        self._registry = registry
+        self._slots = slots
+        self._metrics = metrics
         self._info = info
+        self._cleanup = cleanup
         self._model = model
         self._plain: Iterator[Backend] | None = None
         self._tiers: list[list[Backend]] = []
         self._remaining: list[Backend] = []
         # Only requests that run the model take a slot (`/api/show` reads metadata).
-        if gateway.slots is None or not generates:
-            self._plain = iter(gateway.registry.candidates(model))
+        if slots is None or not generates:
+            self._plain = iter(registry.candidates(model))
         else:
-            self._tiers = [list(tier) for tier in gateway.registry.candidate_tiers(model)]
+            self._tiers = [list(tier) for tier in registry.candidate_tiers(model)]
 
     def __aiter__(self) -> BackendAttempts:
         return self
@@ -67,13 +77,13 @@ class BackendAttempts:
                 raise StopAsyncIteration
             self._remaining = self._tiers.pop(0)
         slot = await self._acquire(self._remaining)
-        request_cleanup().callback(slot.release)
+        self._cleanup.callback(slot.release)
         backend = next(b for b in self._remaining if b.name == slot.backend)
         self._remaining.remove(backend)
-        return SlotBackend(backend, slot, self._gateway, self._model)
+        return SlotBackend(backend, slot, self._registry, self._model)
 
     async def _acquire(self, backends: Sequence[Backend]) -> Slot:
-        pool = self._gateway.slots
+        pool = self._slots
         assert pool is not None
         info = self._info
         tenant = info.principal.tenant if info.principal is not None else None
@@ -103,17 +113,17 @@ class BackendAttempts:
                 headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
             ) from None
         info.queue_wait = (info.queue_wait or 0.0) + slot.waited
-        METRICS.queue_wait.labels(tenant=METRICS.tenant_label(label)).observe(slot.waited)
+        self._metrics.queue_waited(label, slot.waited)
         return slot
 
 
 class SlotBackend:
     """A backend whose next `open` runs on a granted slot (released as described above)."""
 
-    def __init__(self, backend: Backend, slot: Slot, gateway: Gateway, model: str) -> None:
+    def __init__(self, backend: Backend, slot: Slot, registry: RegistryPort, model: str) -> None:
         self._backend = backend
         self._slot = slot
-        self._gateway = gateway
+        self._registry = registry
         self._model = model
         self.name = backend.name
         self.url = backend.url
@@ -132,21 +142,21 @@ class SlotBackend:
             self._slot.release()
             raise
         if response.status < 400:  # Ollama loaded the model to answer
-            self._gateway.registry.note_routed(self.name, self._model)
+            self._registry.note_routed(self.name, self._model)
         return SlotResponse(response, self._slot)
 
     async def get_json(self, path: str, *, limit: int = 16 * 1024 * 1024) -> Any:
         return await self._backend.get_json(path, limit=limit)
 
 
-class SlotResponse:
-    """An upstream response that gives its slot back when it is closed."""
+class WrappedResponse:
+    """An upstream response seen through a wrapper: everything delegated; subclasses change
+    what they add (`SlotResponse`, `nzgw.services.forwarding`'s replayed error answer)."""
 
-    __slots__ = ("_response", "_slot", "headers", "status")
+    __slots__ = ("_response", "headers", "status")
 
-    def __init__(self, response: UpstreamResponse, slot: Slot) -> None:
+    def __init__(self, response: UpstreamResponse) -> None:
         self._response = response
-        self._slot = slot
         self.status = response.status
         self.headers = response.headers
 
@@ -158,6 +168,19 @@ class SlotResponse:
 
     async def read_all(self, limit: int) -> bytes:
         return await self._response.read_all(limit)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class SlotResponse(WrappedResponse):
+    """An upstream response that gives its slot back when it is closed."""
+
+    __slots__ = ("_slot",)
+
+    def __init__(self, response: UpstreamResponse, slot: Slot) -> None:
+        super().__init__(response)
+        self._slot = slot
 
     async def aclose(self) -> None:
         try:

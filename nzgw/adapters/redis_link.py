@@ -1,0 +1,270 @@
+"""One live connection per Redis node, shared by every call of the process and written to by the
+calling task itself: the counters' way into Redis (or into each master of a Redis Cluster).
+
+Why not coredis' own path (`Redis.execute_command`, or a pool checkout per call): under a burst
+the event loop is busy, and two of coredis' steps each cost the call a full scheduling round
+(every runnable task runs once before it goes on; docs/ARCHITECTURE.md "Counters under a burst"):
+
+- a pool checkout is an `await` on a queue, even when a connection is free;
+- a command goes to the connection's writer task through a memory stream, and that task
+  drains the stream with a checkpoint per batch, so while commands keep arriving it keeps
+  yielding and sends late. The reply then comes late too, and the call's "Redis was silent"
+  judgement (nzgw.adapters.redis) turns a healthy Redis into a false 503.
+
+Here a call takes the node's live connection without waiting (connecting only when there is
+none: one connect at a time per node, its outcome shared by every call that waited for it),
+registers its reply in the connection's FIFO and puts the command on the socket before it
+yields; concurrent calls pipeline on that one connection. coredis' reader task still parses
+the replies. The connection is released to coredis' pool right away (so the pool counts and
+reaps it as usual) and kept here while it is usable; nothing else takes connections from this
+client, so coredis' writer task never writes on it after the handshake.
+
+On Redis Cluster (`coredis.RedisCluster`) the node is the master that serves the slot of the
+call's first key (all of a call's keys share one hash tag), from coredis' cluster layout; the
+caller follows MOVED (the layout learns the new owner) and ASK (`ASKING` first, pipelined).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import coredis
+import trio
+from anyio import BrokenResourceError, ClosedResourceError
+from coredis._utils import hash_slot
+from coredis.cluster._node import ClusterNodeLocation
+from coredis.connection import BaseConnection, TCPLocation
+from coredis.connection._request import Request
+from coredis.exceptions import AskError, MovedError, RedisClusterError, RedisError
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.retry import NoRetryPolicy
+
+Node = ClusterNodeLocation | None
+"""A Redis Cluster master, or None for the one server of a plain client."""
+
+_Value = int | str | bytes
+
+
+class Link:
+    """The live connection to one node. Obtain it from `Links.link`."""
+
+    __slots__ = ("_flushing", "_out", "connection", "last_reply", "name")
+
+    def __init__(self, connection: BaseConnection, name: str) -> None:
+        self.connection = connection
+        self.name = name
+        # When this node last answered (trio clock): "silent" is measured from it.
+        self.last_reply = -math.inf
+        self._out = bytearray()
+        self._flushing = False
+
+    @property
+    def usable(self) -> bool:
+        return self.connection.usable
+
+    def request(self, command: bytes, *args: _Value, timeout: float) -> Request:
+        """Queue one command; its reply arrives in the returned request (await it). Sent by
+        the next `flush`: queue a call's commands, then flush once."""
+        connection = self.connection
+        request = Request(
+            connection=connection,
+            command=command,
+            decode=True,
+            encoding=connection._encoding,
+            response_timeout=timeout,
+        )
+        # The reader task completes requests in this FIFO's order: the bytes must go out in
+        # the same order, which one flusher at a time (below) guarantees.
+        connection._requests.append(request)
+        for chunk in connection._packer.pack_commands([(command, *args)]):
+            self._out += chunk
+        return request
+
+    async def flush(self) -> None:
+        """Put everything queued on the socket; the bytes are in the kernel before this task
+        yields. A flush already running (it yields only once its bytes are out) picks up what
+        was queued meanwhile."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._out:
+                data = bytes(self._out)
+                self._out.clear()
+                stream = self.connection.stream
+                if stream is None:
+                    raise RedisConnectionError("connection closed")
+                await stream.send(data)
+        except (BrokenResourceError, ClosedResourceError, OSError) as exc:
+            self.connection.invalidate("send failed")
+            raise RedisConnectionError(f"connection lost while sending: {exc!r}") from exc
+        except BaseException:
+            self.connection.invalidate("send interrupted")
+            raise
+        finally:
+            self._flushing = False
+
+
+class _Connect:
+    """One connect attempt to a node, shared by the calls that found no live connection."""
+
+    __slots__ = ("done", "error", "link")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.link: Link | None = None
+        self.error: BaseException | None = None
+
+
+class Links:
+    """The live connection of each node of `client` (a `coredis.Redis` or `coredis.RedisCluster`
+    whose pool nothing else uses)."""
+
+    def __init__(self, client: coredis.Redis[Any] | coredis.RedisCluster[Any]) -> None:
+        self._client = client
+        self.cluster = isinstance(client, coredis.RedisCluster)
+        self._links: dict[str, Link] = {}
+        self._connects: dict[str, _Connect] = {}
+
+    @staticmethod
+    def name(node: Node) -> str:
+        return "" if node is None else node.name
+
+    def node_for(self, key: str) -> Node:
+        """The node that serves `key`: on a cluster, the master of its slot
+        (`RedisClusterError` when no master serves it)."""
+        if not isinstance(self._client, coredis.RedisCluster):
+            return None
+        layout = self._client.connection_pool.cluster_layout
+        return layout.node_for_slot(hash_slot(key.encode()), primary=True)
+
+    def primaries(self) -> list[Node]:
+        if not isinstance(self._client, coredis.RedisCluster):
+            return [None]
+        return list(self._client.connection_pool.cluster_layout.primaries)
+
+    def moved(self, node: Node, error: MovedError) -> Node:
+        """The node a MOVED reply names; the layout learns that it owns the slot now."""
+        if not isinstance(self._client, coredis.RedisCluster):
+            raise error  # a plain server never redirects
+        layout = self._client.connection_pool.cluster_layout
+        layout.report_errors(node, error)
+        return layout.node_for_location(TCPLocation(error.host, error.port)) or (
+            ClusterNodeLocation(error.host, error.port, server_type="primary")
+        )
+
+    @staticmethod
+    def asked(error: AskError) -> Node:
+        """The node an ASK reply names (for this one call; the layout stays)."""
+        return ClusterNodeLocation(error.host, error.port, server_type="primary")
+
+    def failed(self, node: Node, error: Exception) -> None:
+        """Tell the cluster layout that `node` failed (enough failures: it is read again)."""
+        if isinstance(self._client, coredis.RedisCluster) and node is not None:
+            self._client.connection_pool.cluster_layout.report_errors(node, error)
+
+    def live(self, node: Node) -> Link | None:
+        """The node's live connection, if there is one (never connects)."""
+        link = self._links.get(self.name(node))
+        return link if link is not None and link.usable else None
+
+    async def link(self, node: Node) -> Link:
+        """The node's live connection; connects if there is none (bounded by coredis'
+        connect_timeout). Raises `RedisError` (or `OSError`) when it cannot connect."""
+        name = self.name(node)
+        link = self._links.get(name)
+        if link is not None and link.usable:
+            return link
+        attempt = self._connects.get(name)
+        if attempt is None:
+            attempt = self._connects[name] = _Connect()
+            try:
+                attempt.link = self._links[name] = Link(await self._connect(node), name)
+            except (RedisError, OSError) as exc:
+                attempt.error = exc
+                if isinstance(exc, RedisConnectionError | OSError):
+                    self.failed(node, RedisConnectionError(str(exc)))
+            finally:
+                del self._connects[name]
+                attempt.done.set()
+        else:
+            await attempt.done.wait()
+        if attempt.link is None:
+            raise RedisConnectionError(f"cannot connect to Redis: {attempt.error!r}")
+        return attempt.link
+
+    async def _connect(self, node: Node) -> BaseConnection:
+        client = self._client
+        if isinstance(client, coredis.RedisCluster):
+            if node is None:
+                raise RedisClusterError("no node")
+            pool = client.connection_pool
+            cluster_connection = await pool.get_connection(node, primary=True)
+            pool.release(cluster_connection)  # counted by the pool, used only by us
+            return cluster_connection
+        basic_pool = client.connection_pool
+        connection: BaseConnection = await basic_pool.get_connection()
+        basic_pool.release(connection)
+        return connection
+
+
+def redis_client(
+    url: str,
+    *,
+    cluster: bool,
+    connect_timeout: float,
+    stream_timeout: float,
+    max_connections: int,
+) -> coredis.Redis[str] | coredis.RedisCluster[str]:
+    """A coredis client for `url` that never retries (a retried admission could reserve
+    twice): the server itself, or with `cluster` the Redis Cluster that `url`'s node belongs
+    to (its other nodes are discovered from it; `skip_full_coverage_check`: a cluster with a
+    lost master still serves the other slots, see README "Redis Cluster").
+
+    The cluster client is built with its constructor, not `RedisCluster.from_url` (which may
+    warn, and warnings are errors in the suite)."""
+    if not cluster:
+        return coredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            connect_timeout=connect_timeout,
+            stream_timeout=stream_timeout,
+            max_connections=max_connections,
+            retry_policy=NoRetryPolicy(),
+        )
+    parts = urlsplit(url)
+    db = parts.path.strip("/")
+    if db not in {"", "0"}:
+        raise ValueError(f"Redis Cluster has only database 0, not {db!r}")
+    return coredis.RedisCluster(
+        parts.hostname or "127.0.0.1",
+        parts.port or 6379,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss",
+        decode_responses=True,
+        connect_timeout=connect_timeout,
+        stream_timeout=stream_timeout,
+        max_connections=max_connections,
+        skip_full_coverage_check=True,
+        retry_policy=NoRetryPolicy(),
+    )
+
+
+@asynccontextmanager
+async def entered(
+    client: coredis.Redis[Any] | coredis.RedisCluster[Any],
+) -> AsyncIterator[None]:
+    """`async with client`, plus what coredis 6.9 leaves open on a cluster client: its layout's
+    error stream (a memory stream pair that warns when collected unclosed)."""
+    try:
+        async with client:
+            yield
+    finally:
+        if isinstance(client, coredis.RedisCluster):
+            for stream in client.connection_pool.cluster_layout._error_stream:
+                stream.close()

@@ -1,0 +1,176 @@
+"""Redis Cluster only: counters on a cluster of the test's own (tests/redis_cluster.py) when a
+slot moves and when a master dies. The contract suite runs on a cluster too (`backend`
+"redis-cluster"); the three-process window test on one is in tests/test_limits_http.py.
+
+What a client sees when a master is SIGKILLed (README "Redis Cluster"):
+- with a replica: the tenants whose slots it served get 503 until the replica has taken over
+  (cluster-node-timeout plus a layout refresh: a few seconds), then are admitted again; every
+  other tenant is admitted throughout;
+- without one: those tenants get 503 until the master is back; every other tenant is admitted.
+"""
+
+from __future__ import annotations
+
+import gc
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from nzgw.adapters.redis import RedisCounters, open_redis_counters
+from nzgw.core.limits import AdmissionResult, epoch_ms
+from nzgw.ports import BudgetSeed, CountersUnavailableError, UsageTotals
+from tests.redis_cluster import OwnedCluster, key_slot, own_redis_cluster
+
+from .conftest import T0, admission, periods_of, principal
+
+pytestmark = [
+    pytest.mark.redis,
+    # coredis 6.9 bug (as in test_redis.py): a connection whose TCP connect fails never closes
+    # the anyio memory streams it made; they warn when collected. Only those are ignored, and
+    # `_collect_garbage` collects them within these tests.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream\.__del__"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    yield
+    gc.collect()
+
+
+CALL_TIMEOUT = 0.5
+HANG_GUARD = 60.0  # a bound for a whole failover, not a latency figure
+PREFIX = "nzgwtest:"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[OwnedCluster]:
+    with own_redis_cluster(tmp_path) as owned:
+        yield owned
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[OwnedCluster]:
+    with own_redis_cluster(tmp_path, replicas=1) as owned:
+        yield owned
+
+
+def tenants_on_two_masters(cluster: OwnedCluster) -> tuple[int, int]:
+    """Two tenant ids whose keys live on different masters."""
+    first = 1
+    owner = cluster.slot_owner(key_slot(f"{PREFIX}{{t{first}}}:seed"))
+    for other in range(2, 100):
+        if cluster.slot_owner(key_slot(f"{PREFIX}{{t{other}}}:seed")) != owner:
+            return first, other
+    raise AssertionError("every tenant on one master")
+
+
+async def seed(c: RedisCounters, tenant_id: int) -> None:
+    now_ms = epoch_ms(T0)
+    assert await c.seed(BudgetSeed(tenant_id, "e", periods_of(now_ms), now_ms, UsageTotals(), {}))
+
+
+async def admitted(c: RedisCounters, tenant_id: int) -> bool:
+    result = await c.admit(admission(principal(tenant_id, 10 + tenant_id)))
+    assert isinstance(result, AdmissionResult)
+    return result.admitted
+
+
+async def until_admitted(c: RedisCounters, tenant_id: int) -> int:
+    """Admit until it succeeds; the number of refusals (503) before it did."""
+    refusals = 0
+    while True:
+        try:
+            if await admitted(c, tenant_id):
+                return refusals
+        except CountersUnavailableError:
+            refusals += 1
+        await trio.sleep(0.1)  # a retry interval (a client's), not a synchronisation
+
+
+async def test_a_moved_slot_is_followed(cluster: OwnedCluster) -> None:
+    """A tenant's slot handed to another master (CLUSTER SETSLOT ... NODE on every node): the
+    next call gets MOVED, follows it, and the tenant's counters live on the new master."""
+    tenant = 7
+    slot = key_slot(f"{PREFIX}{{t{tenant}}}:seed")
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            cluster.url, call_timeout=CALL_TIMEOUT, prefix=PREFIX, cluster=True
+        ) as c:
+            await c.ping()  # the layout is read: slot -> its first master
+            source = cluster.slot_owner(slot)
+            target = next(n.port for n in cluster.nodes if n.port != source)
+            cluster.move_empty_slot(slot, target)
+            await seed(c, tenant)  # MOVED from the old owner, done on the new one
+            assert await admitted(c, tenant)
+            assert cluster.keys_on(target, f"{PREFIX}{{t{tenant}}}:*")
+            assert not cluster.keys_on(source or 0, f"{PREFIX}{{t{tenant}}}:*")
+
+
+async def test_a_killed_master_without_replica_refuses_its_tenants_only(
+    cluster: OwnedCluster,
+) -> None:
+    lost, kept = tenants_on_two_masters(cluster)
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            cluster.url, call_timeout=CALL_TIMEOUT, prefix=PREFIX, cluster=True
+        ) as c:
+            await c.ping()
+            for tenant in (lost, kept):
+                await seed(c, tenant)
+                assert await admitted(c, tenant)
+            cluster.kill_master_of(f"{{t{lost}}}")
+            for _ in range(20):  # past the layout refresh (15 errors): still 503, still served
+                with pytest.raises(CountersUnavailableError):
+                    await admitted(c, lost)
+                assert await admitted(c, kept)
+
+
+async def test_a_killed_master_s_replica_takes_over_and_admissions_resume(
+    replicated: OwnedCluster,
+) -> None:
+    lost, kept = tenants_on_two_masters(replicated)
+    slot = key_slot(f"{PREFIX}{{t{lost}}}:seed")
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            replicated.url, call_timeout=CALL_TIMEOUT, prefix=PREFIX, cluster=True
+        ) as c:
+            await c.ping()
+            for tenant in (lost, kept):
+                await seed(c, tenant)
+                assert await admitted(c, tenant)
+            await trio.to_thread.run_sync(replicated.wait_replicated)
+            killed = replicated.kill_master_of(f"{{t{lost}}}")
+            assert await admitted(c, kept)  # another master's tenant: served at once
+            started = time.monotonic()
+            refusals = await until_admitted(c, lost)
+            took = time.monotonic() - started
+            # The replica owns the slot now and holds the tenant's seed (replicated before the
+            # kill): admitted without a rebuild.
+            assert replicated.slot_owner(slot) not in (None, killed.port)
+            assert await admitted(c, kept)
+            print(f"failover: {refusals} refusals over {took:.1f} s")  # shown with -s
+
+
+async def test_every_key_of_a_tenant_lands_on_one_master(cluster: OwnedCluster) -> None:
+    prefix = f"{PREFIX}{secrets.token_hex(4)}:"
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            cluster.url, call_timeout=CALL_TIMEOUT, prefix=prefix, cluster=True
+        ) as c:
+            owners = set()
+            for tenant in range(1, 13):
+                await seed(c, tenant)
+                assert await admitted(c, tenant)
+                owner = cluster.slot_owner(key_slot(f"{prefix}{{t{tenant}}}:seed"))
+                owners.add(owner)
+                keys = cluster.keys_on(owner or 0, f"{prefix}{{t{tenant}}}:*")
+                assert len(keys) >= 10, keys  # seed, windows, leases, budgets, reservations
+            assert len(owners) > 1  # the tenants are spread over the masters
