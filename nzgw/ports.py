@@ -497,6 +497,38 @@ class BudgetSeed:
     keys: Mapping[int, UsageTotals]
 
 
+@attrs.frozen
+class ScopeBudget:
+    """One scope's budget counters as stored (settled + reserved), and of those the
+    reservations of leases not settled yet, for the current day and month and for life."""
+
+    counted: UsageTotals
+    reserved: UsageTotals
+
+    @property
+    def settled(self) -> UsageTotals:
+        c, r = self.counted, self.reserved
+        return UsageTotals(
+            c.day_tokens - r.day_tokens,
+            c.month_tokens - r.month_tokens,
+            c.lifetime_tokens - r.lifetime_tokens,
+        )
+
+
+@attrs.frozen
+class BudgetSnapshot:
+    """A tenant's budget counters read in one step, for reconciliation with the ledger.
+    `version` moves with every settlement and correction of the tenant (not with admissions:
+    they only add reservations, which are counted apart)."""
+
+    tenant_id: int
+    epoch: str
+    version: int
+    periods: Periods
+    tenant: ScopeBudget
+    keys: Mapping[int, ScopeBudget]
+
+
 class Counters(Protocol):
     """Atomic check-and-reserve over the live counters. Errors: `CountersUnavailableError` only.
 
@@ -521,6 +553,26 @@ class Counters(Protocol):
 
     async def seed(self, seed: BudgetSeed) -> bool:
         """Set the budget counters unless the tenant's are present; True: this call set them."""
+        ...
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        """The tenant's and these keys' budget counters; None if they are not seeded."""
+        ...
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        """Add these deltas to the budget counters (day and month of `snapshot.periods`, and
+        lifetime), atomically, only if no settlement or correction ran since `snapshot` (same
+        epoch and version); the version then moves. Admissions in between are kept: their
+        reservations are not touched. False: something ran in between, nothing changed."""
         ...
 
 

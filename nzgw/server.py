@@ -8,6 +8,7 @@ Resources open outermost-first and close in reverse (docs/ARCHITECTURE.md, "Spin
         ├─ revocation watch   (keys revoked elsewhere stop working here within a second)
         ├─ spool replay       (orphaned spools of this store written to it, before the listener)
         ├─ usage flusher      (settled usage to the ledger; last flush shielded on the way out)
+        ├─ reconciliation     (budget counters compared with the ledger, drift corrected)
         ├─ last-used flusher
         ├─ audit flusher      (audit rows in batches; last flush shielded, with a deadline)
         ├─ prompt purge       (expired prompt logs, in bounded batches)
@@ -55,6 +56,7 @@ from nzgw.services.identity import (
     run_revocation_watch,
 )
 from nzgw.services.limiter import Limiter, run_usage_flusher
+from nzgw.services.reconcile import Reconciler, run_reconciliation
 from nzgw.services.registry import Registry
 from nzgw.services.slots import SlotPool
 from nzgw.services.spool import (
@@ -81,6 +83,7 @@ class Running:
     limiter: Limiter
     authenticator: Authenticator
     metrics: Bound | None = None  # the /metrics listener, when NZGW_METRICS_BIND is set
+    reconciler: Reconciler | None = None
 
     @property
     def url(self) -> str:
@@ -177,7 +180,11 @@ async def run_server(
                 counters = metrics.watch_counters(counters)
                 steps.done(
                     "counters and backend clients opened",
-                    counters="in-process" if config.embedded_counters else "redis",
+                    counters="in-process"
+                    if config.embedded_counters
+                    else "redis cluster"
+                    if config.redis_cluster
+                    else "redis",
                     backends=len(backends),
                 )
                 # Connect (and read Redis' clock) before the first burst; down: fail closed later.
@@ -255,6 +262,24 @@ async def run_server(
                     ),
                 ):
                     live.track_counter(name, documentation, value)
+                # Budget counters compared with the ledger every NZGW_RECONCILE_INTERVAL;
+                # quiet: until usage settled before a snapshot is in the ledger, by any process.
+                reconciler = Reconciler(
+                    counters,
+                    store,
+                    limiter,
+                    quiet=2 * config.flush_interval + config.store_timeout,
+                )
+                live.track_labelled_counter(
+                    "nzgw_counters_drift_tokens",
+                    "Tokens the reconciliation corrected on the budget counters to agree with "
+                    "the usage ledger, by scope (key, tenant) and period (day, month, lifetime)",
+                    ["scope", "period"],
+                    lambda: reconciler.drift,
+                )
+                await services.start(
+                    partial(run_reconciliation, reconciler, interval=config.reconcile_interval)
+                )
                 metrics_bound: Bound | None = None
                 if config.metrics_bind:
                     metrics_bound = await services.start(
@@ -360,7 +385,16 @@ async def run_server(
                         ready["metrics"] = f"{metrics_bound.host}:{metrics_bound.port}"
                     log.info("nzgw ready", extra={**ready, "pid": os.getpid(), **steps.since()})
                     task_status.started(
-                        Running(bound, app, gateway, store, limiter, authenticator, metrics_bound)
+                        Running(
+                            bound,
+                            app,
+                            gateway,
+                            store,
+                            limiter,
+                            authenticator,
+                            metrics_bound,
+                            reconciler,
+                        )
                     )
                 log.info("drained", extra={"in_flight": gateway.in_flight})
                 services.cancel_scope.cancel()

@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from nzgw.ports import (
 from nzgw.services.audit import AuditLog, run_audit_flusher, verify_audit
 from nzgw.services.limiter import Limiter, run_usage_flusher
 from nzgw.services.spool import (
+    Spool,
     SpoolBatch,
     SpoolStats,
     decode_records,
@@ -45,6 +47,7 @@ from nzgw.services.spool import (
     store_fingerprint,
 )
 from tests.counters.conftest import principal
+from tests.test_audit_core import event as audit_event
 
 DAY = date(2031, 3, 4)
 T0 = datetime(2031, 3, 4, 5, 6, 7, 891_234, tzinfo=UTC)
@@ -52,28 +55,8 @@ FP = "f" * 16
 
 
 def event(n: int, tenant_id: int = 1, key_id: int = 2) -> AuditEvent:
-    return AuditEvent(
-        ts=T0 + timedelta(seconds=n),
-        day=DAY,
-        request_id=f"req{n:04d}",
-        tenant_id=tenant_id,
-        key_id=key_id,
-        key_prefix="nz_abcdefgh",
-        client="198.51.100.7",
-        method="POST",
-        surface="native",
-        path="/api/chat",
-        model="llama3:latest",
-        status=200,
-        outcome="ok",
-        refusal=None,
-        prompt_tokens=10 + n,
-        completion_tokens=20,
-        tokens_reported=True,
-        streamed=True,
-        ttfb_us=1500,
-        latency_us=25_000,
-        backend="backend-0",
+    return attrs.evolve(
+        audit_event(n), ts=T0 + timedelta(seconds=n), tenant_id=tenant_id, key_id=key_id
     )
 
 
@@ -259,6 +242,26 @@ async def spooled(stats: SpoolStats, rows: int = 1) -> None:
         await trio.sleep(0.01)
 
 
+async def quick_usage_flusher(
+    limiter: Limiter,
+    store: FlakyStore,
+    spool: Spool,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The usage flusher on short times: flushes every 10 ms, spools a flush unanswered for
+    0.2 s, gives the last flush 0.1 s."""
+    await run_usage_flusher(
+        limiter,
+        store,
+        interval=0.01,
+        spool=spool,
+        spool_after=0.2,
+        final_flush_timeout=0.1,
+        task_status=task_status,
+    )
+
+
 async def settle_one(limiter: Limiter, db: Db, tokens: int) -> None:
     who = principal(db.tenant_id, db.key_id)
     lease = (await limiter.admit(who, model="m", reserve_tokens=1)).lease
@@ -278,16 +281,7 @@ async def test_a_failed_usage_flush_is_spooled_and_a_crash_then_loses_nothing(
     stats = SpoolStats()
     with trio.fail_after(30), open_spool(tmp_path, FP, stats) as spool:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: run_usage_flusher(
-                    limiter,
-                    flaky,
-                    interval=0.01,
-                    spool=spool,
-                    final_flush_timeout=0.1,
-                    task_status=task_status,
-                )
-            )
+            await nursery.start(partial(quick_usage_flusher, limiter, flaky, spool))
             await settle_one(limiter, db, 11)
             while await ledger_tokens(db) != 11:  # noqa: ASYNC110 (an ordinary flush, polled)
                 await trio.sleep(0.01)
@@ -320,17 +314,7 @@ async def test_a_hung_store_gets_the_rows_spooled_every_spool_after(db: Db, tmp_
     stats = SpoolStats()
     with trio.fail_after(30), open_spool(tmp_path, FP, stats) as spool:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: run_usage_flusher(
-                    limiter,
-                    flaky,
-                    interval=0.01,
-                    spool=spool,
-                    spool_after=0.2,
-                    final_flush_timeout=0.1,
-                    task_status=task_status,
-                )
-            )
+            await nursery.start(partial(quick_usage_flusher, limiter, flaky, spool))
             await settle_one(limiter, db, 5)
             await spooled(stats)
             assert limiter.pending_rows == 1  # still in memory too: the flush waits on

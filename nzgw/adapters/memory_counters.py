@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -27,6 +28,7 @@ from nzgw.core.limits import (
     AdmissionResult,
     Lease,
     Limit,
+    Periods,
     Refusal,
     Scope,
     WindowEntry,
@@ -34,7 +36,7 @@ from nzgw.core.limits import (
     in_window,
     retry_after_ms,
 )
-from nzgw.ports import BudgetSeed, SeedNeeded
+from nzgw.ports import BudgetSeed, BudgetSnapshot, ScopeBudget, SeedNeeded, UsageTotals
 
 
 class _ScopeState:
@@ -124,6 +126,20 @@ class _ScopeState:
         self.add_budget(periods.day_id, periods.month_id, request.reserve_tokens)
         self.held[request.lease_id] = (request.reserve_tokens, periods.day_id, periods.month_id)
 
+    def budget(self, periods: Periods) -> ScopeBudget:
+        day_id, month_id = periods.day_id, periods.month_id
+        held = self.held.values()
+        return ScopeBudget(
+            counted=UsageTotals(
+                self.day.get(day_id, 0), self.month.get(month_id, 0), self.lifetime
+            ),
+            reserved=UsageTotals(
+                sum(t for t, day, _ in held if day == day_id),
+                sum(t for t, _, month in held if month == month_id),
+                sum(t for t, _, _ in held),
+            ),
+        )
+
     def add_budget(self, day_id: str | None, month_id: str | None, tokens: int) -> None:
         if day_id is not None:
             self.day[day_id] = self.day.get(day_id, 0) + tokens
@@ -140,10 +156,11 @@ def _drop_others(counters: dict[str, int], current: str) -> None:
 
 
 class _TenantState:
-    __slots__ = ("epoch", "keys", "scope")
+    __slots__ = ("epoch", "keys", "scope", "version")
 
     def __init__(self) -> None:
         self.epoch: str | None = None  # None: budget counters not seeded yet
+        self.version = 0  # settlements and corrections (the reconciliation's compare-and-set)
         self.scope = _ScopeState()
         self.keys: dict[int, _ScopeState] = {}
 
@@ -251,6 +268,7 @@ class MemoryCounters:
         periods = lease.periods
         day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
         month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
+        tenant.version += 1
         for state in (tenant.key(lease.key_id), tenant.scope):
             state.leases.pop(lease.id, None)  # its heap item is skipped when it comes up
             held = state.held.pop(lease.id, None) is not None
@@ -297,4 +315,46 @@ class MemoryCounters:
             state.day = {periods.day_id: totals.day_tokens}
             state.month = {periods.month_id: totals.month_tokens}
             state.lifetime = totals.lifetime_tokens
+        return True
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        await trio.lowlevel.checkpoint()
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None or tenant.epoch is None:
+            return None
+        empty = _ScopeState()
+        return BudgetSnapshot(
+            tenant_id=tenant_id,
+            epoch=tenant.epoch,
+            version=tenant.version,
+            periods=periods,
+            tenant=tenant.scope.budget(periods),
+            keys={k: tenant.keys.get(k, empty).budget(periods) for k in key_ids},
+        )
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        state = self._tenants.get(snapshot.tenant_id)
+        if state is None or (state.epoch, state.version) != (snapshot.epoch, snapshot.version):
+            return False
+        state.version += 1
+        periods = snapshot.periods
+        day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
+        month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
+        pairs = [(state.scope, tenant)] + [(state.key(k), delta) for k, delta in keys.items()]
+        for scope, delta in pairs:
+            if day_id is not None and delta.day_tokens:
+                scope.day[day_id] = scope.day.get(day_id, 0) + delta.day_tokens
+            if month_id is not None and delta.month_tokens:
+                scope.month[month_id] = scope.month.get(month_id, 0) + delta.month_tokens
+            scope.lifetime += delta.lifetime_tokens
         return True

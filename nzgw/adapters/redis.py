@@ -12,6 +12,8 @@ so each script touches one slot and runs on Redis Cluster too):
     P{t<t>}:d:<YYYY-MM-DD>       string  tokens of that day (settled + reserved)
     P{t<t>}:m:<YYYY-MM>          string  tokens of that month
     P{t<t>}:life                 string  lifetime tokens
+    P{t<t>}:ver                  string  settlements and corrections of the tenant (the
+                                         reconciliation's compare-and-set)
     P{t<t>}:k<k>:log|tok|lease|d:<day>|m:<month>|life    the same for key <k> of that tenant
 
 Window keys expire by themselves when idle; day and month counters a day after their period
@@ -26,15 +28,18 @@ while coredis opens a connection loses that pool slot for good; docs/ARCHITECTUR
 Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
-- entering coredis (taking a connection, queueing the command) is bounded by coredis' own
-  `connect_timeout` (`max_wait`: a loopback connect is instant, only a busy loop makes it look
-  slow, and a refused one fails at once) and a semaphore of `max_connections`, so coredis never
-  waits for a pool slot and our scopes never cancel a connect;
-- the wait for the reply fails only when Redis has been *silent* for `call_timeout`: no reply to
-  any call of this process since the later of the call's start and the last reply. Before it
-  fails, the call lets the event loop read what the socket may already hold (a busy loop makes
-  every reply late, it does not make Redis slow). Whatever the replies, no call waits more than
-  `max_wait` (`5 * call_timeout`);
+- it goes out on the node's one live connection, written by the calling task before it yields
+  (`nzgw.adapters.redis_link`; docs/ARCHITECTURE.md "Counters under a burst"): no pool checkout,
+  no writer task to wait for. Only a call that finds no live connection waits, for one connect
+  per node, bounded by coredis' own `connect_timeout` (`max_wait`: a loopback connect is
+  instant, only a busy loop makes it look slow, and a refused one fails at once); our scopes
+  never cancel a connect;
+- the wait for the reply fails only when the node has been *silent* for `call_timeout`: no
+  reply to any call of this process on that node since the later of the call's start and the
+  last reply. Before it fails, the call lets the event loop read what the socket may already
+  hold (a busy loop makes every reply late, it does not make Redis slow). Whatever the replies,
+  no call waits more than `max_wait` (`5 * call_timeout`);
+- on Redis Cluster, a call goes to the master of its tenant's slot and follows MOVED and ASK;
 - no retries inside coredis (a retried admission could reserve twice);
 - every failure (silence, refused connection, protocol or script error) becomes
   `CountersUnavailableError`; nothing above this module sees a coredis exception.
@@ -52,7 +57,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, cast
 
@@ -77,13 +82,21 @@ from nzgw.core.limits import (
     Refusal,
     WindowUsage,
 )
-from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded
+from nzgw.ports import (
+    BudgetSeed,
+    BudgetSnapshot,
+    CountersUnavailableError,
+    ScopeBudget,
+    SeedNeeded,
+    UsageTotals,
+)
 
 log = logging.getLogger("nzgw.counters")
 
 # --- scripts ------------------------------------------------------------------------------------
 # KEYS of ADMIT, SETTLE and RELEASE: [1] seed marker, [2..7] key scope, [8..13] tenant scope,
-# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone.
+# each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone,
+# [17] the tenant's version (SETTLE moves it).
 # ADMIT's ARGV[1] is its deadline in Redis ms (past it: status 3, nothing done); ARGV[23], [24]
 # the day and month ids; ARGV[25] the caller's clock for the windows (tests), '' for Redis'.
 # Every reply ends with Redis' clock; admitted or refused, the tokens reclaimed from expired
@@ -269,6 +282,7 @@ local delta = used - reserved
 local marker = redis.call('GET', KEYS[1])
 local day_ttl, month_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
 local budget = 0
+redis.call('INCR', KEYS[17])
 for s = 1, 2 do
   local base = 2 + (s - 1) * 6
   redis.call('ZREM', KEYS[base + 2], lease)
@@ -348,6 +362,61 @@ return 1
 """
 
 
+# Reconciliation. KEYS: marker, version, the :rsv of the tenant and of each key, then (day,
+# month, life) of the tenant and of each key. ARGV: day id, month id, scopes.
+# Returns {0} (not seeded) or {1, epoch, version, then per scope: day, month, life, and of those
+# the reservations of unsettled leases (day, month, life)}.
+_SNAPSHOT: Final = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return {0} end
+local out = {1, epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
+local n = tonumber(ARGV[3])
+for s = 1, n do
+  local base = 2 + n + (s - 1) * 3
+  for i = 1, 3 do out[#out + 1] = tonumber(redis.call('GET', KEYS[base + i]) or '0') end
+  local hd, hm, hl = 0, 0, 0
+  local held = redis.call('HVALS', KEYS[2 + s])
+  for i = 1, #held do
+    local tokens, day, month = string.match(held[i], '^(%d+)|([^|]*)|(.*)$')
+    tokens = tonumber(tokens)
+    hl = hl + tokens
+    if day == ARGV[1] then hd = hd + tokens end
+    if month == ARGV[2] then hm = hm + tokens end
+  end
+  out[#out + 1] = hd
+  out[#out + 1] = hm
+  out[#out + 1] = hl
+end
+return out
+"""
+
+# KEYS: as _SNAPSHOT. ARGV: epoch, version, day ttl, month ttl (<= 0: that period's counter is
+# gone, leave it), scopes, then (day, month, life) deltas per scope. Compare-and-set: nothing
+# unless epoch and version are unchanged; then the version moves (a second reconciler that read
+# the same snapshot does nothing). Admissions meanwhile only added reservations: kept.
+_CORRECT: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('INCR', KEYS[2])
+local day_ttl, month_ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for s = 1, n do
+  local base = 2 + n + (s - 1) * 3
+  local a = 5 + (s - 1) * 3
+  local dd, dm, dl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if dd ~= 0 and day_ttl > 0 then
+    redis.call('INCRBY', KEYS[base + 1], dd)
+    redis.call('PEXPIRE', KEYS[base + 1], day_ttl)
+  end
+  if dm ~= 0 and month_ttl > 0 then
+    redis.call('INCRBY', KEYS[base + 2], dm)
+    redis.call('PEXPIRE', KEYS[base + 2], month_ttl)
+  end
+  if dl ~= 0 then redis.call('INCRBY', KEYS[base + 3], dl) end
+end
+return 1
+"""
+
+
 class _Script:
     __slots__ = ("sha", "source")
 
@@ -364,6 +433,8 @@ _SCRIPTS: Final = {
         ("refresh", _REFRESH),
         ("seed", _SEED),
         ("release", _RELEASE),
+        ("snapshot", _SNAPSHOT),
+        ("correct", _CORRECT),
     )
 }
 
@@ -435,6 +506,7 @@ class RedisCounters:
             k + "rsv",
             t + "rsv",
             f"{k}gone:{lease_id}",
+            t + "ver",
         ]
 
     # --- the edge: every call bounded, shielded, translated
@@ -591,14 +663,34 @@ class RedisCounters:
     # --- the port
 
     async def ping(self) -> None:
-        """Runs the cheapest script: proves the server answers scripts, not only PING. The
-        first one also connects and reads Redis' clock, on each master of a cluster (call it
-        at start: a burst then finds the connections and the clock offsets ready)."""
-        for node in self._links.primaries():
-            if Links.name(node) not in self._offset_ms:
-                await self._redis_ms(trio.current_time(), node)
-        keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
-        await self._eval("refresh", keys, ["-", 1, ""])
+        """A single Redis: runs the cheapest script (proves the server answers scripts, not
+        only PING). A cluster: reads the clock of every master and succeeds when at least one
+        answers (a lost master costs its tenants 503, not every tenant's readiness). The first
+        call also connects and reads the clocks (call it at start: a burst then finds the
+        connections and the clock offsets ready)."""
+        if not self._links.cluster:
+            if "" not in self._offset_ms:
+                await self._redis_ms(trio.current_time(), None)
+            keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
+            await self._eval("refresh", keys, ["-", 1, ""])
+            return
+        failures: list[CountersUnavailableError] = []
+        masters = self._links.primaries()
+        for node in masters:
+            try:
+                start = trio.current_time()
+                with trio.CancelScope(shield=True):
+                    try:
+                        reply = await self._call(node, start, False, b"TIME")
+                    except (RedisError, OSError) as exc:
+                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+                seconds, micros = cast("list[str]", reply)
+                self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
+            except CountersUnavailableError as exc:
+                log.warning("counter store: master %s: %s", Links.name(node), exc)
+                failures.append(exc)
+        if len(failures) == len(masters):
+            raise CountersUnavailableError("counter store: no master of the cluster answers")
 
     async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
         """Cancellation: as every call, runs to its end (shielded). A call that gets no answer
@@ -676,6 +768,66 @@ class RedisCounters:
             keys += [stem + day, stem + month, stem + "life"]
             args += [totals.day_tokens, totals.month_tokens, totals.lifetime_tokens]
         return await self._eval("seed", keys, args) == 1
+
+    # --- reconciliation
+
+    def _budget_keys(self, tenant_id: int, key_ids: Sequence[int], periods: Periods) -> list[str]:
+        t = f"{self._prefix}{{t{tenant_id}}}:"
+        stems = [t] + [f"{t}k{key_id}:" for key_id in key_ids]
+        day, month = f"d:{periods.day_id}", f"m:{periods.month_id}"
+        keys = [f"{t}seed", f"{t}ver"] + [stem + "rsv" for stem in stems]
+        for stem in stems:
+            keys += [stem + day, stem + month, stem + "life"]
+        return keys
+
+    async def budget_snapshot(
+        self, tenant_id: int, key_ids: Sequence[int], periods: Periods
+    ) -> BudgetSnapshot | None:
+        keys = self._budget_keys(tenant_id, key_ids, periods)
+        args: list[_Value] = [periods.day_id, periods.month_id, 1 + len(key_ids)]
+        reply = await self._eval("snapshot", keys, args)
+        if not isinstance(reply, list) or not reply:
+            raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}")
+        try:
+            if int(reply[0]) == 0:
+                return None
+            values = [int(v) for v in reply[2:]]
+            scopes = [
+                ScopeBudget(UsageTotals(*values[i : i + 3]), UsageTotals(*values[i + 3 : i + 6]))
+                for i in range(1, len(values), 6)
+            ]
+            return BudgetSnapshot(
+                tenant_id=tenant_id,
+                epoch=str(reply[1]),
+                version=values[0],
+                periods=periods,
+                tenant=scopes[0],
+                keys=dict(zip(key_ids, scopes[1:], strict=True)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CountersUnavailableError(f"counter store: unexpected answer {reply!r}") from exc
+
+    async def correct_budgets(
+        self,
+        snapshot: BudgetSnapshot,
+        tenant: UsageTotals,
+        keys: Mapping[int, UsageTotals],
+        *,
+        now_ms: int,
+    ) -> bool:
+        key_ids = list(keys)
+        periods = snapshot.periods
+        args: list[_Value] = [
+            snapshot.epoch,
+            snapshot.version,
+            periods.day_end_ms - now_ms + PERIOD_SLACK_MS,
+            periods.month_end_ms - now_ms + PERIOD_SLACK_MS,
+            1 + len(key_ids),
+        ]
+        for delta in [tenant, *keys.values()]:
+            args += [delta.day_tokens, delta.month_tokens, delta.lifetime_tokens]
+        keys_ = self._budget_keys(snapshot.tenant_id, key_ids, periods)
+        return await self._eval("correct", keys_, args) == 1
 
 
 def _admission(request: AdmissionRequest, reply: object) -> AdmissionResult | SeedNeeded:

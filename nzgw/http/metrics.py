@@ -302,12 +302,25 @@ class LiveCollector:
         self._backends = backends
         self._backlog = dict(backlog or {})
         self._counters: dict[str, tuple[str, Callable[[], int]]] = {}
+        self._labelled: dict[
+            str, tuple[str, list[str], Callable[[], Mapping[tuple[str, ...], int]]]
+        ] = {}
         self._slots: SlotPool | None = None
         self._slot_tenant_labels = True
 
     def track_counter(self, name: str, documentation: str, value: Callable[[], int]) -> None:
         """Report `value()` as the counter `name` (without `_total`) at every scrape."""
         self._counters[name] = (documentation, value)
+
+    def track_labelled_counter(
+        self,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        values: Callable[[], Mapping[tuple[str, ...], int]],
+    ) -> None:
+        """Report `values()` (label values → count) as the counter `name` at every scrape."""
+        self._labelled[name] = (documentation, labels, values)
 
     def track_backlog(self, queue: str, size: Callable[[], int]) -> None:
         """Report `size()` as `nzgw_flush_backlog{queue=...}` at every scrape."""
@@ -338,6 +351,11 @@ class LiveCollector:
         for name, (documentation, value) in self._counters.items():
             family = CounterMetricFamily(name, documentation)
             family.add_metric([], value())
+            yield family
+        for name, (documentation, labels, values) in self._labelled.items():
+            family = CounterMetricFamily(name, documentation, labels=labels)
+            for label_values, count in sorted(values().items()):
+                family.add_metric(list(label_values), count)
             yield family
 
     @staticmethod

@@ -108,6 +108,10 @@ class _TenantGate:
         self.settling = 0  # settlements between their `_pending` write and their counters call
         self.idle: trio.Event | None = None  # set when `settling` drops to 0
 
+    def busy(self) -> bool:
+        """A settlement is between its usage record and its counters call, or a seed runs."""
+        return self.settling > 0 or self.seeding is not None
+
 
 class Limiter:
     """Admission and settlement against the Counters port; the in-memory usage aggregate.
@@ -315,19 +319,44 @@ class Limiter:
     async def _seed_now(self, tenant_id: int) -> None:
         now_ms, periods = self._clock()
         with trio.move_on_after(self._seed_timeout) as deadline:
-            async with self._ledger_lock:
-                try:
-                    tenant, keys = await self._ledger.usage_totals(
-                        tenant_id, day=periods.day, month_start=periods.month_start
-                    )
-                except StoreError as exc:
-                    raise CountersUnavailableError(f"usage ledger: {exc}") from exc
-                tenant, keys = self._add_pending(tenant_id, periods, tenant, keys)
+            try:
+                tenant, keys = await self._charged(tenant_id, periods)
+            except StoreError as exc:
+                raise CountersUnavailableError(f"usage ledger: {exc}") from exc
         if deadline.cancelled_caught:
             raise CountersUnavailableError("usage ledger: no answer in time for a rebuild")
         seed = BudgetSeed(tenant_id, secrets.token_hex(8), periods, now_ms, tenant, keys)
         if await self._counters.seed(seed):
             log.info("budget counters of tenant %s rebuilt from the ledger", tenant_id)
+
+    async def _charged(
+        self, tenant_id: int, periods: Periods
+    ) -> tuple[UsageTotals, dict[int, UsageTotals]]:
+        """What the tenant and its keys have used: the ledger and this process's usage not
+        written to it yet, read together (no flush lands in between). Raises `StoreError`."""
+        async with self._ledger_lock:
+            tenant, keys = await self._ledger.usage_totals(
+                tenant_id, day=periods.day, month_start=periods.month_start
+            )
+            return self._add_pending(tenant_id, periods, tenant, keys)
+
+    def clock(self) -> tuple[int, Periods]:
+        """Now (epoch ms) and the budget periods around it."""
+        return self._clock()
+
+    async def charged_for_reconciliation(
+        self, tenant_id: int, periods: Periods
+    ) -> tuple[UsageTotals, dict[int, UsageTotals]] | None:
+        """`_charged`, or None while one of this process's settlements of the tenant is
+        between its usage record and its counters call, or a rebuild runs: the counters may
+        not show what the aggregate does yet, and a correction would count it twice (the
+        reconciliation's compare-and-set cannot see a settlement that lands after it)."""
+        gate = self._gate(tenant_id)
+        if gate.busy():
+            return None
+        charged = await self._charged(tenant_id, periods)
+        # Checked again right after the aggregate was read (no checkpoint in between).
+        return None if gate.busy() else charged
 
     def _add_pending(
         self,

@@ -466,3 +466,62 @@ async def test_an_expired_unsettled_lease_gives_its_reservation_back(backend: Ba
         assert await used(c, who, Limit.DAILY_TOKENS, Scope.KEY, at_ms=10_002) == 1
         await c.settle(dead, tokens=50, now_ms=T0_MS + 10_003)  # late: charged what it used
         assert await used(c, who, Limit.DAILY_TOKENS, Scope.KEY, at_ms=10_004) == 51
+
+
+# --- reconciliation: snapshot and compare-and-set correction --------------------------------------
+
+
+async def test_a_snapshot_tells_settled_tokens_from_reservations(backend: Backend) -> None:
+    who = principal()
+    periods = periods_of(T0_MS)
+    async with backend.open() as c:
+        assert await c.budget_snapshot(1, [10], periods) is None  # not seeded: nothing to compare
+        await seeded(c, tenant=UsageTotals(5, 50, 500), k10=UsageTotals(5, 50, 500))
+        settled = await lease_of(c, admission(who, reserve=30))
+        await c.settle(settled, tokens=7, now_ms=T0_MS + 10)
+        await lease_of(c, admission(who, reserve=40, at_ms=20))  # in flight
+        snap = await c.budget_snapshot(1, [10, 11], periods)
+        assert snap is not None
+        assert snap.tenant.counted == UsageTotals(52, 97, 547)
+        assert snap.tenant.reserved == UsageTotals(40, 40, 40)
+        assert snap.tenant.settled == UsageTotals(12, 57, 507)
+        assert snap.keys[10].settled == UsageTotals(12, 57, 507)
+        assert snap.keys[11].counted == NONE  # a key without counters
+
+
+async def test_a_correction_applies_once_and_keeps_admissions_made_meanwhile(
+    backend: Backend,
+) -> None:
+    who = principal()
+    periods = periods_of(T0_MS)
+    async with backend.open() as c:
+        await seeded(c, tenant=UsageTotals(100, 100, 100), k10=UsageTotals(100, 100, 100))
+        snap = await c.budget_snapshot(1, [10], periods)
+        assert snap is not None
+        # An admission between the read and the write: its reservation must survive.
+        await lease_of(c, admission(who, reserve=9))
+        minus = UsageTotals(-60, -60, -60)
+        assert await c.correct_budgets(snap, minus, {10: minus}, now_ms=T0_MS + 1)
+        # The same snapshot again (a second reconciler): nothing more.
+        assert not await c.correct_budgets(snap, minus, {10: minus}, now_ms=T0_MS + 2)
+        after = await c.budget_snapshot(1, [10], periods)
+        assert after is not None and after.version != snap.version
+        assert after.tenant.counted == UsageTotals(49, 49, 49)  # 100 - 60 + 9 reserved
+        assert after.keys[10].reserved == UsageTotals(9, 9, 9)
+        assert await used(c, who, Limit.DAILY_TOKENS, Scope.TENANT, at_ms=3) == 49
+
+
+async def test_a_settlement_between_snapshot_and_correction_wins(backend: Backend) -> None:
+    who = principal()
+    periods = periods_of(T0_MS)
+    async with backend.open() as c:
+        await seeded(c, tenant=UsageTotals(100, 100, 100))
+        lease = await lease_of(c, admission(who, reserve=10))
+        snap = await c.budget_snapshot(1, [10], periods)
+        assert snap is not None
+        await c.settle(lease, tokens=4, now_ms=T0_MS + 5)
+        assert not await c.correct_budgets(
+            snap, UsageTotals(-100, -100, -100), {}, now_ms=T0_MS + 6
+        )
+        after = await c.budget_snapshot(1, [10], periods)
+        assert after is not None and after.tenant.counted == UsageTotals(104, 104, 104)

@@ -12,47 +12,18 @@ import pytest
 import trio
 import trio.testing
 
-from nzgw.adapters.memory_counters import MemoryCounters
-from nzgw.core.limits import AdmissionRequest, AdmissionResult, Lease, Limit, Scope
+from nzgw.core.limits import AdmissionResult, Lease, Limit, Scope
 from nzgw.core.models import Budgets, Limits, Principal
-from nzgw.ports import BudgetSeed, CountersUnavailableError, SeedNeeded, UsageRow
+from nzgw.ports import (
+    CountersUnavailableError,
+    UsageRow,
+)
 from nzgw.services.limiter import Limiter, run_usage_flusher
 
-from .conftest import T0, FakeLedger, principal
+from .conftest import T0, FakeLedger, SwappableCounters, principal
 
 MARCH_31 = date(2025, 3, 31)
 MODEL = "llama3.2:latest"
-
-
-class SwappableCounters:
-    """Memory counters that can lose everything (a restart) and be slowed down per call."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryCounters()
-        self.settle_delay = 0.0
-        self.seed_delay = 0.0
-        self.seeds = 0
-
-    def restart(self) -> None:
-        self.inner = MemoryCounters()
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
-        return await self.inner.admit(request)
-
-    async def settle(self, lease: Lease, *, tokens: int, now_ms: int) -> None:
-        await trio.sleep(self.settle_delay)
-        await self.inner.settle(lease, tokens=tokens, now_ms=now_ms)
-
-    async def refresh(self, lease: Lease, *, now_ms: int) -> bool:
-        return await self.inner.refresh(lease, now_ms=now_ms)
-
-    async def seed(self, seed: BudgetSeed) -> bool:
-        self.seeds += 1
-        await trio.sleep(self.seed_delay)
-        return await self.inner.seed(seed)
 
 
 def virtual_now() -> datetime:
