@@ -30,6 +30,7 @@ bounded here.
 
 from __future__ import annotations
 
+import os
 import select
 import ssl
 from collections import deque
@@ -85,12 +86,27 @@ class _Connection:
             return False
         return not readable
 
+    async def read(self) -> bytes:
+        """The next bytes the backend sent (`b""` at EOF). A plain socket: one wait until it is
+        readable (the relay's checkpoint) and one `read`, without the layers of Trio's
+        `SocketStream.receive_some` (a try-read that fails for every paced token, then the
+        wait, then the read); any other stream (TLS, tests) through its own API."""
+        stream = self.stream
+        if type(stream) is trio.SocketStream:
+            sock = stream.socket
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("the connection was closed")
+            await trio.lowlevel.wait_readable(sock)
+            with suppress(BlockingIOError):  # readable without data: the stream's own way
+                return os.read(sock.fileno(), _READ_SIZE)
+        return bytes(await stream.receive_some(_READ_SIZE))
+
     async def receive(self, eof_message: str) -> None:
         """Feed h11 with what the socket delivers next; EOF is `UpstreamError(eof_message)`."""
-        data = await self.stream.receive_some(_READ_SIZE)
+        data = await self.read()
         if not data:
             raise UpstreamError(eof_message)
-        self.h11.receive_data(bytes(data))
+        self.h11.receive_data(data)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), suppress(*_TRANSPORT_ERRORS):
@@ -240,7 +256,7 @@ class H11Response:
                     return data
                 if data:
                     return data
-                received = await conn.stream.receive_some(_READ_SIZE)
+                received = await conn.read()
                 if not received:
                     raise UpstreamError("connection closed before the end of the response")
                 chunked.buffer += received
