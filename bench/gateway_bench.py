@@ -208,8 +208,11 @@ def start_servers(work: Path) -> tuple[dict[str, subprocess.Popen[bytes]], dict[
         "OLLAMA_BASE_URL": f"http://127.0.0.1:{ports['emulator']}",
         "NZGW_BIND": f"127.0.0.1:{ports['nzgw']}",
         "NZGW_DISCOVERY_INTERVAL": "30",
-        # 32 clients share one key: the per-key bound of bodies in progress (16) is not measured.
+        # Measure the relay, not the fair queue: as many backend slots as clients, and no
+        # bound on bodies in progress (32 clients share one key from one address).
+        "OLLAMA_PARALLEL": "64",
         "NZGW_MAX_BODY_UPLOADS_PER_KEY": "0",
+        "NZGW_MAX_BODY_UPLOADS_PER_CLIENT": "0",
     }
     (work / "floor_app.py").write_text(FLOOR_APP)
     quiet = subprocess.DEVNULL

@@ -726,6 +726,14 @@ class Bench:
             "NZGW_DISCOVERY_INTERVAL": "30",
             # One upstream connection per concurrent stream (the pool's default is 256).
             "NZGW_UPSTREAM_POOL_SIZE": str(max(256, self.streams + 64)),
+            # The fake upstream serves every stream at once: give it a slot per stream (the
+            # default, 1, queues all but one in the tenant-fair queue: 429 past 512 waiting,
+            # 503 after NZGW_QUEUE_TIMEOUT), as an operator sets OLLAMA_PARALLEL to the
+            # backend's OLLAMA_NUM_PARALLEL. No bound on bodies in progress per key or per
+            # client either: every stream is one key from one address.
+            "OLLAMA_PARALLEL": str(self.streams + 64),
+            "NZGW_MAX_BODY_UPLOADS_PER_KEY": "0",
+            "NZGW_MAX_BODY_UPLOADS_PER_CLIENT": "0",
             **extra,
         }
 

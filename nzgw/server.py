@@ -180,7 +180,11 @@ async def run_server(
                 counters = metrics.watch_counters(counters)
                 steps.done(
                     "counters and backend clients opened",
-                    counters="in-process" if config.embedded_counters else "redis",
+                    counters="in-process"
+                    if config.embedded_counters
+                    else "redis cluster"
+                    if config.redis_cluster
+                    else "redis",
                     backends=len(backends),
                 )
                 # Connect (and read Redis' clock) before the first burst; down: fail closed later.

@@ -49,7 +49,7 @@ def relayed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     counts: list[int] = []
     original = nzgw.http.fastrelay.relay_to_client
 
-    async def counting(body: AsyncIterator[bytes], *args: Any) -> None:
+    async def counting(body: AsyncIterator[bytes], *args: Any, **kwargs: Any) -> None:
         pieces = 0
 
         async def counted() -> AsyncGenerator[bytes, None]:
@@ -60,7 +60,7 @@ def relayed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
         wrapped = counted()
         try:
-            await original(wrapped, *args)
+            await original(wrapped, *args, **kwargs)
         finally:
             await wrapped.aclose()
             counts.append(pieces)

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from nzgw.adapters.h11pool import H11Pool, H11Response
+from nzgw.adapters.h11pool import _MAX_CHUNK_LINE, H11Pool, H11Response, _Chunked
 from nzgw.adapters.ollama import OllamaBackend
 from nzgw.config import BackendConfig
 from nzgw.ports import UpstreamError
@@ -286,3 +286,65 @@ async def test_reuse_over_the_injected_network(pool: H11Pool, network: _Network)
         response = await _get(pool)
         assert await response.read_all(1024) == b"onetwothree"
     assert len(network.opened) == 1 and network.requests == 4
+
+
+# --- The chunked body decoder (sans-IO): what h11 would have decoded, however the bytes arrive --
+
+CHUNKED = b"3\r\none\r\n3;ext=1\r\ntwo\r\n5 \r\nthree\r\n0\r\nx-trailer: 1\r\n\r\n"
+
+
+def test_chunked_bodies_decode_whole_however_they_are_split() -> None:
+    for cut in range(len(CHUNKED) + 1):
+        for step in (1, 2, 7, len(CHUNKED)):
+            decoder = _Chunked(CHUNKED[:cut])
+            body = decoder.decode()
+            rest = CHUNKED[cut:]
+            while rest:
+                decoder.buffer += rest[:step]
+                rest = rest[step:]
+                body += decoder.decode()
+            assert (body, decoder.done, bytes(decoder.buffer)) == (b"onetwothree", True, b"")
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"x\r\none\r\n",  # not hex
+        b"-3\r\none\r\n",
+        b"0x3\r\none\r\n",
+        b"\r\none\r\n",  # no size
+        b"3\r\noneXY",  # no CRLF after the data
+        b"1" * 17 + b"\r\n",  # more than 64 bits
+        b"3" * (_MAX_CHUNK_LINE + 1),  # a size line that never ends
+    ],
+)
+def test_malformed_chunks_are_upstream_errors(wire: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        _Chunked(wire).decode()
+
+
+async def test_chunked_response_with_connection_close_is_not_reused() -> None:
+    """h11 still decides keep-alive: the body is decoded here, the connection is not kept."""
+    opened: list[_TrackedStream] = []
+
+    async def serve(stream: trio.abc.Stream) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while b"\r\n\r\n" not in await stream.receive_some():
+                pass
+            head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            await stream.send_all(head + CHUNKED)
+
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream() -> trio.abc.Stream:
+            client, server = trio.testing.memory_stream_pair()
+            opened.append(_TrackedStream(client))
+            nursery.start_soon(serve, server)
+            return opened[-1]
+
+        pool = H11Pool(open_stream, size=1, connect_timeout=10.0)
+        for _ in range(2):
+            response = await _get(pool)
+            assert await response.read_all(1024) == b"onetwothree"
+        await pool.aclose()
+    assert len(opened) == 2 and all(s.closed for s in opened)

@@ -35,6 +35,7 @@ from nzgw.services.identity import (
     AuthThrottledError,
     FailureThrottle,
     KeyHasher,
+    MemoryAuthThrottle,
     flush_last_used,
     run_last_used_flush,
     run_revocation_watch,
@@ -304,12 +305,56 @@ async def test_the_cache_is_not_trusted_when_the_epoch_is_stale(
     await trio.sleep(0.99)
     await setup.auth.authenticate(key, CLIENT)
     assert setup.events["verification"] == 1
+    assert setup.store.find_calls == 1
     await trio.sleep(0.02)  # 1.01 s since the last epoch read: go to the store
     await setup.auth.authenticate(key, CLIENT)
-    assert setup.events["verification"] == 2
+    # The key's record is read again; its secret matched the verified one: no Argon2id.
+    assert (setup.store.find_calls, setup.events["verification"]) == (2, 1)
+    await trio.sleep(0.99)  # trusted for max_staleness from that read
+    await setup.auth.authenticate(key, CLIENT)
+    assert setup.store.find_calls == 2
     setup.store.down = True
     await trio.sleep(1.5)
     with pytest.raises(StoreUnavailableError):  # fail closed, not "cached, so fine"
+        await setup.auth.authenticate(key, CLIENT)
+
+
+async def test_a_burst_on_a_stale_cache_reads_the_key_once_and_verifies_nothing(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 17: a burst delays the revocation watch; the requests of a hot key must not each
+    go to the store and Argon2id (a stampede that made admissions late)."""
+    key = setup.store.add(setup.hasher)
+    setup.fresh()
+    await setup.auth.authenticate(key, CLIENT)
+    await trio.sleep(1.5)  # the watch fell behind: the cache is not trusted
+    setup.store.gate = trio.Event()  # the re-read waits: every request arrives meanwhile
+    accepted = 0
+
+    async def one() -> None:
+        nonlocal accepted
+        await setup.auth.authenticate(key, CLIENT)
+        accepted += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        setup.store.gate.set()
+    assert accepted == 50
+    assert (setup.store.find_calls, setup.events["verification"]) == (2, 1)
+    assert setup.events["reread"] == 1
+
+
+async def test_a_key_revoked_while_the_watch_is_behind_is_refused_by_the_re_read(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    key = setup.store.add(setup.hasher)
+    setup.fresh()
+    await setup.auth.authenticate(key, CLIENT)
+    setup.store.set_key(key[:11], status=Status.REVOKED)  # the watch has not seen it
+    await trio.sleep(1.5)
+    with pytest.raises(AuthenticationError):
         await setup.auth.authenticate(key, CLIENT)
 
 
@@ -363,6 +408,52 @@ async def test_concurrent_misses_for_one_key_share_one_verification(
             nursery.start_soon(one)
     assert len(results) == 50
     assert setup.events["verification"] == 1
+
+
+class RoundTripThrottle(MemoryAuthThrottle):
+    """The throttle as in Redis: each call is a round trip, so other requests run meanwhile."""
+
+    calls = 0
+
+    async def try_acquire(self, address: str) -> float | None:
+        self.calls += 1
+        wait = await super().try_acquire(address)
+        await trio.sleep(0.001)
+        return wait
+
+
+async def test_a_cold_burst_of_one_key_asks_the_throttle_once(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 17: 1,000 streams of one key from one address on a cold cache each asked the
+    (Redis) throttle before the first verification had begun: past the allowance the valid key
+    got 429, past the throttle's connections 503. The first request claims the verification
+    before it asks; the others wait for it."""
+    key = setup.store.add(setup.hasher)
+    throttle = RoundTripThrottle(20)
+    events: collections.Counter[str] = collections.Counter()
+    auth = Authenticator(
+        cast(Store, setup.store),
+        hasher=setup.hasher,
+        max_concurrency=2,
+        cache_ttl=60.0,
+        fail_limit=20,
+        throttle=throttle,
+        wall_clock=setup.wall,
+        events=counting(events),
+    )
+    auth.epoch_observed(setup.store.epoch, trio.current_time())
+    accepted = 0
+
+    async def one() -> None:
+        nonlocal accepted
+        await auth.authenticate(key, CLIENT)
+        accepted += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+    assert (accepted, throttle.calls, events["verification"]) == (50, 1, 1)
 
 
 async def test_a_cancelled_verification_leaves_nothing_behind(

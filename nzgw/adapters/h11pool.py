@@ -18,8 +18,14 @@ returns the connections to close; the caller awaits those closes, shielded, in i
 (as httpcore's pool does). The network layer is a `StreamFactory`: `tcp_stream_factory` in
 production, an in-memory stream in tests.
 
-Every transport failure (OSError, a closed or broken stream, an h11 protocol error) is raised
-as `UpstreamError`. Timeouts are the caller's, except connecting, which is bounded here.
+A chunked body (every Ollama stream) is decoded here, not by h11 (`_Chunked`): h11's event
+machinery was a fifth of the relay's CPU per token (docs/ARCHITECTURE.md, "The relay fast
+path"). h11 still writes the request and parses the status line and headers; at the end of a
+chunked body the connection gets a fresh h11 state machine if h11 said it may be kept alive.
+
+Every transport failure (OSError, a closed or broken stream, an h11 protocol error, a malformed
+chunk) is raised as `UpstreamError`. Timeouts are the caller's, except connecting, which is
+bounded here.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import trio
 from nzgw.ports import UpstreamError
 
 _READ_SIZE = 65536
+_MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field longer than this is malformed
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 _MAX_IDLE = 64  # idle connections kept per backend
 
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
@@ -95,19 +103,91 @@ async def _close_all(connections: Iterable[_Connection]) -> None:
         await conn.aclose()
 
 
+class _Chunked:
+    """The chunked transfer coding (RFC 9112, 7.1), decoded from a buffer: sans-IO."""
+
+    __slots__ = ("_remaining", "_state", "buffer", "done")
+
+    _SIZE, _DATA, _CRLF, _TRAILER = range(4)
+
+    def __init__(self, buffered: bytes) -> None:
+        self.buffer = bytearray(buffered)
+        self.done = False  # the last chunk and the trailer section were read
+        self._remaining = 0
+        self._state = self._SIZE
+
+    def decode(self) -> bytes:
+        """The body bytes the buffer holds (consumed); raises UpstreamError when malformed."""
+        buffer = self.buffer
+        out: list[bytes] = []
+        pos = 0
+        end = len(buffer)
+        while not self.done:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, end - pos)
+                if not take:
+                    break
+                out.append(bytes(buffer[pos : pos + take]))
+                pos += take
+                self._remaining -= take
+                if self._remaining:
+                    break
+                self._state = self._CRLF
+            elif state == self._CRLF:
+                if end - pos < 2:
+                    break
+                if buffer[pos : pos + 2] != b"\r\n":
+                    raise UpstreamError("malformed chunk: no CRLF after the data")
+                pos += 2
+                self._state = self._SIZE
+            else:
+                eol = buffer.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos > _MAX_CHUNK_LINE:
+                        raise UpstreamError("malformed chunk: line too long")
+                    break
+                line = bytes(buffer[pos:eol])
+                pos = eol + 2
+                if state == self._TRAILER:
+                    self.done = not line  # an empty line ends the trailer section
+                    continue
+                size = line.split(b";", 1)[0].rstrip(b" \t")
+                if not size or len(size) > 16 or not _HEX.issuperset(size):
+                    raise UpstreamError("malformed chunk size")
+                self._remaining = int(size, 16)
+                self._state = self._DATA if self._remaining else self._TRAILER
+        del buffer[:pos]
+        return b"".join(out)
+
+
+def _is_chunked(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    if status < 200 or status in (204, 304):
+        return False  # no body, whatever the headers say
+    return any(k == b"transfer-encoding" and v.lower() == b"chunked" for k, v in headers)
+
+
 class H11Response:
     """An upstream response: status and headers are known; read the body with `receive_some`
     and always `aclose` (a no-op once the body was read to the end)."""
 
-    __slots__ = ("_conn", "_pool", "headers", "status")
+    __slots__ = ("_chunked", "_conn", "_pool", "headers", "status")
 
     def __init__(
-        self, pool: H11Pool, conn: _Connection, status: int, headers: list[tuple[bytes, bytes]]
+        self,
+        pool: H11Pool,
+        conn: _Connection,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        chunked: bool = False,
     ) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
         self.status = status
         self.headers = headers
+        # A chunked body is decoded by `_Chunked` from what h11 had already buffered on.
+        self._chunked = _Chunked(conn.h11.trailing_data[0]) if chunked else None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -120,6 +200,8 @@ class H11Response:
         conn = self._conn
         if conn is None:
             return b""
+        if self._chunked is not None:
+            return await self._receive_chunked(conn, self._chunked)
         parts: list[bytes] = []
         try:
             while True:
@@ -144,6 +226,31 @@ class H11Response:
             raise
         return b"".join(parts)
 
+    async def _receive_chunked(self, conn: _Connection, chunked: _Chunked) -> bytes:
+        try:
+            while True:
+                data = chunked.decode()
+                if chunked.done:
+                    # Kept alive only as h11 allows (our side DONE, not MUST_CLOSE) and with
+                    # nothing after the body (a backend never sends ahead).
+                    reusable = not chunked.buffer and conn.h11.our_state is h11.DONE
+                    if reusable:
+                        conn.h11 = h11.Connection(h11.CLIENT)
+                    await self._release_finished(reusable=reusable)
+                    return data
+                if data:
+                    return data
+                received = await conn.stream.receive_some(_READ_SIZE)
+                if not received:
+                    raise UpstreamError("connection closed before the end of the response")
+                chunked.buffer += received
+        except _TRANSPORT_ERRORS as exc:
+            await self.aclose()
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+
     async def read_all(self, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
@@ -155,9 +262,9 @@ class H11Response:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _release_finished(self) -> None:
+    async def _release_finished(self, *, reusable: bool = True) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and (to_close := self._pool._done(conn, reusable=True)):
+        if conn is not None and (to_close := self._pool._done(conn, reusable=reusable)):
             await _close_all(to_close)
 
     async def aclose(self) -> None:
@@ -241,7 +348,9 @@ class H11Pool:
                 if type(event) is h11.InformationalResponse:
                     continue
                 if type(event) is h11.Response:
-                    response = H11Response(self, conn, event.status_code, list(event.headers))
+                    headers = list(event.headers)
+                    chunked = method != b"HEAD" and _is_chunked(event.status_code, headers)
+                    response = H11Response(self, conn, event.status_code, headers, chunked=chunked)
                     handed_over = True  # the response owns the connection and the slot now
                     return response
                 raise UpstreamError(f"unexpected {type(event).__name__} from the backend")

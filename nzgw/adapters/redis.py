@@ -28,15 +28,18 @@ while coredis opens a connection loses that pool slot for good; docs/ARCHITECTUR
 Redis by its replies, not by how late our own event loop gets to them:
 
 - the call runs in `trio.CancelScope(shield=True)`: a client disconnect does not cut it;
-- entering coredis (taking a connection, queueing the command) is bounded by coredis' own
-  `connect_timeout` (`max_wait`: a loopback connect is instant, only a busy loop makes it look
-  slow, and a refused one fails at once) and a semaphore of `max_connections`, so coredis never
-  waits for a pool slot and our scopes never cancel a connect;
-- the wait for the reply fails only when Redis has been *silent* for `call_timeout`: no reply to
-  any call of this process since the later of the call's start and the last reply. Before it
-  fails, the call lets the event loop read what the socket may already hold (a busy loop makes
-  every reply late, it does not make Redis slow). Whatever the replies, no call waits more than
-  `max_wait` (`5 * call_timeout`);
+- it goes out on the node's one live connection, written by the calling task before it yields
+  (`nzgw.adapters.redis_link`; docs/ARCHITECTURE.md "Counters under a burst"): no pool checkout,
+  no writer task to wait for. Only a call that finds no live connection waits, for one connect
+  per node, bounded by coredis' own `connect_timeout` (`max_wait`: a loopback connect is
+  instant, only a busy loop makes it look slow, and a refused one fails at once); our scopes
+  never cancel a connect;
+- the wait for the reply fails only when the node has been *silent* for `call_timeout`: no
+  reply to any call of this process on that node since the later of the call's start and the
+  last reply. Before it fails, the call lets the event loop read what the socket may already
+  hold (a busy loop makes every reply late, it does not make Redis slow). Whatever the replies,
+  no call waits more than `max_wait` (`5 * call_timeout`);
+- on Redis Cluster, a call goes to the master of its tenant's slot and follows MOVED and ASK;
 - no retries inside coredis (a retried admission could reserve twice);
 - every failure (silence, refused connection, protocol or script error) becomes
   `CountersUnavailableError`; nothing above this module sees a coredis exception.
@@ -660,14 +663,34 @@ class RedisCounters:
     # --- the port
 
     async def ping(self) -> None:
-        """Runs the cheapest script: proves the server answers scripts, not only PING. The
-        first one also connects and reads Redis' clock, on each master of a cluster (call it
-        at start: a burst then finds the connections and the clock offsets ready)."""
-        for node in self._links.primaries():
-            if Links.name(node) not in self._offset_ms:
-                await self._redis_ms(trio.current_time(), node)
-        keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
-        await self._eval("refresh", keys, ["-", 1, ""])
+        """A single Redis: runs the cheapest script (proves the server answers scripts, not
+        only PING). A cluster: reads the clock of every master and succeeds when at least one
+        answers (a lost master costs its tenants 503, not every tenant's readiness). The first
+        call also connects and reads the clocks (call it at start: a burst then finds the
+        connections and the clock offsets ready)."""
+        if not self._links.cluster:
+            if "" not in self._offset_ms:
+                await self._redis_ms(trio.current_time(), None)
+            keys = [f"{self._prefix}{{ping}}:a", f"{self._prefix}{{ping}}:b"]
+            await self._eval("refresh", keys, ["-", 1, ""])
+            return
+        failures: list[CountersUnavailableError] = []
+        masters = self._links.primaries()
+        for node in masters:
+            try:
+                start = trio.current_time()
+                with trio.CancelScope(shield=True):
+                    try:
+                        reply = await self._call(node, start, False, b"TIME")
+                    except (RedisError, OSError) as exc:
+                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+                seconds, micros = cast("list[str]", reply)
+                self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
+            except CountersUnavailableError as exc:
+                log.warning("counter store: master %s: %s", Links.name(node), exc)
+                failures.append(exc)
+        if len(failures) == len(masters):
+            raise CountersUnavailableError("counter store: no master of the cluster answers")
 
     async def admit(self, request: AdmissionRequest) -> AdmissionResult | SeedNeeded:
         """Cancellation: as every call, runs to its end (shielded). A call that gets no answer

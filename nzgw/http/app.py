@@ -51,6 +51,11 @@ class GatewayApp(QuartTrio):
     async def dispatch_request(self, request_context: RequestContext | None = None) -> Any:
         return await _dispatch(self.gateway)
 
+    def create_url_adapter(self, request: Any) -> None:
+        # Routing is `nzgw.core.paths` (module docstring): werkzeug's URL adapter, built and
+        # matched for every request by Quart, would only be thrown away.
+        return None
+
     async def handle_exception(self, error: Exception) -> Any:
         log.exception("unhandled error")
         body, content_type = error_response(Surface.GATEWAY, 500, "internal error")

@@ -24,6 +24,9 @@ configuration cannot express:
 3. **The relay fast path.** Every request's scope offers `nzgw.http.fastrelay.RELAY_EXTENSION`:
    a committed stream's body is written by `relay_to_client` straight to this connection's
    socket, under its send lock (docs/ARCHITECTURE.md, "The relay fast path").
+   A response's head is held until its first body bytes (or its end) and goes out in the
+   same write: one segment, one wake-up of the client, for a whole answer and for a stream's
+   head and first frame.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 import h11
 import hypercorn.config
 import trio
+from hypercorn.events import RawData
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import Request, Response
@@ -99,13 +103,31 @@ class EdgeH11Protocol(H11Protocol):
         super().__init__(*args)
         self._client_stream = client_stream
         self._send_lock = send_lock
+        self._head = b""  # a response head not written yet (module docstring, 3)
 
     async def relay(self, body: AsyncIterator[bytes]) -> None:
         """Write a response body straight to the client (`nzgw.http.fastrelay`)."""
         connection = self.connection
         if not isinstance(connection, h11.Connection):  # pragma: no cover - no WebSocket here
             raise RuntimeError("no HTTP/1 connection to relay on")
-        await relay_to_client(body, connection, self._client_stream, self._send_lock)
+        head, self._head = self._head, b""
+        await relay_to_client(body, connection, self._client_stream, self._send_lock, head=head)
+
+    async def _send_h11_event(self, event: Any) -> None:
+        # hypercorn's, with the head held for the first body bytes (module docstring, 3).
+        try:
+            data = self.connection.send(event) or b""
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if type(event) is h11.Response:
+            self._head = data
+            return
+        if self._head:
+            data, self._head = self._head + data, b""
+        if data:
+            await self.send(RawData(data=data))
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # Stock hypercorn raises here to switch to HTTP/2 (h2c upgrade, prior knowledge).

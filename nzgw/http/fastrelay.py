@@ -20,8 +20,10 @@ streamed `Response`: the slow path, same bytes.
 
 Guarantees, as on the slow path:
 
-* **Shielding**: each write runs shielded, so a cancellation never leaves half a chunk on the
-  wire; a write cannot block forever (the listener's `TCP_USER_TIMEOUT`, http/listen.py).
+* **Shielding**: a write goes straight into the socket when its buffer has room (no
+  checkpoint: nothing to cancel); what does not fit is written by Trio, shielded, so a
+  cancellation never leaves half a chunk on the wire. A write cannot block forever (the
+  listener's `TCP_USER_TIMEOUT`, http/listen.py).
 * **Backpressure**: a client that reads slowly blocks the write, so the relay stops reading
   upstream and TCP pushes back on the backend.
 * **Cancellation**: a client that leaves is seen by hypercorn's reader, quart-trio cancels the
@@ -36,6 +38,7 @@ Guarantees, as on the slow path:
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -71,11 +74,14 @@ async def relay_to_client(
     connection: h11.Connection,
     stream: trio.abc.SendStream,
     send_lock: trio.Lock,
+    *,
+    head: bytes = b"",
 ) -> None:
-    """Write `body` to the client: `connection` has sent the response head and is in
-    SEND_BODY. The first piece goes through h11, which shows the framing it chose: chunked
-    (HTTP/1.1, no Content-Length) is then framed here, any other framing stays with h11.
-    Returns when the body ends or the client is gone."""
+    """Write `body` to the client: `connection` has produced the response head (`head`, the
+    bytes of it not written yet, go out with the first piece) and is in SEND_BODY. The first
+    piece goes through h11, which shows the framing it chose: chunked (HTTP/1.1, no
+    Content-Length) is then framed here, any other framing stays with h11. Returns when the
+    body ends or the client is gone."""
     # No checkpoint before the first piece is written (as on the slow path): a stream whose
     # head went out always carries its first frame, and the watcher always counts it.
     try:
@@ -93,10 +99,36 @@ async def relay_to_client(
                 frame = connection.send(h11.Data(data=data)) or b""
                 if chunked is None:
                     chunked = frame == b"%x\r\n%b\r\n" % (len(data), data)
-            try:
-                with trio.CancelScope(shield=True):
-                    await stream.send_all(frame)
-            except _CLIENT_GONE:
-                return  # hypercorn's reader sees it too and ends the request
+            if head:
+                frame, head = head + frame, b""
+            if not await _write(stream, frame):
+                return  # the client is gone: hypercorn's reader sees it too, ends the request
+        if head:  # an empty body: the head goes out alone (h11 ends the body after us)
+            await _write(stream, head)
     finally:
         send_lock.release()
+
+
+async def _write(stream: trio.abc.SendStream, frame: bytes) -> bool:
+    """Write `frame` whole; False when the client is gone.
+
+    Straight into the socket first: a frame the socket buffer takes (the usual case for a
+    token) costs one `write` and no trip through Trio's scheduler (the read from upstream
+    that produced it was the relay's checkpoint). What does not fit goes through Trio,
+    shielded, waiting for the client to read (backpressure)."""
+    sent = 0
+    if type(stream) is trio.SocketStream:
+        try:
+            sent = os.write(stream.socket.fileno(), frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset, broken pipe, or closed by hypercorn (EBADF)
+            return False
+        if sent == len(frame):
+            return True
+    try:
+        with trio.CancelScope(shield=True):
+            await stream.send_all(memoryview(frame)[sent:])
+    except _CLIENT_GONE:
+        return False
+    return True

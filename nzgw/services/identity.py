@@ -8,9 +8,16 @@
 2. The positive cache, indexed by the public prefix; an entry holds HMAC-SHA256(per-process
    secret, presented key), compared with `hmac.compare_digest`, never the key itself. A hit
    costs one HMAC: a key that is already known good needs no throttle allowance, so an
-   attacker throttling a shared address does not lock out the clients behind it.
+   attacker throttling a shared address does not lock out the clients behind it. While the
+   cache is not trusted (the revocation watch is behind, below), a hit re-reads its key's
+   record from the store, once for all the concurrent requests of that key and without
+   Argon2id (the secret matched the verified one); the entry is then trusted for
+   `max_staleness` from that read. Without this, a burst that delays the watch made every
+   request of a hot key verify it again: a store and Argon2id stampede.
 3. A verification of the very same key already in flight (a cold-cache burst) is waited for
-   and shared: one Argon2id run, no throttle allowance spent by the waiters.
+   and shared: one Argon2id run, no throttle allowance spent by the waiters. The first request
+   claims the verification before it asks the throttle (a Redis call), so a burst of one key
+   asks the throttle once.
 4. The failure throttle per client address (IPv6: per /`ipv6_prefix`, 64 by default): a token
    bucket of `fail_limit` per minute behind the `AuthThrottle` port (in Redis, shared by every
    process, when configured; `MemoryAuthThrottle` otherwise). A token is taken BEFORE any store
@@ -268,6 +275,7 @@ class AuthEvent(enum.StrEnum):
     THROTTLED = "throttled"  # refused: the address failed too often
     REHASH = "rehash"  # a hash was upgraded to the current parameters
     BUSY = "busy"  # refused because the cold-verification queue was full
+    REREAD = "reread"  # a cached key's record read again while the watch was behind
 
 
 AuthEvents = Callable[[AuthEvent], None]
@@ -283,6 +291,8 @@ class _CacheEntry:
     mac: bytes
     principal: Principal
     expires: float  # trio.current_time() deadline
+    # Re-read from the store while the watch was behind: trusted until then, whatever the watch.
+    fresh_until: float = float("-inf")
 
 
 @attrs.define
@@ -329,6 +339,7 @@ class Authenticator:
         self._cache: dict[str, _CacheEntry] = {}
         self._generation = 0  # bumped whenever the cache is emptied
         self._inflight: dict[bytes, _Flight] = {}
+        self._rereads: dict[str, _Flight] = {}  # cached keys whose record is being read again
         self._epoch: int | None = None
         # Changes applied lately (seq order), so that a verification can tell whether one
         # concerning its key happened while it ran.
@@ -378,44 +389,48 @@ class Authenticator:
 
         mac = hmac.digest(self._secret, presented.encode("ascii"), "sha256")
         entry = self._cache.get(parsed.prefix)
-        if (
-            entry is not None
-            and now < entry.expires
-            and now < self._fresh_until
-            and hmac.compare_digest(entry.mac, mac)
-        ):
-            wall_now = self._wall_clock()
-            if _usable(entry.principal, wall_now):
-                self._event(AuthEvent.CACHE_HIT)
-                self._last_used[entry.principal.key.id] = wall_now
-                return entry.principal
-            del self._cache[parsed.prefix]  # expired while cached: refuse on the slow path
+        if entry is not None and now < entry.expires and hmac.compare_digest(entry.mac, mac):
+            if now >= self._fresh_until and now >= entry.fresh_until:
+                # The watch is behind: the secret is known good, only its record may have
+                # changed. One store read for all of this key's requests, no Argon2id.
+                entry = await self._reread(parsed.prefix, entry)
+            if entry is not None:
+                wall_now = self._wall_clock()
+                if _usable(entry.principal, wall_now):
+                    self._event(AuthEvent.CACHE_HIT)
+                    self._last_used[entry.principal.key.id] = wall_now
+                    return entry.principal
+                self._cache.pop(parsed.prefix, None)  # expired while cached: the slow path
         self._event(AuthEvent.CACHE_MISS)
 
         # The same key being verified already (a burst from one client on a cold cache):
         # share that verification, which costs this request no throttle allowance.
-        while True:
-            while (flight := self._inflight.get(mac)) is not None:
-                await flight.done.wait()
-                if flight.principal is not None:
-                    self._last_used[flight.principal.key.id] = self._wall_clock()
-                    return flight.principal
-                if flight.refused:
-                    await self._record_failure(address)
-                    self._event(AuthEvent.FAILURE)
-                    raise AuthenticationError()
-                # The leader was cancelled or the store failed: verify ourselves.
-            retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
-            if retry_after is not None:
-                self._event(AuthEvent.THROTTLED)
-                raise AuthThrottledError(retry_after)
-            if mac not in self._inflight:
-                break
-            # Another request with this key started verifying while we asked the throttle:
-            # give the attempt back and share that verification.
-            await self._refund(address)
+        while (flight := self._inflight.get(mac)) is not None:
+            await flight.done.wait()
+            if flight.principal is not None:
+                self._last_used[flight.principal.key.id] = self._wall_clock()
+                return flight.principal
+            if flight.refused:
+                await self._record_failure(address)
+                self._event(AuthEvent.FAILURE)
+                raise AuthenticationError()
+            # The leader was throttled, cancelled, or the store failed: verify ourselves.
+        # Lead. The flight is claimed before the throttle is asked (an await: a Redis call), so
+        # that a burst of this key waits for this one verification instead of each request
+        # spending an allowance (which throttled a valid key with 429, and queued more calls
+        # than the throttle's connections: 503).
+        flight = self._inflight[mac] = _Flight()
         try:
-            principal = await self._lead(parsed, mac, address)
+            retry_after = await self._throttle.try_acquire(address)  # CountersUnavailableError
+        except BaseException:
+            self._land(mac, flight)
+            raise
+        if retry_after is not None:
+            self._land(mac, flight)  # the waiters ask the throttle for their own address
+            self._event(AuthEvent.THROTTLED)
+            raise AuthThrottledError(retry_after)
+        try:
+            principal = await self._lead(parsed, mac, flight, address)
         except AuthenticationError:
             self._event(AuthEvent.FAILURE)
             raise  # the attempt stays spent
@@ -441,10 +456,17 @@ class Authenticator:
         with trio.CancelScope(shield=True), contextlib.suppress(CountersUnavailableError):
             await self._throttle.refund(address)
 
-    async def _lead(self, parsed: ParsedKey, mac: bytes, address: str) -> Principal:
-        """Verify, publishing the outcome to concurrent requests with the same key; cache it
-        unless the cache was emptied meanwhile."""
-        flight = self._inflight[mac] = _Flight()
+    def _land(self, mac: bytes, flight: _Flight) -> None:
+        """End `flight`: its waiters read its outcome (or verify themselves without one)."""
+        if self._inflight.get(mac) is flight:
+            del self._inflight[mac]
+        flight.done.set()
+
+    async def _lead(
+        self, parsed: ParsedKey, mac: bytes, flight: _Flight, address: str
+    ) -> Principal:
+        """Verify under `flight`, publishing the outcome to concurrent requests with the same
+        key; cache it unless the cache was emptied meanwhile."""
         generation, position = self._generation, self._epoch
         try:
             principal = await self._verify(parsed, address)
@@ -454,13 +476,46 @@ class Authenticator:
         else:
             flight.principal = principal
         finally:
-            del self._inflight[mac]
-            flight.done.set()
+            self._land(mac, flight)
         if generation == self._generation and not self._changed_since(position, principal):
             self._cache[parsed.prefix] = _CacheEntry(
                 mac, principal, trio.current_time() + self._cache_ttl
             )
         return principal
+
+    async def _reread(self, prefix: str, entry: _CacheEntry) -> _CacheEntry | None:
+        """Read the record of a cached key again while the cache is not trusted (the watch is
+        behind): single-flight per prefix, no throttle and no Argon2id (the request's secret
+        matched the verified one). The entry, trusted for `max_staleness` from the read's
+        start, if the key is unchanged and usable; None otherwise (the slow path decides).
+        `StoreError` when the store cannot answer (fail closed, as the slow path)."""
+        flight = self._rereads.get(prefix)
+        if flight is not None:
+            await flight.done.wait()
+            return self._cache.get(prefix) if flight.principal is not None else None
+        flight = self._rereads[prefix] = _Flight()
+        generation, position = self._generation, self._epoch
+        started = trio.current_time()
+        try:
+            found = await self._store.find_key(prefix)
+            self._event(AuthEvent.REREAD)
+            if (
+                found is None
+                or not hmac.compare_digest(found.key.key_hash, entry.principal.key.key_hash)
+                or not _usable(found, self._wall_clock())
+                or generation != self._generation
+                or self._changed_since(position, found)
+                or self._cache.get(prefix) is not entry
+            ):
+                self._cache.pop(prefix, None)
+                return None
+            entry.principal = found
+            entry.fresh_until = started + self._max_staleness
+            flight.principal = found
+            return entry
+        finally:
+            del self._rereads[prefix]
+            flight.done.set()
 
     async def _verify(self, parsed: ParsedKey, address: str) -> Principal:
         try:

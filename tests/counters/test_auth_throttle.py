@@ -23,9 +23,8 @@ from nzgw.adapters.redis_throttle import open_redis_throttle
 from nzgw.core.keys import generate_key
 from nzgw.ports import AuthThrottle
 from nzgw.services.identity import MemoryAuthThrottle, throttle_key
-from tests.counters.conftest import OwnedRedis, delete_prefix, raw_redis
+from tests.counters.conftest import COREDIS_CONNECT_LEAK, OwnedRedis, delete_prefix, raw_redis
 from tests.harness import Harness, open_harness
-from tests.test_limits_http import COREDIS_CONNECT_LEAK
 
 LIMIT = 20
 
@@ -38,25 +37,37 @@ async def _two_throttles(
         shared = MemoryAuthThrottle(LIMIT)  # one process: one object
         yield shared, shared
         return
+    cluster = kind == "redis-cluster"
     async with AsyncExitStack() as stack:
-        a = await stack.enter_async_context(
-            open_redis_throttle(redis_url, limit=LIMIT, call_timeout=2.0, prefix=prefix)
-        )
-        b = await stack.enter_async_context(
-            open_redis_throttle(redis_url, limit=LIMIT, call_timeout=2.0, prefix=prefix)
-        )
+        a, b = [
+            await stack.enter_async_context(
+                open_redis_throttle(
+                    redis_url, limit=LIMIT, call_timeout=2.0, prefix=prefix, cluster=cluster
+                )
+            )
+            for _ in range(2)
+        ]
         try:
             yield a, b
         finally:
-            async with raw_redis(redis_url) as raw:
+            async with raw_redis(redis_url, cluster=cluster) as raw:
                 await delete_prefix(raw, prefix)
 
 
-@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ],
+)
 async def test_one_allowance_per_address_across_clients(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    redis_url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    redis_url = {"memory": "", "redis": "redis_url", "redis-cluster": "redis_cluster_url"}[kind]
+    if redis_url:
+        redis_url = request.getfixturevalue(redis_url)
     prefix = f"nzgwtest{secrets.token_hex(4)}:"
     allowed: list[str] = []
     waits: list[float] = []

@@ -8,11 +8,9 @@ own, on a free port, that the test may kill, stall (SIGSTOP) and restart.
 from __future__ import annotations
 
 import contextlib
-import gc
 import secrets
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from nzgw.services.limiter import Limiter
 
 from .conftest import (
     CALL_TIMEOUT,
+    COREDIS_CONNECT_LEAK,
     T0,
     FakeLedger,
     OwnedRedis,
@@ -38,20 +37,9 @@ from .conftest import (
 
 pytestmark = [
     pytest.mark.redis,
-    # coredis 6.9 bug: a connection whose TCP connect fails never closes the anyio memory
-    # streams it made in __init__; they warn when collected. Only those warnings are ignored,
-    # and `_collect_garbage` makes sure they are collected within these tests, not later.
-    pytest.mark.filterwarnings(
-        r"ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream\.__del__"
-        ":pytest.PytestUnraisableExceptionWarning"
-    ),
+    COREDIS_CONNECT_LEAK,
+    pytest.mark.usefixtures("collect_garbage"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
 
 
 # A hang guard, not a latency figure: a refused call must end, however loaded the machine is.
@@ -156,7 +144,7 @@ async def test_a_stalled_server_times_out_and_leaks_no_pool_slot(owned_redis: Ow
                 failures += 1
             durations.append(trio.current_time() - start)
 
-        # four times the pool: calls wait for the semaphore, open new connections, time out
+        # four times the pool, three rounds: the calls share one stalled link and time out
         for _ in range(3):
             async with trio.open_nursery() as nursery:
                 for _ in range(16):

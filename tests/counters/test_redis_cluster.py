@@ -11,7 +11,6 @@ What a client sees when a master is SIGKILLed (README "Redis Cluster"):
 
 from __future__ import annotations
 
-import gc
 import secrets
 import time
 from collections.abc import Iterator
@@ -25,25 +24,13 @@ from nzgw.core.limits import AdmissionResult, epoch_ms
 from nzgw.ports import BudgetSeed, CountersUnavailableError, UsageTotals
 from tests.redis_cluster import OwnedCluster, key_slot, own_redis_cluster
 
-from .conftest import T0, admission, periods_of, principal
+from .conftest import COREDIS_CONNECT_LEAK, T0, admission, periods_of, principal
 
 pytestmark = [
     pytest.mark.redis,
-    # coredis 6.9 bug (as in test_redis.py): a connection whose TCP connect fails never closes
-    # the anyio memory streams it made; they warn when collected. Only those are ignored, and
-    # `_collect_garbage` collects them within these tests.
-    pytest.mark.filterwarnings(
-        r"ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream\.__del__"
-        ":pytest.PytestUnraisableExceptionWarning"
-    ),
+    COREDIS_CONNECT_LEAK,
+    pytest.mark.usefixtures("collect_garbage"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
-
 
 CALL_TIMEOUT = 0.5
 HANG_GUARD = 60.0  # a bound for a whole failover, not a latency figure
@@ -75,6 +62,13 @@ def tenants_on_two_masters(cluster: OwnedCluster) -> tuple[int, int]:
 async def seed(c: RedisCounters, tenant_id: int) -> None:
     now_ms = epoch_ms(T0)
     assert await c.seed(BudgetSeed(tenant_id, "e", periods_of(now_ms), now_ms, UsageTotals(), {}))
+
+
+async def seeded_and_admitted(c: RedisCounters, *tenant_ids: int) -> None:
+    await c.ping()
+    for tenant_id in tenant_ids:
+        await seed(c, tenant_id)
+        assert await admitted(c, tenant_id)
 
 
 async def admitted(c: RedisCounters, tenant_id: int) -> bool:
@@ -122,15 +116,13 @@ async def test_a_killed_master_without_replica_refuses_its_tenants_only(
         async with open_redis_counters(
             cluster.url, call_timeout=CALL_TIMEOUT, prefix=PREFIX, cluster=True
         ) as c:
-            await c.ping()
-            for tenant in (lost, kept):
-                await seed(c, tenant)
-                assert await admitted(c, tenant)
+            await seeded_and_admitted(c, lost, kept)
             cluster.kill_master_of(f"{{t{lost}}}")
             for _ in range(20):  # past the layout refresh (15 errors): still 503, still served
                 with pytest.raises(CountersUnavailableError):
                     await admitted(c, lost)
                 assert await admitted(c, kept)
+            await c.ping()  # readiness: the other masters answer, the replica stays in service
 
 
 async def test_a_killed_master_s_replica_takes_over_and_admissions_resume(
@@ -142,10 +134,7 @@ async def test_a_killed_master_s_replica_takes_over_and_admissions_resume(
         async with open_redis_counters(
             replicated.url, call_timeout=CALL_TIMEOUT, prefix=PREFIX, cluster=True
         ) as c:
-            await c.ping()
-            for tenant in (lost, kept):
-                await seed(c, tenant)
-                assert await admitted(c, tenant)
+            await seeded_and_admitted(c, lost, kept)
             await trio.to_thread.run_sync(replicated.wait_replicated)
             killed = replicated.kill_master_of(f"{{t{lost}}}")
             assert await admitted(c, kept)  # another master's tenant: served at once

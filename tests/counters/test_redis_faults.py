@@ -9,9 +9,7 @@ stand-in for synchronisation.
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,24 +21,16 @@ from nzgw.core.models import Budgets, Limits
 from nzgw.ports import CountersUnavailableError
 from nzgw.services.limiter import Limiter
 
-from .conftest import FakeLedger, OwnedRedis, principal, raw_redis
+from .conftest import COREDIS_CONNECT_LEAK, FakeLedger, OwnedRedis, principal, raw_redis
 
 pytestmark = [
     pytest.mark.redis,
-    pytest.mark.filterwarnings(
-        r"ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream\.__del__"
-        ":pytest.PytestUnraisableExceptionWarning"
-    ),
+    COREDIS_CONNECT_LEAK,
+    pytest.mark.usefixtures("collect_garbage"),
 ]
 
 TIMEOUT = 0.2  # NZGW_COUNTERS_TIMEOUT of these tests: Redis silent this long → refused
 HANG_GUARD = 60
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
 
 
 def _real_now() -> datetime:
