@@ -239,8 +239,8 @@ def test_a_failing_backlog_gauge_does_not_fail_the_scrape() -> None:
 
 
 def test_the_process_metrics_name_this_worker() -> None:
-    metrics = GatewayMetrics(pid=4242)
-    metrics.set_worker(3, pid=4242)
-    samples = parse_exposition(render(metrics).decode())
+    samples = parse_exposition(render(GatewayMetrics(pid=4242, worker=3)).decode())
     assert sample_sum(samples, "nzgw_worker_info", pid="4242", worker="3") == 1
-    assert sample_sum(samples, "nzgw_worker_info") == 1  # the previous labels are gone
+    assert sample_sum(samples, "nzgw_worker_info") == 1  # one series: this process
+    alone = parse_exposition(render(GatewayMetrics(pid=4242)).decode())
+    assert sample_sum(alone, "nzgw_worker_info", pid="4242", worker="") == 1

@@ -175,15 +175,18 @@ async def test_two_workers_serve_one_port_and_share_the_counters(
 
         served: dict[str, float] = {}
         refused = 0.0
+        indexes: set[str] = set()
         for line in ready:
             samples = await scrape(line["metrics"])
             (info,) = [labels for name, labels in samples if name == "nzgw_worker_info"]
             assert dict(info)["pid"] == str(line["pid"])  # the numbers name their process
+            indexes.add(dict(info)["worker"])  # and its index (run_server's `worker`)
             served[dict(info)["pid"]] = sample_sum(
                 samples, "nzgw_requests_total", route="chat", status="200"
             )
             refused += sample_sum(samples, "nzgw_requests_total", route="chat", status="429")
         assert set(served) == {str(pid) for pid in pids}
+        assert indexes == {str(i) for i in range(len(pids))}
         assert all(count > 0 for count in served.values()), served  # both processes answered
         assert sum(served.values()) == RPM and refused == 10
 

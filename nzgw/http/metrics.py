@@ -153,21 +153,14 @@ class GatewayMetrics:
             ["operation"],
             registry=registry,
         )
-        info = Gauge(
+        # The process these numbers come from (its index under NZGW_WORKERS, if any).
+        Gauge(
             "nzgw_worker_info",
             "Always 1; the labels identify the process these numbers come from",
             ["pid", "worker", "version"],
             registry=registry,
-        )
-        self._info = info
-        self.set_worker(worker, pid=pid)
+        ).labels(str(pid or os.getpid()), "" if worker is None else str(worker), __version__).set(1)
         ProcessCollector(registry=registry)
-
-    def set_worker(self, worker: int | None, *, pid: int | None = None) -> None:
-        """Name this process in `nzgw_worker_info` (its index under NZGW_WORKERS, if any)."""
-        self._info.clear()
-        label = "" if worker is None else str(worker)
-        self._info.labels(str(pid or os.getpid()), label, __version__).set(1)
 
     # --- request path -------------------------------------------------------------------------
 

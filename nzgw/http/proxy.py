@@ -32,10 +32,8 @@ from nzgw.http.fastrelay import RelayResponse
 from nzgw.http.gateway import OLLAMA_API_VERSION, Gateway, Refused, RequestInfo
 from nzgw.http.uploads import HANDOVER_ROUNDS, UploadsBusyError, arrived_whole
 from nzgw.ports import CountersUnavailableError, StoreError, Ticket
-from nzgw.services.forwarding import FORBIDDEN_MODEL, Relay
+from nzgw.services.forwarding import FORBIDDEN_MODEL
 from nzgw.services.identity import AuthBusyError, AuthenticationError, AuthThrottledError
-
-__all__ = ["Relay", "error", "handle_route"]  # Relay: its home is nzgw.services.forwarding
 
 R = paths.RouteId
 
