@@ -477,6 +477,31 @@ async def one_stream(port: int, request: bytes, tokens: int, result: StreamsResu
         result.fail(f"incomplete ({frames}/{tokens} frames, done={done})")
 
 
+TTFT_PACE = Pace(tokens=3, interval=0.01, first=0.02)
+
+
+async def time_to_first_token(bench: Bench, server: Server, count: int) -> list[float]:
+    """`count` streams one after the other (nothing else running): for each, the seconds from
+    connecting to the first frame's arrival minus the model's own first-token time
+    (`TTFT_PACE.first`)."""
+    await set_pace(bench.upstream_port, TTFT_PACE)
+    request = chat_request(server, TTFT_PACE.tokens)
+    end_to_end: list[float] = []
+    for _ in range(count):
+        with trio.fail_after(30):
+            started = time.monotonic()
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            reader = _Reader(stream)
+            try:
+                await stream.send_all(request)
+                await reader.until(lambda b: b'{"t":' in b)
+                end_to_end.append(reader.received_at - started - TTFT_PACE.first)
+                await reader.until(lambda b: b'"done":true' in b and b"0\r\n\r\n" in b)
+            finally:
+                await stream.aclose()
+    return end_to_end
+
+
 def chat_request(server: Server, tokens: int) -> bytes:
     body = json.dumps(
         {
@@ -853,6 +878,12 @@ def report(
         "delays are theirs (every other row includes them), its CPU is the upstream's own. "
         "RSS: peak per process, MB.",
         "",
+        f"- ttft: {args.ttft_streams} streams one after the other (a new connection each); "
+        "delay = time from connecting to the first frame's arrival minus the model's own "
+        f"{TTFT_PACE.first * 1000:g} ms to its first token (connect, request, the target's "
+        "checks, the first frame's way back): the `ttft` rows' p50 minus the `direct` row's "
+        "is the target's time-to-first-token overhead.",
+        "",
         "| target | scenario | completed | failed | frames / chunks | server CPU µs/frame "
         "| delay p50 ms | delay p99 ms | first frame p50 ms | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -893,6 +924,31 @@ async def run_all(
                 ):
                     with trio.fail_after(pace.first + pace.tokens * pace.interval + ramp + 180):
                         row = await measure(bench, server, scenario, streams, pace, ramp)
+                    rows.append(row)
+                    progress(json.dumps(asdict(row)))
+                if args.ttft_streams:
+                    cpu_before = tree_cpu(server.pid)
+                    started = time.monotonic()
+                    end_to_end = await time_to_first_token(bench, server, args.ttft_streams)
+                    cpu = cpu_between(cpu_before, tree_cpu(server.pid))
+                    row = Measured(
+                        target=server.name,
+                        scenario="ttft",
+                        streams=args.ttft_streams,
+                        tokens=TTFT_PACE.tokens,
+                        interval_ms=TTFT_PACE.interval * 1000,
+                        completed=len(end_to_end),
+                        failed={},
+                        frames=len(end_to_end) * TTFT_PACE.tokens,
+                        chunks=0,
+                        cpu_s=round(cpu, 3),
+                        cpu_us_per_frame=None,
+                        delay_p50_ms=pct_ms(end_to_end, 0.5),
+                        delay_p99_ms=pct_ms(end_to_end, 0.99),
+                        first_delay_p50_ms=None,
+                        peak_rss_mb=[],
+                        wall_s=round(time.monotonic() - started, 2),
+                    )
                     rows.append(row)
                     progress(json.dumps(asdict(row)))
         except (RuntimeError, OSError, subprocess.SubprocessError, trio.TooSlowError) as exc:
@@ -984,6 +1040,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=10.0, help="tokens/s per slow stream")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per slow stream")
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds to start them over")
+    parser.add_argument(
+        "--ttft-streams",
+        type=int,
+        default=100,
+        help="streams one after the other for time to first token (0: skip)",
+    )
     parser.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="", help="default: a private redis-server")
     parser.add_argument(

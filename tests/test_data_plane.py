@@ -289,7 +289,9 @@ async def test_200_disconnects_at_random_points_close_upstream_and_settle(
     ]
     lags: list[float] = []
     details: list[tuple[float, str, float]] = []
-    async with open_harness(tmp_path, settings=slow) as h:
+    # Discovery polls every 5 s with a 5 s timeout: a 0.5 s poll of the busy emulator timed out
+    # on a loaded machine, the backend went out of rotation and a request never reached it.
+    async with open_harness(tmp_path, settings=slow, discovery_interval=5.0) as h:
 
         async def one(i: int) -> None:
             path, extra = modes[i % len(modes)]

@@ -36,6 +36,9 @@ IO_MODULES = {
 }
 # Only these may import the drivers (and the asyncio bridge).
 DRIVERS = {"asyncpg", "trio_asyncio", "coredis", "redis", "httpx", "httpcore", "sqlite3"}
+# Only the HTTP layer may import the web framework and the server: the data plane below it
+# (services/forwarding.py) works without them (docs/ARCHITECTURE.md, "Request path").
+WEB = {"quart", "quart_trio", "hypercorn", "werkzeug"}
 
 # The composition root and the commands wire everything (but the commands).
 _WIRING = {"core", "ports", "config", "services", "http", "adapters", "logs", "server", "testing"}
@@ -98,6 +101,8 @@ def violations(layer: str, source: str, filename: str = "<module>") -> list[str]
             found.append(f"{where}: nzgw.core must not import {module}")
         elif top in DRIVERS and layer not in {"adapters", "testing"}:
             found.append(f"{where}: only adapters may import {module}")
+        elif top in WEB and layer != "http":
+            found.append(f"{where}: only nzgw.http may import {module}")
     return found
 
 
@@ -119,6 +124,8 @@ def test_imports_go_down_only(path: Path) -> None:
         ("services", "import asyncpg\n", "only adapters may import asyncpg"),
         ("services", "from nzgw.adapters.redis import X\n", "must not import nzgw.adapters"),
         ("http", "import httpx\n", "only adapters may import httpx"),
+        ("services", "from quart import Response\n", "only nzgw.http may import quart"),
+        ("server", "import hypercorn.trio\n", "only nzgw.http may import hypercorn.trio"),
         ("adapters", "from nzgw.services import registry\n", "must not import nzgw.services"),
         ("ports", "from nzgw.http.gateway import RequestInfo\n", "must not import nzgw.http"),
         ("core", "from ..http import app\n", "relative import ..http"),

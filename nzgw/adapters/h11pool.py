@@ -30,6 +30,7 @@ bounded here.
 
 from __future__ import annotations
 
+import os
 import select
 import ssl
 from collections import deque
@@ -85,12 +86,27 @@ class _Connection:
             return False
         return not readable
 
+    async def read(self) -> bytes:
+        """The next bytes the backend sent (`b""` at EOF). A plain socket: one wait until it is
+        readable (the relay's checkpoint) and one `read`, without the layers of Trio's
+        `SocketStream.receive_some` (a try-read that fails for every paced token, then the
+        wait, then the read); any other stream (TLS, tests) through its own API."""
+        stream = self.stream
+        if type(stream) is trio.SocketStream:
+            sock = stream.socket
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("the connection was closed")
+            await trio.lowlevel.wait_readable(sock)
+            with suppress(BlockingIOError):  # readable without data: the stream's own way
+                return os.read(sock.fileno(), _READ_SIZE)
+        return bytes(await stream.receive_some(_READ_SIZE))
+
     async def receive(self, eof_message: str) -> None:
         """Feed h11 with what the socket delivers next; EOF is `UpstreamError(eof_message)`."""
-        data = await self.stream.receive_some(_READ_SIZE)
+        data = await self.read()
         if not data:
             raise UpstreamError(eof_message)
-        self.h11.receive_data(bytes(data))
+        self.h11.receive_data(data)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), suppress(*_TRANSPORT_ERRORS):
@@ -200,56 +216,52 @@ class H11Response:
         conn = self._conn
         if conn is None:
             return b""
-        if self._chunked is not None:
-            return await self._receive_chunked(conn, self._chunked)
-        parts: list[bytes] = []
         try:
-            while True:
-                event = conn.h11.next_event()
-                if type(event) is h11.Data:
-                    parts.append(event.data)
-                    continue
-                if event is h11.NEED_DATA:
-                    if parts:
-                        break  # deliver what we have; read more on the next call
-                    await conn.receive("connection closed before the end of the response")
-                    continue
-                if type(event) is h11.EndOfMessage:
-                    await self._release_finished()
-                    break
-                raise UpstreamError(f"unexpected {type(event).__name__} from the backend")
+            if self._chunked is not None:
+                return await self._receive_chunked(conn, self._chunked)
+            return await self._receive_h11(conn)
         except _TRANSPORT_ERRORS as exc:
             await self.aclose()
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             await self.aclose()
             raise
+
+    async def _receive_h11(self, conn: _Connection) -> bytes:
+        parts: list[bytes] = []
+        while True:
+            event = conn.h11.next_event()
+            if type(event) is h11.Data:
+                parts.append(event.data)
+                continue
+            if event is h11.NEED_DATA:
+                if parts:
+                    break  # deliver what we have; read more on the next call
+                await conn.receive("connection closed before the end of the response")
+                continue
+            if type(event) is h11.EndOfMessage:
+                await self._release_finished()
+                break
+            raise UpstreamError(f"unexpected {type(event).__name__} from the backend")
         return b"".join(parts)
 
     async def _receive_chunked(self, conn: _Connection, chunked: _Chunked) -> bytes:
-        try:
-            while True:
-                data = chunked.decode()
-                if chunked.done:
-                    # Kept alive only as h11 allows (our side DONE, not MUST_CLOSE) and with
-                    # nothing after the body (a backend never sends ahead).
-                    reusable = not chunked.buffer and conn.h11.our_state is h11.DONE
-                    if reusable:
-                        conn.h11 = h11.Connection(h11.CLIENT)
-                    await self._release_finished(reusable=reusable)
-                    return data
-                if data:
-                    return data
-                received = await conn.stream.receive_some(_READ_SIZE)
-                if not received:
-                    raise UpstreamError("connection closed before the end of the response")
-                chunked.buffer += received
-        except _TRANSPORT_ERRORS as exc:
-            await self.aclose()
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            await self.aclose()
-            raise
+        while True:
+            data = chunked.decode()
+            if chunked.done:
+                # Kept alive only as h11 allows (our side DONE, not MUST_CLOSE) and with
+                # nothing after the body (a backend never sends ahead).
+                reusable = not chunked.buffer and conn.h11.our_state is h11.DONE
+                if reusable:
+                    conn.h11 = h11.Connection(h11.CLIENT)
+                await self._release_finished(reusable=reusable)
+                return data
+            if data:
+                return data
+            received = await conn.read()
+            if not received:
+                raise UpstreamError("connection closed before the end of the response")
+            chunked.buffer += received
 
     async def read_all(self, limit: int) -> bytes:
         parts: list[bytes] = []

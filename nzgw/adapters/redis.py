@@ -37,8 +37,9 @@ Redis by its replies, not by how late our own event loop gets to them:
 - the wait for the reply fails only when the node has been *silent* for `call_timeout`: no
   reply to any call of this process on that node since the later of the call's start and the
   last reply. Before it fails, the call lets the event loop read what the socket may already
-  hold (a busy loop makes every reply late, it does not make Redis slow). Whatever the replies,
-  no call waits more than `max_wait` (`5 * call_timeout`);
+  hold, and bytes still unread in the socket count as a reply (a busy loop makes every reply
+  late, it does not make Redis slow). Whatever the replies, no call waits more than `max_wait`
+  (`5 * call_timeout`);
 - on Redis Cluster, a call goes to the master of its tenant's slot and follows MOVED and ASK;
 - no retries inside coredis (a retried admission could reserve twice);
 - every failure (silence, refused connection, protocol or script error) becomes
@@ -602,6 +603,11 @@ class RedisCounters:
                 link.last_reply = trio.current_time()
                 return await request
             now = trio.current_time()
+            if now < hard and link.answer_waiting():
+                # Redis answered (this call or another); only our reader is behind: a sign of
+                # life, not silence. Wait on, up to the hard bound.
+                link.last_reply = now
+                continue
             if now >= hard or now >= max(start, link.last_reply) + self._timeout:
                 raise _NoAnswerError(
                     f"counter store: no answer for {self._timeout} s"

@@ -27,6 +27,7 @@ caller follows MOVED (the layout learns the new owner) and ASK (`ASKING` first, 
 from __future__ import annotations
 
 import math
+import select
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,7 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 import coredis
 import trio
-from anyio import BrokenResourceError, ClosedResourceError
+from anyio import BrokenResourceError, ClosedResourceError, TypedAttributeLookupError
+from anyio.abc import SocketAttribute
 from coredis._utils import hash_slot
 from coredis.cluster._node import ClusterNodeLocation
 from coredis.connection import BaseConnection, TCPLocation
@@ -65,6 +67,22 @@ class Link:
     @property
     def usable(self) -> bool:
         return self.connection.usable
+
+    def answer_waiting(self) -> bool:
+        """True when bytes from the node wait in the socket, unread: the node has answered and
+        it is our event loop (coredis' reader task) that is behind, not Redis."""
+        stream = self.connection.stream
+        if stream is None:
+            return False
+        try:
+            sock = stream.extra(SocketAttribute.raw_socket)
+        except TypedAttributeLookupError:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(readable)
 
     def request(self, command: bytes, *args: _Value, timeout: float) -> Request:
         """Queue one command; its reply arrives in the returned request (await it). Sent by

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import trio
 
+from nzgw.adapters import redis as redis_adapter
 from nzgw.adapters.redis import MAX_WAIT_FACTOR, RedisCounters, open_redis_counters
 from nzgw.core.limits import AdmissionRequest, Limit
 from nzgw.core.models import Budgets, Limits
@@ -145,6 +146,35 @@ async def test_a_busy_event_loop_is_not_taken_for_a_silent_redis(
                     nursery.start_soon(one)
                 await trio.testing.wait_all_tasks_blocked()  # all 50 sent, waiting for replies
                 time.sleep(5 * TIMEOUT)  # noqa: ASYNC251 (the fault: the loop is busy past the timeout)
+            assert outcomes == ["admitted"] * 50
+
+
+async def test_an_answer_unread_in_the_socket_is_not_silence(
+    owned_redis: OwnedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replies are in the socket but the loop was too busy to read them, and it gives the
+    reader no catch-up round: the bytes waiting in the socket still show Redis answered."""
+    monkeypatch.setattr(redis_adapter, "_CATCH_UP_CHECKPOINTS", 0)
+    who = principal(key_limits=Limits(requests_per_minute=1_000))
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(owned_redis.url, call_timeout=TIMEOUT) as c:
+            limiter = Limiter(c, FakeLedger(), now=_real_now)
+            assert (await limiter.admit(who, model="m", reserve_tokens=1)).admitted
+            outcomes: list[str] = []
+
+            async def one() -> None:
+                try:
+                    result = await limiter.admit(who, model="m", reserve_tokens=1)
+                except CountersUnavailableError:
+                    outcomes.append("503")
+                else:
+                    outcomes.append("admitted" if result.admitted else "429")
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(one)
+                await trio.testing.wait_all_tasks_blocked()  # all 50 sent, waiting for replies
+                time.sleep(3 * TIMEOUT)  # noqa: ASYNC251 (the fault: the loop is busy past the timeout)
             assert outcomes == ["admitted"] * 50
 
 
