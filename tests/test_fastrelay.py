@@ -21,6 +21,11 @@ import hypercorn.trio
 import pytest
 import trio
 import trio.testing
+from hypercorn.config import Config
+from hypercorn.events import RawData
+from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 
 import nzgw.http.edge
 import nzgw.http.fastrelay
@@ -293,3 +298,81 @@ async def test_the_grace_cut_ends_a_relayed_body_properly(
     assert received.endswith(b"\r\n0\r\n\r\n")  # the last chunk: a properly ended body
     assert json.loads(chat.body.splitlines()[-1]) == {"error": CUT_MESSAGE}
     assert len(relayed) == 1
+
+
+# --- The writes themselves (no server): what goes out in which write --------------------------
+
+
+class _Recorder(trio.abc.SendStream):
+    """A client stream that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _responding(http_version: bytes) -> h11.Connection:
+    """A server connection that has read a request and sent the head of a streamed answer."""
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"POST /api/chat HTTP/" + http_version + b"\r\nHost: gw\r\n\r\n")
+    assert isinstance(connection.next_event(), h11.Request)
+    connection.send(h11.Response(status_code=200, headers=[]))
+    return connection
+
+
+async def _pieces(*pieces: bytes) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        (b"1.1", [b"HEAD" + b"3\r\none\r\n", b"b\r\ntwo + three\r\n"]),  # chunked, framed here
+        (b"1.0", [b"HEAD" + b"one", b"two + three"]),  # close-delimited: h11's framing
+    ],
+)
+async def test_the_head_leaves_with_the_first_piece_and_each_piece_in_one_write(
+    version: bytes, expected: list[bytes]
+) -> None:
+    connection = _responding(version)
+    client = _Recorder()
+    with trio.fail_after(5):
+        await nzgw.http.fastrelay.relay_to_client(
+            _pieces(b"one", b"", b"two + three"), connection, client, trio.Lock(), head=b"HEAD"
+        )
+    assert client.writes == expected
+    assert connection.send(h11.EndOfMessage()) == (b"0\r\n\r\n" if version == b"1.1" else b"")
+
+
+async def test_a_whole_answer_leaves_in_one_write() -> None:
+    """The edge holds a response's head until its body: one segment, one wake-up of the client."""
+    writes: list[bytes] = []
+
+    async def send(event: object) -> None:
+        assert isinstance(event, RawData)
+        writes.append(event.data)
+
+    protocol = nzgw.http.edge.EdgeH11Protocol(
+        None, Config(), WorkerContext(None), None, ConnectionState({}), False, None, None, send,
+        client_stream=_Recorder(), send_lock=trio.Lock(),
+    )  # fmt: skip
+    protocol.connection.receive_data(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert isinstance(protocol.connection.next_event(), h11.Request)
+    with trio.fail_after(5):
+        await protocol.stream_send(
+            Response(stream_id=1, headers=[(b"content-length", b"2")], status_code=200)
+        )
+        assert writes == []
+        await protocol.stream_send(Body(stream_id=1, data=b"ok"))
+        await protocol.stream_send(EndBody(stream_id=1))
+    (write,) = writes
+    assert write.startswith(b"HTTP/1.1 200 ") and write.endswith(b"\r\n\r\nok")
