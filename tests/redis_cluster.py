@@ -26,6 +26,19 @@ import attrs
 
 from tests.system_tools import require_tool
 
+# A redis-server of the tests' own: loopback only, nothing persisted (a restart comes back empty).
+EPHEMERAL_REDIS_ARGS = (
+    "--bind",
+    "127.0.0.1",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--protected-mode",
+    "no",
+    "--loglevel",
+    "warning",
+)
 NODE_TIMEOUT_MS = 1000
 MASTERS = 3
 START_TIMEOUT = 30.0  # a hang guard for the whole start (nodes up, cluster created, state ok)
@@ -98,8 +111,7 @@ class ClusterNode:
                 "redis-server",
                 "--port",
                 str(self.port),
-                "--bind",
-                "127.0.0.1",
+                *EPHEMERAL_REDIS_ARGS,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -110,14 +122,6 @@ class ClusterNode:
                 "no",
                 "--dir",
                 str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -97,7 +97,7 @@ log = logging.getLogger("nzgw.counters")
 # --- scripts ------------------------------------------------------------------------------------
 # KEYS of ADMIT, SETTLE and RELEASE: [1] seed marker, [2..7] key scope, [8..13] tenant scope,
 # each scope as log, tok, lease, day, month, life; [14] key rsv, [15] tenant rsv, [16] tombstone,
-# [17] the tenant's version (SETTLE moves it).
+# SETTLE also gets [17], the tenant's version (it moves it).
 # ADMIT's ARGV[1] is its deadline in Redis ms (past it: status 3, nothing done); ARGV[23], [24]
 # the day and month ids; ARGV[25] the caller's clock for the windows (tests), '' for Redis'.
 # Every reply ends with Redis' clock; admitted or refused, the tokens reclaimed from expired
@@ -507,7 +507,6 @@ class RedisCounters:
             k + "rsv",
             t + "rsv",
             f"{k}gone:{lease_id}",
-            t + "ver",
         ]
 
     # --- the edge: every call bounded, shielded, translated
@@ -750,6 +749,8 @@ class RedisCounters:
             periods.month_end_ms - now_ms + PERIOD_SLACK_MS,
         ]
         keys = self._keys(lease.tenant_id, lease.key_id, periods, lease.id)
+        tenant_stem = self._scope_keys(lease.tenant_id, lease.key_id)[-1]
+        keys.append(tenant_stem + "ver")  # the tenant's version (reconciliation)
         await self._eval("settle", keys, args)
 
     async def refresh(self, lease: Lease, *, now_ms: int) -> bool:

@@ -54,7 +54,7 @@ from nzgw.ports import (
     UsageRow,
     UsageTotals,
 )
-from tests.redis_cluster import own_redis_cluster
+from tests.redis_cluster import EPHEMERAL_REDIS_ARGS, own_redis_cluster
 
 REDIS_URL = os.environ.get("NZGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -385,21 +385,7 @@ class OwnedRedis:
     def start(self) -> None:
         assert self.process is None
         self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
+            [REDIS_SERVER, "--port", str(self.port), *EPHEMERAL_REDIS_ARGS],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
