@@ -43,6 +43,7 @@ OPENAI = {
     "stream_options": {"include_usage": True},
 }
 GENERATE = {"model": "llama3", "prompt": "hi", "stream": True}
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
 # The emulator's clock (timestamps, durations, ids made of them): the only bytes that differ
 # between two runs of the same stream.
 _CLOCK = re.compile(rb'"(created_at|created|id|\w*_duration)":("[^"]*"|\d+)')
@@ -80,6 +81,13 @@ def _request(h: Harness, path: str, body: dict[str, Any], *, version: str = "1.1
         f"POST {path} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {h.key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     ).encode() + payload
+
+
+async def _connect(h: Harness, *requests: bytes) -> trio.SocketStream:
+    """A new connection to the gateway, with `requests` sent on it."""
+    stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
+    await stream.send_all(b"".join(requests))
+    return stream
 
 
 async def _read_responses(stream: trio.abc.ReceiveStream, count: int) -> list[RawResponse]:
@@ -161,11 +169,11 @@ async def test_keep_alive_carries_on_after_relayed_streams(
 ) -> None:
     with trio.fail_after(HANG_GUARD):
         async with open_harness(tmp_path) as h:
-            stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
-            async with stream:
-                await stream.send_all(_request(h, "/api/chat", CHAT))
-                await stream.send_all(_request(h, "/v1/chat/completions", OPENAI))
-                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            chat, openai = (
+                _request(h, "/api/chat", CHAT),
+                _request(h, "/v1/chat/completions", OPENAI),
+            )
+            async with await _connect(h, chat, openai, HEALTHZ) as stream:
                 first, second, third = await _read_responses(stream, 3)
     assert len(relayed) == 2
     assert json.loads(first.body.splitlines()[-1])["done"] is True
@@ -178,9 +186,8 @@ async def test_http_1_0_gets_a_close_delimited_relayed_body(
 ) -> None:
     with trio.fail_after(HANG_GUARD):
         async with open_harness(tmp_path) as h:
-            stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
-            async with stream:
-                await stream.send_all(_request(h, "/api/chat", CHAT, version="1.0"))
+            request = _request(h, "/api/chat", CHAT, version="1.0")
+            async with await _connect(h, request) as stream:
                 data = await _read_to_eof(stream)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
@@ -200,10 +207,7 @@ async def test_backend_dying_mid_stream_ends_the_body_with_an_error_frame(
             h.emulator.settings.tokens_per_reply = 50
             h.emulator.settings.die_after_frames = 3
             h.emulator.settings.model_faults["llama3"] = Fault.DIE_MID_STREAM
-            stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
-            async with stream:
-                await stream.send_all(_request(h, "/api/chat", CHAT))
-                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            async with await _connect(h, _request(h, "/api/chat", CHAT), HEALTHZ) as stream:
                 chat, health = await _read_responses(stream, 2)
             (info,) = await h.wait_finished(1)
     assert relayed == [relayed[0]] and relayed[0] >= 2
@@ -222,8 +226,7 @@ async def test_client_leaving_mid_stream_closes_upstream_and_settles(
         async with open_harness(tmp_path) as h:
             h.emulator.settings.tokens_per_reply = 100_000
             h.emulator.settings.token_delay = 0.01
-            stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
-            await stream.send_all(_request(h, "/api/chat", CHAT))
+            stream = await _connect(h, _request(h, "/api/chat", CHAT))
             received = b""
             while received.count(b"tok") < 3:
                 chunk = await stream.receive_some(65536)
@@ -287,9 +290,7 @@ async def test_the_grace_cut_ends_a_relayed_body_properly(
         async with open_harness(tmp_path, graceful_timeout=1.0) as h:
             h.emulator.settings.tokens_per_reply = 100_000
             h.emulator.settings.token_delay = 0.05
-            stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
-            async with stream:
-                await stream.send_all(_request(h, "/api/chat", CHAT))
+            async with await _connect(h, _request(h, "/api/chat", CHAT)) as stream:
                 received = await stream.receive_some(65536)
                 h.shutdown.set()
                 received += await _read_to_eof(stream)

@@ -8,9 +8,6 @@ then sends an error frame in its surface's stream shape and ends the body proper
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import trio
 
 CUT_MESSAGE = "the gateway is shutting down; the stream was cut"
@@ -30,16 +27,15 @@ class StreamCut:
         self._waits: set[trio.CancelScope] = set()
         self.happened = False
 
-    @contextmanager
-    def watch(self, scope: trio.CancelScope) -> Iterator[None]:
-        """Register `scope` (a relay's wait) for the time of the block."""
+    def enter(self, scope: trio.CancelScope) -> None:
+        """Register `scope` (a relay's wait) until `leave`; cancelled at once after a cut.
+        Two plain calls, not a context manager: a relay does this for every token."""
         if self.happened:
             scope.cancel()
         self._waits.add(scope)
-        try:
-            yield
-        finally:
-            self._waits.discard(scope)
+
+    def leave(self, scope: trio.CancelScope) -> None:
+        self._waits.discard(scope)
 
     def cut(self) -> None:
         self.happened = True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 
 import attrs
 import trio
@@ -315,13 +315,21 @@ class Relay:
             elif self._done:
                 raise StopAsyncIteration
             else:
+                # The stall timer and the shutdown cut, without a context manager per token
+                # beyond the cancel scope itself (the relay's hot path).
                 data = b""
-                with trio.move_on_after(self._stall_timeout) as stall, suppress(UpstreamError):
-                    if self._cut is None:
+                stall = trio.CancelScope(deadline=trio.current_time() + self._stall_timeout)
+                cut = self._cut
+                if cut is not None:
+                    cut.enter(stall)
+                try:
+                    with stall:
                         data = await self._upstream.receive_some()
-                    else:
-                        with self._cut.watch(stall):
-                            data = await self._upstream.receive_some()
+                except UpstreamError:
+                    data = b""
+                finally:
+                    if cut is not None:
+                        cut.leave(stall)
                 if stall.cancelled_caught:
                     if self._cut is not None and self._cut.happened:
                         tail = self._end(CUT_MESSAGE)
