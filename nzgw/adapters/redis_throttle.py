@@ -67,9 +67,6 @@ return wait
 """
 
 
-_BUCKET_SHA = hashlib.sha1(_BUCKET.encode()).hexdigest()
-
-
 class RedisAuthThrottle:
     """`AuthThrottle` on Redis. Obtain it from `open_redis_throttle`."""
 
@@ -87,6 +84,7 @@ class RedisAuthThrottle:
         # The counters' way into Redis: one live connection per node, written by the caller,
         # so a burst of cold verifications pipelines instead of queueing for pool slots.
         self._calls = NodeCalls(client, call_timeout=call_timeout)
+        self._sha = hashlib.sha1(_BUCKET.encode()).hexdigest()
         self._limit = limit
         self._window_ms = int(window * 1000)
         self._prefix = prefix
@@ -99,7 +97,7 @@ class RedisAuthThrottle:
         counter call (`NodeCalls`); every failure is `CountersUnavailableError`."""
         try:
             reply = await self._calls.script(
-                _BUCKET_SHA,
+                self._sha,
                 _BUCKET,
                 [self.key(address)],
                 [op, self._limit, self._window_ms],
