@@ -64,11 +64,17 @@ from typing import Final, cast
 
 import coredis
 import trio
-from coredis.connection._request import Request
-from coredis.exceptions import AskError, MovedError, NoScriptError, RedisError
-from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import RedisError
 
-from nzgw.adapters.redis_link import Link, Links, Node, entered, redis_client
+from nzgw.adapters.redis_link import (
+    MAX_WAIT_FACTOR,
+    Links,
+    NoAnswerError,
+    Node,
+    NodeCalls,
+    entered,
+    redis_client,
+)
 from nzgw.core.limits import (
     CONCURRENCY_RETRY_MS,
     LIMIT_ORDER,
@@ -441,20 +447,6 @@ _SCRIPTS: Final = {
 
 _Value = int | str
 
-MAX_WAIT_FACTOR: Final = 5
-"""No call waits more than this many `call_timeout`s, however alive Redis is."""
-
-_CATCH_UP_CHECKPOINTS: Final = 5
-"""Checkpoints a call gives the connection's reader before it calls Redis silent."""
-
-
-class _NoAnswerError(CountersUnavailableError):
-    """The command was sent and Redis did not answer in time: it may still run there."""
-
-
-_REDIRECTS: Final = 3
-"""MOVED / ASK redirections a call follows (a slot moves once per failover or migration)."""
-
 
 class RedisCounters:
     """The Counters port on Redis (or Redis Cluster). Obtain it from `open_redis_counters`."""
@@ -469,10 +461,10 @@ class RedisCounters:
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (hash tags are ours)")
-        self._links = Links(client)
+        self._calls = NodeCalls(client, call_timeout=call_timeout)
+        self._links = self._calls.links
         self._prefix = prefix
-        self._timeout = call_timeout
-        self._max_wait = MAX_WAIT_FACTOR * call_timeout
+        self._max_wait = self._calls.max_wait
         self._static_keys: dict[tuple[int, int], tuple[str, ...]] = {}
         # Per node: a lower bound of (Redis ms - local ms): that node's clock at a local instant
         # is at least the local time plus this. Deadlines converted with it never fall after
@@ -521,99 +513,18 @@ class RedisCounters:
         node: Node = None,
     ) -> object:
         """Run script `name` on the node that serves `keys` (`node`, if the caller routed
-        already), following cluster redirections."""
+        already); every failure is `CountersUnavailableError` (`NoAnswerError` when it may
+        still run in Redis)."""
         script = _SCRIPTS[name]
         if start is None:
             start = trio.current_time()
-        # Shielded: the caller's cancellation (client gone, shutdown) does not reach coredis
-        # (trap 1); the waits below bound the call instead.
-        with trio.CancelScope(shield=True):
-            try:
-                if node is None:
-                    node = self._links.node_for(keys[0])
-                asking = False
-                for _ in range(_REDIRECTS):
-                    try:
-                        try:
-                            return await self._call(
-                                node, start, asking, b"EVALSHA", script.sha, len(keys), *keys, *args
-                            )
-                        except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it again
-                            return await self._call(
-                                node, start, asking, b"EVAL", script.source, len(keys), *keys, *args
-                            )
-                    except MovedError as moved:  # the slot has a new master: it did not run
-                        node, asking = self._links.moved(node, moved), False
-                    except AskError as ask:  # the slot is migrating: ask its target, once
-                        node, asking = self._links.asked(ask), True
-                raise CountersUnavailableError(f"counter store: more than {_REDIRECTS} redirects")
-            except (RedisError, OSError) as exc:  # OSError: TimeoutError included
-                log.warning("counter store: %s failed: %r", name, exc)
-                raise CountersUnavailableError(f"counter store: {exc!r}") from exc
-        raise AssertionError("unreachable: a shielded scope without a deadline")
-
-    async def _call(
-        self, node: Node, start: float, asking: bool, command: bytes, *args: _Value
-    ) -> object:
-        """One command on `node`'s live connection, sent before this task yields; its reply."""
-        link = await self._connected(node, start)
-        if asking:
-            link.request(b"ASKING", timeout=2 * self._max_wait)
-        request = link.request(command, *args, timeout=2 * self._max_wait)
         try:
-            await link.flush()
-        except RedisError as exc:
-            self._links.failed(node, exc)
-            raise
-        try:
-            return await self._reply(link, request, start)
-        except RedisConnectionError as exc:
-            self._links.failed(node, exc)
-            raise
-
-    async def _connected(self, node: Node, start: float) -> Link:
-        """`node`'s live connection: at once in the usual case; else one connect per node at
-        a time, bounded by coredis' connect_timeout (`max_wait`: a loopback connect is
-        instant, only a busy loop makes it look slow, and a refused one fails at once)."""
-        link = self._links.live(node)
-        if link is not None:
-            return link
-        with trio.move_on_at(start + self._max_wait):
-            return await self._links.link(node)
-        raise CountersUnavailableError("counter store: no connection within the call's wait")
-
-    async def _reply(self, link: Link, request: Request, start: float) -> object:
-        """Wait for `request`'s reply while Redis is not silent (see the module docstring)."""
-        hard = start + self._max_wait
-        while True:
-            silent_at = max(start, link.last_reply) + self._timeout
-            with trio.move_on_at(min(hard, silent_at)) as waited:
-                try:
-                    reply = await request
-                finally:
-                    if request.complete:  # an error reply is an answer too
-                        link.last_reply = trio.current_time()
-            if not waited.cancelled_caught:
-                return reply
-            # Our loop may have been busy: the reply (or others') may sit in the socket. Let
-            # the connection's reader run before judging Redis.
-            for _ in range(_CATCH_UP_CHECKPOINTS):
-                await trio.lowlevel.checkpoint()
-            if request.complete:
-                link.last_reply = trio.current_time()
-                return await request
-            now = trio.current_time()
-            if now < hard and link.answer_waiting():
-                # Redis answered (this call or another); only our reader is behind: a sign of
-                # life, not silence. Wait on, up to the hard bound.
-                link.last_reply = now
-                continue
-            if now >= hard or now >= max(start, link.last_reply) + self._timeout:
-                raise _NoAnswerError(
-                    f"counter store: no answer for {self._timeout} s"
-                    if now < hard
-                    else f"counter store: no answer within {self._max_wait} s"
-                )
+            return await self._calls.script(
+                script.sha, script.source, keys, args, start=start, node=node
+            )
+        except (RedisError, OSError) as exc:  # OSError: TimeoutError included
+            log.warning("counter store: %s failed: %r", name, exc)
+            raise CountersUnavailableError(f"counter store: {exc!r}") from exc
 
     def _observe_clock(self, node: Node, redis_ms: int) -> None:
         name = Links.name(node)
@@ -636,7 +547,7 @@ class RedisCounters:
             try:
                 with trio.CancelScope(shield=True):
                     try:
-                        reply = await self._call(node, start, False, b"TIME")
+                        reply = await self._calls.call(node, start, False, b"TIME")
                     except (RedisError, OSError) as exc:
                         raise CountersUnavailableError(f"counter store: {exc!r}") from exc
             finally:
@@ -686,7 +597,7 @@ class RedisCounters:
                 start = trio.current_time()
                 with trio.CancelScope(shield=True):
                     try:
-                        reply = await self._call(node, start, False, b"TIME")
+                        reply = await self._calls.call(node, start, False, b"TIME")
                     except (RedisError, OSError) as exc:
                         raise CountersUnavailableError(f"counter store: {exc!r}") from exc
                 seconds, micros = cast("list[str]", reply)
@@ -727,7 +638,7 @@ class RedisCounters:
         args += [periods.day_id, periods.month_id, request.now_ms if self._caller_clock else ""]
         try:
             reply = await self._eval("admit", keys, args, start=start, node=node)
-        except _NoAnswerError:  # it may still run in Redis: undo it (refused connects cannot)
+        except NoAnswerError:  # it may still run in Redis: undo it (refused connects cannot)
             await self._release_nowait(node, keys, request)
             raise
         try:

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import math
 import select
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import coredis
@@ -41,9 +41,20 @@ from coredis._utils import hash_slot
 from coredis.cluster._node import ClusterNodeLocation
 from coredis.connection import BaseConnection, TCPLocation
 from coredis.connection._request import Request
-from coredis.exceptions import AskError, MovedError, RedisClusterError, RedisError
+from coredis.exceptions import AskError, MovedError, NoScriptError, RedisClusterError, RedisError
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import NoRetryPolicy
+
+from nzgw.ports import CountersUnavailableError
+
+MAX_WAIT_FACTOR: Final = 5
+"""No call waits more than this many `call_timeout`s, however alive Redis is."""
+
+_CATCH_UP_CHECKPOINTS: Final = 5
+"""Checkpoints a call gives the connection's reader before it calls Redis silent."""
+
+_REDIRECTS: Final = 3
+"""MOVED / ASK redirections a call follows (a slot moves once per failover or migration)."""
 
 Node = ClusterNodeLocation | None
 """A Redis Cluster master, or None for the one server of a plain client."""
@@ -125,6 +136,10 @@ class Link:
             raise
         finally:
             self._flushing = False
+
+
+class NoAnswerError(CountersUnavailableError):
+    """The command was sent and Redis did not answer in time: it may still run there."""
 
 
 class _Connect:
@@ -228,6 +243,119 @@ class Links:
         connection: BaseConnection = await basic_pool.get_connection()
         basic_pool.release(connection)
         return connection
+
+
+class NodeCalls:
+    """Commands and scripts on the nodes of `client` through their live connections
+    (`Links`), each bounded and judged by the node's replies (nzgw.adapters.redis explains the
+    rules; docs/ARCHITECTURE.md "Counters under a burst"). Shared by the counters and the
+    failed-authentication throttle."""
+
+    def __init__(
+        self, client: coredis.Redis[Any] | coredis.RedisCluster[Any], *, call_timeout: float
+    ) -> None:
+        self.links = Links(client)
+        self.timeout = call_timeout
+        self.max_wait = MAX_WAIT_FACTOR * call_timeout
+
+    async def script(
+        self,
+        sha: str,
+        source: str,
+        keys: Sequence[str],
+        args: Sequence[_Value],
+        *,
+        start: float,
+        node: Node = None,
+    ) -> object:
+        """Run a Lua script (by its sha, loaded again after NOSCRIPT) on the node that serves
+        `keys` (`node`, if the caller routed already), following cluster redirections. Raises
+        `RedisError`, `OSError` or `CountersUnavailableError`."""
+        # Shielded: the caller's cancellation (client gone, shutdown) does not reach coredis
+        # (docs/ARCHITECTURE.md); the waits below bound the call instead.
+        with trio.CancelScope(shield=True):
+            if node is None:
+                node = self.links.node_for(keys[0])
+            asking = False
+            for _ in range(_REDIRECTS):
+                try:
+                    try:
+                        return await self.call(
+                            node, start, asking, b"EVALSHA", sha, len(keys), *keys, *args
+                        )
+                    except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load it again
+                        return await self.call(
+                            node, start, asking, b"EVAL", source, len(keys), *keys, *args
+                        )
+                except MovedError as moved:  # the slot has a new master: it did not run
+                    node, asking = self.links.moved(node, moved), False
+                except AskError as ask:  # the slot is migrating: ask its target, once
+                    node, asking = self.links.asked(ask), True
+            raise CountersUnavailableError(f"counter store: more than {_REDIRECTS} redirects")
+        raise AssertionError("unreachable: a shielded scope without a deadline")
+
+    async def call(
+        self, node: Node, start: float, asking: bool, command: bytes, *args: _Value
+    ) -> object:
+        """One command on `node`'s live connection, sent before this task yields; its reply."""
+        link = await self._connected(node, start)
+        if asking:
+            link.request(b"ASKING", timeout=2 * self.max_wait)
+        request = link.request(command, *args, timeout=2 * self.max_wait)
+        try:
+            await link.flush()
+        except RedisError as exc:
+            self.links.failed(node, exc)
+            raise
+        try:
+            return await self._reply(link, request, start)
+        except RedisConnectionError as exc:
+            self.links.failed(node, exc)
+            raise
+
+    async def _connected(self, node: Node, start: float) -> Link:
+        """`node`'s live connection: at once in the usual case; else one connect per node at
+        a time, bounded by coredis' connect_timeout (`max_wait`: a loopback connect is
+        instant, only a busy loop makes it look slow, and a refused one fails at once)."""
+        link = self.links.live(node)
+        if link is not None:
+            return link
+        with trio.move_on_at(start + self.max_wait):
+            return await self.links.link(node)
+        raise CountersUnavailableError("counter store: no connection within the call's wait")
+
+    async def _reply(self, link: Link, request: Request, start: float) -> object:
+        """Wait for `request`'s reply while the node is not silent."""
+        hard = start + self.max_wait
+        while True:
+            silent_at = max(start, link.last_reply) + self.timeout
+            with trio.move_on_at(min(hard, silent_at)) as waited:
+                try:
+                    reply = await request
+                finally:
+                    if request.complete:  # an error reply is an answer too
+                        link.last_reply = trio.current_time()
+            if not waited.cancelled_caught:
+                return reply
+            # Our loop may have been busy: the reply (or others') may sit in the socket. Let
+            # the connection's reader run before judging Redis.
+            for _ in range(_CATCH_UP_CHECKPOINTS):
+                await trio.lowlevel.checkpoint()
+            if request.complete:
+                link.last_reply = trio.current_time()
+                return await request
+            now = trio.current_time()
+            if now < hard and link.answer_waiting():
+                # Redis answered (this call or another); only our reader is behind: a sign of
+                # life, not silence. Wait on, up to the hard bound.
+                link.last_reply = now
+                continue
+            if now >= hard or now >= max(start, link.last_reply) + self.timeout:
+                raise NoAnswerError(
+                    f"counter store: no answer for {self.timeout} s"
+                    if now < hard
+                    else f"counter store: no answer within {self.max_wait} s"
+                )
 
 
 def redis_client(

@@ -6,23 +6,25 @@ the one-key scripts run on Redis Cluster too). The token bucket is refilled with
 clock (`TIME`), so processes whose clocks differ share one bucket exactly; a full bucket is
 deleted and a partial one expires one window after its last change.
 
-Calls are kept away from cancellation as in `nzgw.adapters.redis` (docs/ARCHITECTURE.md, coredis
-trap 1): each runs shielded under its own deadline, coredis connects with a quarter of it and never
-retries, and every failure becomes `CountersUnavailableError`.
+Calls go the counters' way (`NodeCalls` in `nzgw.adapters.redis_link`; docs/ARCHITECTURE.md
+"Counters under a burst"): on the node's one live connection, written by the calling task,
+shielded from the caller's cancellation, refused only when Redis has been silent for the counters'
+timeout (never waiting more than 5 times it); no retries, and every failure becomes
+`CountersUnavailableError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import coredis
 import trio
-from coredis.commands import Script
 from coredis.exceptions import RedisError
 
-from nzgw.adapters.redis_link import entered, redis_client
+from nzgw.adapters.redis_link import MAX_WAIT_FACTOR, NodeCalls, entered, redis_client
 from nzgw.ports import CountersUnavailableError
 
 log = logging.getLogger("nzgw.counters")
@@ -76,46 +78,37 @@ class RedisAuthThrottle:
         window: float = 60.0,
         prefix: str = "nzgw:",
         call_timeout: float,
-        max_connections: int = 16,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (hash tags are ours)")
-        self._script: Script[str] = client.register_script(_BUCKET)
+        # The counters' way into Redis: one live connection per node, written by the caller,
+        # so a burst of cold verifications pipelines instead of queueing for pool slots.
+        self._calls = NodeCalls(client, call_timeout=call_timeout)
+        self._sha = hashlib.sha1(_BUCKET.encode()).hexdigest()
         self._limit = limit
         self._window_ms = int(window * 1000)
         self._prefix = prefix
-        self._timeout = call_timeout
-        # No more calls inside coredis than pool slots (it then never waits for one, and a
-        # connect it starts, bounded by call_timeout / 4, ends before our deadline).
-        self._slots = trio.Semaphore(max_connections)
 
     def key(self, address: str) -> str:
         return f"{self._prefix}{{a:{address}}}:authfail"
 
     async def _call(self, op: str, address: str) -> int:
-        """One script call, shielded from the caller's cancellation and bounded by its own
-        deadline; every failure is `CountersUnavailableError`."""
-        start = trio.current_time()
-        with trio.CancelScope(shield=True, deadline=start + self._timeout):
-            acquired = False
-            with trio.move_on_at(start + self._timeout * 0.6):
-                await self._slots.acquire()
-                acquired = True
-            if not acquired:
-                raise CountersUnavailableError("counter store: too many calls waiting")
-            try:
-                reply: object = await self._script(
-                    keys=[self.key(address)], args=[op, self._limit, self._window_ms]
-                )
-            except (RedisError, OSError) as exc:
-                # A string, not the exception: a log record must not keep coredis' connection
-                # (and its streams) alive through the traceback.
-                log.warning("counter store: auth throttle %s failed: %s", op, repr(exc))
-                raise CountersUnavailableError(f"counter store: {exc!r}") from exc
-            finally:
-                self._slots.release()
-            return int(str(reply))
-        raise CountersUnavailableError(f"counter store: no answer within {self._timeout} s")
+        """One script call, shielded from the caller's cancellation and bounded as every
+        counter call (`NodeCalls`); every failure is `CountersUnavailableError`."""
+        try:
+            reply = await self._calls.script(
+                self._sha,
+                _BUCKET,
+                [self.key(address)],
+                [op, self._limit, self._window_ms],
+                start=trio.current_time(),
+            )
+        except (RedisError, OSError) as exc:
+            # A string, not the exception: a log record must not keep coredis' connection
+            # (and its streams) alive through the traceback.
+            log.warning("counter store: auth throttle %s failed: %s", op, repr(exc))
+            raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+        return int(str(reply))
 
     async def try_acquire(self, address: str) -> float | None:
         wait_ms = await self._call("acquire", address)
@@ -142,21 +135,15 @@ async def open_redis_throttle(
     cluster: bool = False,
 ) -> AsyncIterator[RedisAuthThrottle]:
     """The throttle on the Redis at `url` (with `cluster`: the Redis Cluster of that node; one
-    key per call, routed by coredis' cluster client). A single server is connected to lazily
+    key per call, sent to the master of its slot). A single server is connected to lazily
     (opening succeeds while Redis is down; calls then fail closed). Enter it in a task that
     outlives the requests."""
     client = redis_client(
         url,
         cluster=cluster,
-        connect_timeout=call_timeout / 4,
-        stream_timeout=call_timeout,
+        connect_timeout=MAX_WAIT_FACTOR * call_timeout,
+        stream_timeout=2 * MAX_WAIT_FACTOR * call_timeout,
         max_connections=max_connections,
     )
     async with entered(client):
-        yield RedisAuthThrottle(
-            client,
-            limit=limit,
-            prefix=prefix,
-            call_timeout=call_timeout,
-            max_connections=max_connections,
-        )
+        yield RedisAuthThrottle(client, limit=limit, prefix=prefix, call_timeout=call_timeout)

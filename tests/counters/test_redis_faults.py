@@ -15,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import trio
 
-from nzgw.adapters import redis as redis_adapter
-from nzgw.adapters.redis import MAX_WAIT_FACTOR, RedisCounters, open_redis_counters
+from nzgw.adapters import redis_link
+from nzgw.adapters.redis import RedisCounters, open_redis_counters
+from nzgw.adapters.redis_link import MAX_WAIT_FACTOR
 from nzgw.core.limits import AdmissionRequest, Limit
 from nzgw.core.models import Budgets, Limits
 from nzgw.ports import CountersUnavailableError
@@ -160,7 +161,7 @@ async def test_an_answer_unread_in_the_socket_is_not_silence(
 ) -> None:
     """As above, and the loop gives the reader no catch-up round: the bytes waiting in the
     socket still show that Redis answered."""
-    monkeypatch.setattr(redis_adapter, "_CATCH_UP_CHECKPOINTS", 0)
+    monkeypatch.setattr(redis_link, "_CATCH_UP_CHECKPOINTS", 0)
     assert await _admissions_across_a_busy_loop(owned_redis.url, 3 * TIMEOUT) == ["admitted"] * 50
 
 
