@@ -126,6 +126,10 @@ def gateway_env(
         "NZGW_SPOOL_DIR": str(tmp_path / "spool"),
         "NZGW_FLUSH_INTERVAL": "0.2",
         "NZGW_STORE_TIMEOUT": "1",
+        # Cached keys stay trusted for 2 × this after the last revocation read (60 s): with
+        # PostgreSQL frozen, requests are served from the cache for the whole outage even on a
+        # loaded machine (with the default 1 s, a slow burst outlived it and got 503, fail closed).
+        "NZGW_REVOCATION_POLL_INTERVAL": "30",
         "NZGW_DISCOVERY_INTERVAL": "5",
         "NZGW_GRACEFUL_TIMEOUT": "5",
     }
