@@ -1,5 +1,6 @@
 """Child processes of the tests: a process's JSON log lines on stderr, collected as they come,
-with waits on them; and `run_nzgw`, a command run to its end."""
+with waits on them; `open_nzgw` and `reap` for a long-running one; and `run_nzgw`, a command run
+to its end."""
 
 from __future__ import annotations
 
@@ -72,3 +73,21 @@ def run_nzgw(
         text=True,
         timeout=60,
     )
+
+
+async def open_nzgw(command: str, *, env: dict[str, str], cwd: Path) -> trio.Process:
+    """`python -m nzgw <command>` in the background, its stderr piped (read it with ProcessLog)."""
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "nzgw", command], env=env, cwd=cwd, stderr=subprocess.PIPE
+    )
+
+
+async def reap(process: trio.Process) -> None:
+    """Kill `process` if it still runs, wait for it and close its stderr; shielded (a test's
+    cleanup, also when the test was cancelled)."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        assert process.stderr is not None
+        await process.stderr.aclose()

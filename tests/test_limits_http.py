@@ -52,8 +52,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,7 +71,7 @@ from nzgw.services.issuing import issue_key
 from nzgw.testing import EmulatorSettings, open_emulator
 from tests.counters.conftest import COREDIS_CONNECT_LEAK, OwnedRedis, own_redis_server
 from tests.harness import FAST_ARGON2, Harness, open_harness
-from tests.process_log import ProcessLog
+from tests.process_log import ProcessLog, open_nzgw, reap
 from tests.redis_cluster import own_redis_cluster
 
 PROCESSES = 3
@@ -207,13 +205,7 @@ async def open_gateways(
     try:
         async with trio.open_nursery() as nursery:
             for _ in range(PROCESSES):
-                process = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "nzgw", "serve"],
-                    env=env,
-                    cwd=tmp_path,
-                    stderr=subprocess.PIPE,
-                )
-                gateway = GatewayProcess(process=process)
+                gateway = GatewayProcess(process=await open_nzgw("serve", env=env, cwd=tmp_path))
                 gateways.append(gateway)
                 nursery.start_soon(gateway.read_stderr)
             with trio.fail_after(30):
@@ -224,13 +216,8 @@ async def open_gateways(
                 if gateway.process.returncode is None:
                     gateway.process.kill()
     finally:
-        with trio.CancelScope(shield=True):
-            for gateway in gateways:
-                if gateway.process.returncode is None:
-                    gateway.process.kill()
-                await gateway.process.wait()
-                assert gateway.process.stderr is not None
-                await gateway.process.stderr.aclose()
+        for gateway in gateways:
+            await reap(gateway.process)
 
 
 async def stop_gracefully(gateways: list[GatewayProcess]) -> None:

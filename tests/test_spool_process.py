@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from nzgw.testing import open_emulator
 from tests.counters.conftest import OwnedRedis, own_redis_server
 from tests.harness import FAST_ARGON2
 from tests.metrics_samples import parse_exposition
-from tests.process_log import ProcessLog
+from tests.process_log import ProcessLog, open_nzgw, reap
 from tests.store import pg
 from tests.tcp_proxy import open_tcp_proxy
 
@@ -89,9 +87,7 @@ class Gateway(ProcessLog):
 @contextlib.asynccontextmanager
 async def gateway(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Gateway]:
     """One `nzgw serve`, ready when yielded; killed if still running at the end."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "nzgw", "serve"], env=env, cwd=tmp_path, stderr=subprocess.PIPE
-    )
+    process = await open_nzgw("serve", env=env, cwd=tmp_path)
     gw = Gateway(process=process)
     try:
         async with trio.open_nursery() as nursery:
@@ -101,12 +97,7 @@ async def gateway(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Gateway]
             if process.returncode is None:
                 process.kill()
     finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            assert process.stderr is not None
-            await process.stderr.aclose()
+        await reap(process)
 
 
 def gateway_env(

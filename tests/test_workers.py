@@ -21,8 +21,6 @@ import collections
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,7 +41,7 @@ from nzgw.testing import EmulatorSettings, open_emulator
 from tests.counters.conftest import own_redis_server
 from tests.harness import FAST_ARGON2
 from tests.metrics_samples import parse_exposition, sample_sum
-from tests.process_log import ProcessLog, run_nzgw
+from tests.process_log import ProcessLog, open_nzgw, reap, run_nzgw
 
 RPM = 30
 
@@ -98,12 +96,7 @@ async def supervised(tmp_path: Path, redis_url: str, **extra: str) -> AsyncItera
             "NZGW_FLUSH_INTERVAL": "0.2",
             **extra,
         }
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nzgw", "serve"],
-            env=env,
-            cwd=tmp_path,
-            stderr=subprocess.PIPE,
-        )
+        process = await open_nzgw("serve", env=env, cwd=tmp_path)
         running = Supervised(process=process, port=port, key=key)
         try:
             async with trio.open_nursery() as nursery:
@@ -112,12 +105,7 @@ async def supervised(tmp_path: Path, redis_url: str, **extra: str) -> AsyncItera
                 with trio.fail_after(30):
                     await running.eof.wait()
         finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.kill()
-                await process.wait()
-                assert process.stderr is not None
-                await process.stderr.aclose()
+            await reap(process)
 
 
 async def scrape(address: str) -> Mapping[tuple[str, frozenset[tuple[str, str]]], float]:
