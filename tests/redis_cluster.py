@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -168,6 +168,10 @@ class OwnedCluster:
         for node in self.alive_nodes():
             answer = _command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target)
             assert answer.strip() == "OK", answer
+        self._wait_owner(slot, port)
+
+    def _wait_owner(self, slot: int, port: int) -> None:
+        """Wait until every live node sees the master on `port` serve `slot`."""
         deadline = time.monotonic() + START_TIMEOUT
         while any(
             _owner_from_nodes(_command(n.port, "CLUSTER", "NODES"), slot) != port
@@ -175,6 +179,46 @@ class OwnedCluster:
         ):
             assert time.monotonic() < deadline, f"slot {slot} not moved to {port}"
             time.sleep(0.05)
+
+    def start_migration(self, slot: int, source: int, target: int) -> None:
+        """Open `slot`'s migration from the master on `source` to the one on `target`, as a
+        resharding does: IMPORTING on the target, then MIGRATING on the source. The source
+        then answers ASK for the slot's keys it no longer holds."""
+        for port, state, other in ((target, "IMPORTING", source), (source, "MIGRATING", target)):
+            answer = _command(port, "CLUSTER", "SETSLOT", str(slot), state, self.node_id(other))
+            assert answer.strip() == "OK", answer
+
+    def keys_in_slot(self, port: int, slot: int) -> list[str]:
+        """The keys of `slot` that the node on `port` holds itself."""
+        answer = _command(port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100000")
+        return [k for k in answer.splitlines() if k]
+
+    def migrate_keys(self, source: int, target: int, keys: Sequence[str]) -> None:
+        """Move `keys` from the master on `source` to the one on `target` (MIGRATE)."""
+        answer = _command(
+            source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys
+        )
+        assert answer.strip() == "OK", answer
+
+    def finish_migration(self, slot: int, source: int, target: int) -> None:
+        """Close `slot`'s migration: SETSLOT NODE <target> on the target, the source, then
+        every other master, as a resharding does; wait until every node agrees."""
+        owner = self.node_id(target)
+        others = [n.port for n in self.alive_nodes() if n.port not in (source, target)]
+        for port in (target, source, *others):
+            answer = _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", owner)
+            assert answer.strip() == "OK", answer
+        self._wait_owner(slot, target)
+
+    def command_stat(self, port: int, command: str, field: str) -> int:
+        """A field of `INFO commandstats` for `command` on the node on `port` (0 if absent),
+        e.g. ("evalsha", "rejected_calls"): calls answered with a redirection or TRYAGAIN."""
+        info = _command(port, "INFO", "commandstats")
+        for part in _info_field(info, f"cmdstat_{command.lower()}").split(","):
+            name, _, value = part.partition("=")
+            if name == field:
+                return int(value)
+        return 0
 
     def keys_on(self, port: int, pattern: str) -> list[str]:
         """The keys matching `pattern` that the node on `port` holds itself."""

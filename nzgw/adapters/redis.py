@@ -41,6 +41,7 @@ Redis by its replies, not by how late our own event loop gets to them:
   late, it does not make Redis slow). Whatever the replies, no call waits more than `max_wait`
   (`5 * call_timeout`);
 - on Redis Cluster, a call goes to the master of its tenant's slot and follows MOVED and ASK;
+  TRYAGAIN (a migrating slot) makes it go again, up to `max_wait`;
 - no retries inside coredis (a retried admission could reserve twice);
 - every failure (silence, refused connection, protocol or script error) becomes
   `CountersUnavailableError`; nothing above this module sees a coredis exception.

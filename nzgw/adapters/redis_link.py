@@ -21,7 +21,9 @@ client, so coredis' writer task never writes on it after the handshake.
 
 On Redis Cluster (`coredis.RedisCluster`) the node is the master that serves the slot of the
 call's first key (all of a call's keys share one hash tag), from coredis' cluster layout; the
-caller follows MOVED (the layout learns the new owner) and ASK (`ASKING` first, pipelined).
+caller follows MOVED (the layout learns the new owner) and ASK (`ASKING` first, pipelined), and
+goes again after TRYAGAIN (a migrating slot whose keys are split, or missing on the target:
+admissions and settlements wait, up to their `max_wait`, for the migration to close).
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ from coredis._utils import hash_slot
 from coredis.cluster._node import ClusterNodeLocation
 from coredis.connection import BaseConnection, TCPLocation
 from coredis.connection._request import Request
-from coredis.exceptions import AskError, MovedError, NoScriptError, RedisClusterError, RedisError
+from coredis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisClusterError,
+    RedisError,
+    TryAgainError,
+)
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import NoRetryPolicy
 
@@ -55,6 +64,11 @@ _CATCH_UP_CHECKPOINTS: Final = 5
 
 _REDIRECTS: Final = 3
 """MOVED / ASK redirections a call follows (a slot moves once per failover or migration)."""
+
+_TRY_AGAIN_PAUSE: Final = 0.02
+"""Seconds before a call answered TRYAGAIN goes out again: its slot is migrating and neither
+node holds all of the call's keys (it did not run). It waits so, up to its `max_wait`, for
+the migration to close."""
 
 Node = ClusterNodeLocation | None
 """A Redis Cluster master, or None for the one server of a plain client."""
@@ -276,8 +290,8 @@ class NodeCalls:
         with trio.CancelScope(shield=True):
             if node is None:
                 node = self.links.node_for(keys[0])
-            asking = False
-            for _ in range(_REDIRECTS):
+            asking, redirects = False, 0
+            while True:
                 try:
                     try:
                         return await self.call(
@@ -291,7 +305,24 @@ class NodeCalls:
                     node, asking = self.links.moved(node, moved), False
                 except AskError as ask:  # the slot is migrating: ask its target, once
                     node, asking = self.links.asked(ask), True
-            raise CountersUnavailableError(f"counter store: more than {_REDIRECTS} redirects")
+                except TryAgainError as again:
+                    # The slot is migrating and this node holds only part of the call's keys
+                    # (a script declares keys that exist nowhere yet, so a migration target
+                    # asked for it answers so too): it did not run. Go again from the slot's
+                    # master once the migration may have moved on, within the call's wait.
+                    resume = trio.current_time() + _TRY_AGAIN_PAUSE
+                    if resume >= start + self.max_wait:
+                        raise CountersUnavailableError(
+                            f"counter store: slot still migrating after {self.max_wait} s: {again}"
+                        ) from again
+                    await trio.sleep_until(resume)
+                    node, asking, redirects = self.links.node_for(keys[0]), False, 0
+                    continue
+                redirects += 1
+                if redirects >= _REDIRECTS:
+                    raise CountersUnavailableError(
+                        f"counter store: more than {_REDIRECTS} redirects"
+                    )
         raise AssertionError("unreachable: a shielded scope without a deadline")
 
     async def call(

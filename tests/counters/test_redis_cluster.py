@@ -7,20 +7,24 @@ What a client sees when a master is SIGKILLed (README "Redis Cluster"):
   (cluster-node-timeout plus a layout refresh: a few seconds), then are admitted again; every
   other tenant is admitted throughout;
 - without one: those tenants get 503 until the master is back; every other tenant is admitted.
+
+While a tenant's slot migrates (a resharding), its admissions and settlements wait for the
+migration to close and then count exactly; a call whose keys all moved follows ASK.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from nzgw.adapters.redis import RedisCounters, open_redis_counters
-from nzgw.core.limits import AdmissionResult, epoch_ms
+from nzgw.core.limits import AdmissionResult, Lease, Limit, Scope, epoch_ms
+from nzgw.core.models import Limits, Principal
 from nzgw.ports import BudgetSeed, CountersUnavailableError, UsageTotals
 from tests.redis_cluster import OwnedCluster, key_slot, own_redis_cluster
 
@@ -163,3 +167,117 @@ async def test_every_key_of_a_tenant_lands_on_one_master(cluster: OwnedCluster) 
                 keys = cluster.keys_on(owner or 0, f"{prefix}{{t{tenant}}}:*")
                 assert len(keys) >= 10, keys  # seed, windows, leases, budgets, reservations
             assert len(owners) > 1  # the tenants are spread over the masters
+
+
+MIGRATION_CALL_TIMEOUT = 10.0
+"""The counters' call timeout in the migration test: a call waits up to 5 times this for a
+slot's migration to close (a hang guard, not a latency figure; under HANG_GUARD)."""
+
+
+async def until(holds: Callable[[], bool]) -> None:
+    """Poll a cluster observation (redis-cli, in a thread) until it holds; bounded by the
+    caller's fail_after."""
+    while True:
+        if await trio.to_thread.run_sync(holds):
+            return
+        await trio.sleep(0.02)  # a poll interval, not a synchronisation
+
+
+async def lease_of(c: RedisCounters, who: Principal) -> Lease:
+    result = await c.admit(admission(who))
+    assert isinstance(result, AdmissionResult)
+    assert result.lease is not None, result.refusal
+    return result.lease
+
+
+async def test_a_migrating_slot_asks_and_the_tenant_s_counts_stay_exact(
+    cluster: OwnedCluster,
+) -> None:
+    """A tenant's slot resharded to another master while its admissions and settlements go
+    on: IMPORTING on the target, MIGRATING on the source, MIGRATE of the key scope's counters
+    (the source holds part of every call's keys: TRYAGAIN), then of the rest (the source
+    holds none: ASK, and the target, asked, serves a call whose keys it holds all and answers
+    TRYAGAIN to one that declares a key that exists nowhere yet, as an admission's and a
+    settlement's do), then SETSLOT NODE on every master. The waiting calls complete once the
+    slot is the target's (MOVED), nothing is counted twice or lost, and the requests-per-minute
+    limit still admits exactly its number."""
+    tenant, key, rpm = 7, 17, 6
+    who = principal(tenant, key, tenant_limits=Limits(requests_per_minute=rpm))
+    slot = key_slot(f"{PREFIX}{{t{tenant}}}:seed")
+    now_ms = epoch_ms(T0)
+    run = trio.to_thread.run_sync
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            cluster.url,
+            call_timeout=MIGRATION_CALL_TIMEOUT,
+            prefix=PREFIX,
+            cluster=True,
+            caller_clock=True,
+        ) as c:
+            await seed(c, tenant)
+            before = [await lease_of(c, who) for _ in range(3)]
+            await c.settle(before[0], tokens=7, now_ms=now_ms)
+            source = cluster.slot_owner(slot)
+            assert source is not None
+            target = next(n.port for n in cluster.nodes if n.port != source)
+
+            await run(cluster.start_migration, slot, source, target)
+            held = await run(cluster.keys_in_slot, source, slot)
+            of_key = [k for k in held if f":k{key}:" in k]
+            of_tenant = [k for k in held if k not in of_key]
+            assert of_key and of_tenant, held
+            await run(cluster.migrate_keys, source, target, of_key)
+            rejected = await run(cluster.command_stat, source, "evalsha", "rejected_calls")
+            during: list[Lease] = []
+
+            settled: list[Lease] = []
+
+            async def admit_during() -> None:
+                during.append(await lease_of(c, who))
+
+            async def settle_during() -> None:
+                await c.settle(before[1], tokens=5, now_ms=now_ms)
+                settled.append(before[1])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(admit_during)
+                nursery.start_soon(settle_during)
+                # The source refuses them (it holds part of their keys: TRYAGAIN); they go
+                # again, and again.
+                await until(
+                    lambda: cluster.command_stat(source, "evalsha", "rejected_calls") > rejected
+                )
+                asked = await run(cluster.command_stat, target, "asking", "calls")
+                await run(cluster.migrate_keys, source, target, of_tenant)
+                # Now the source answers ASK (it holds none of their keys), and they go to the
+                # target with ASKING; the target answers TRYAGAIN (their tombstone key exists
+                # nowhere), and they go again from the source.
+                await until(lambda: cluster.command_stat(target, "asking", "calls") > asked)
+                # A call whose keys the target holds all (the leases of before[2]) is served
+                # there while the slot still migrates: ASK followed.
+                assert await c.refresh(before[2], now_ms=now_ms)
+                assert not during and not settled  # no node runs them while the slot is open
+                await run(cluster.finish_migration, slot, source, target)
+            assert len(during) == len(settled) == 1
+
+            after = [await lease_of(c, who) for _ in range(rpm - 4)]
+            refused = await c.admit(admission(who))
+            assert isinstance(refused, AdmissionResult) and refused.refusal is not None
+            # The key inherits the tenant's limit and is checked first; both windows hold
+            # exactly the admitted requests (the key's moved first, the tenant's after).
+            assert refused.refusal.limit == Limit.REQUESTS_PER_MINUTE
+            assert refused.refusal.scope == Scope.KEY
+            assert refused.refusal.used == rpm
+            assert refused.key.requests == refused.tenant.requests == rpm
+            tokens = {before[2].id: 3, during[0].id: 4, after[0].id: 2, after[1].id: 1}
+            for lease in (before[2], *during, *after):
+                await c.settle(lease, tokens=tokens[lease.id], now_ms=now_ms)
+            snapshot = await c.budget_snapshot(tenant, [key], before[0].periods)
+            assert snapshot is not None
+            spent = 7 + 5 + sum(tokens.values())
+            for scope in (snapshot.tenant, snapshot.keys[key]):
+                assert scope.counted == UsageTotals(spent, spent, spent)
+                assert scope.reserved == UsageTotals()
+            assert snapshot.version == 6  # one per settlement, none twice
+            assert cluster.keys_on(target, f"{PREFIX}{{t{tenant}}}:*")
+            assert not cluster.keys_on(source, f"{PREFIX}{{t{tenant}}}:*")
