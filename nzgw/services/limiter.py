@@ -53,7 +53,7 @@ from nzgw.ports import (
     UsageTotals,
     utc_now,
 )
-from nzgw.services.spool import Spool, SpoolStats, flush_or_spool, spool_at_shutdown
+from nzgw.services.spool import Spool, flush_or_spool, spool_at_shutdown
 
 log = logging.getLogger("nzgw.limiter")
 
@@ -526,8 +526,7 @@ async def run_usage_flusher(
                         log.warning("final usage flush failed, retrying: %s", exc)
                         await trio.sleep(_FINAL_RETRY_INTERVAL)
             left = limiter.seal_usage()
-            stats = spool.stats if spool is not None else SpoolStats()
-            lost_rows = await spool_at_shutdown("usage", left, spool, stats)
+            lost_rows = await spool_at_shutdown("usage", left, spool)
         if lost_rows:
             lost = [row for batch in left for row in batch.rows]
             log.error(
