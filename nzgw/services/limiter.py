@@ -26,6 +26,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
+from functools import partial
 from typing import Protocol
 
 import attrs
@@ -492,16 +493,13 @@ async def run_usage_flusher(
     """
     task_status.started()
 
-    async def flush() -> int:
-        return await limiter.flush_usage(store)
-
     def unwritten() -> list[UsageBatch]:
         return limiter.unflushed_batches
 
     async def flush_once() -> int:
         return await flush_or_spool(
             "usage",
-            flush,
+            partial(limiter.flush_usage, store),
             seal=limiter.seal_usage,
             unwritten=unwritten,
             spool=spool,
