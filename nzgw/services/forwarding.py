@@ -338,7 +338,7 @@ class Relay:
                     return self._end("the model server stopped sending")
                 if not data:
                     return self._end()
-                if trio.current_time() >= self._next_refresh and self._ticket is not None:
+                if self._ticket is not None and trio.current_time() >= self._next_refresh:
                     await self._ticket.refresh()
                     self._next_refresh = trio.current_time() + self._ticket.refresh_every
             out = self._watcher.feed(data)
