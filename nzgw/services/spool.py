@@ -341,6 +341,15 @@ async def spool_at_shutdown(kind: str, batches: Sequence[SpoolBatch], spool: Spo
 # --- replay ---------------------------------------------------------------------------------------
 
 
+def _mtime_or_zero(path: Path) -> float:
+    """A spool file's age for ordering; 0 when another worker deleted it meanwhile (an exists()
+    check before stat() would still race)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 async def replay_orphans(
     directory: Path, fingerprint: str, store: Store, stats: SpoolStats, *, own: Path | None = None
 ) -> int:
@@ -354,7 +363,7 @@ async def replay_orphans(
     replayed = 0
     paths = sorted(
         (p for p in folder.glob(f"{_FILE_PREFIX}*{_FILE_SUFFIX}") if p != own),
-        key=lambda p: p.stat().st_mtime if p.exists() else 0,
+        key=_mtime_or_zero,
     )
     for path in paths:
         try:
