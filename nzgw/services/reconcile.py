@@ -84,8 +84,12 @@ class Reconciler:
         `CountersUnavailableError` if the store or the counters do not answer."""
         _, periods = self._limiter.clock()
         first: dict[int, tuple[list[int], BudgetSnapshot]] = {}
-        for tenant in await self._directory.list_tenants():
-            key_ids = [key.id for key in await self._directory.list_keys(tenant.id)]
+        tenants = await self._directory.list_tenants()
+        keys_of: dict[int, list[int]] = {}
+        for key in await self._directory.list_keys():  # one listing, not one per tenant
+            keys_of.setdefault(key.tenant_id, []).append(key.id)
+        for tenant in tenants:
+            key_ids = keys_of.get(tenant.id, [])
             snapshot = await self._counters.budget_snapshot(tenant.id, key_ids, periods)
             if snapshot is not None:
                 first[tenant.id] = (key_ids, snapshot)
