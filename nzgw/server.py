@@ -111,10 +111,11 @@ async def open_counters(config: Config) -> AsyncIterator[Counters]:
 
 
 @contextlib.asynccontextmanager
-async def open_process_spool(config: Config, stats: SpoolStats) -> AsyncIterator[Spool]:
+async def open_process_spool(
+    directory: Path, fingerprint: str, stats: SpoolStats
+) -> AsyncIterator[Spool]:
     """This process's spool file, in the folder of the configured store (services/spool.py)."""
-    fingerprint = store_fingerprint(store_identity(config.database_url))
-    with open_spool(Path(config.spool_dir), fingerprint, stats) as spool:
+    with open_spool(directory, fingerprint, stats) as spool:
         yield spool
 
 
@@ -166,8 +167,11 @@ async def run_server(
                     log.info("migrations applied", extra={"migrations": ",".join(applied)})
                 steps.done("migrations checked", applied=len(applied))
             spool_stats = SpoolStats()
+            # One folder per database: this process's spool and the orphans it replays.
+            spool_dir = Path(config.spool_dir)
+            fingerprint = store_fingerprint(store_identity(config.database_url))
             async with (
-                open_process_spool(config, spool_stats) as spool,
+                open_process_spool(spool_dir, fingerprint, spool_stats) as spool,
                 open_counters(config) as counters,
                 open_auth_throttle(config) as auth_throttle,
                 open_backends(
@@ -216,8 +220,8 @@ async def run_server(
                 await services.start(
                     partial(
                         run_spool_replay,
-                        Path(config.spool_dir),
-                        store_fingerprint(store_identity(config.database_url)),
+                        spool_dir,
+                        fingerprint,
                         store,
                         spool_stats,
                         own=spool.path,

@@ -49,7 +49,7 @@ from nzgw.core.audit import (
     overflow_event,
 )
 from nzgw.ports import AuditBatch, AuditStore, ChainHead, StoreError, WallClock, utc_now
-from nzgw.services.spool import Spool, SpoolStats, flush_or_spool, spool_at_shutdown
+from nzgw.services.spool import Spool, flush_or_spool, spool_at_shutdown
 
 log = logging.getLogger("nzgw.audit")
 
@@ -345,8 +345,7 @@ async def run_audit_flusher(
                     except StoreError as exc:
                         log.warning("final audit flush failed, retrying: %s", exc)
                         await trio.sleep(min(interval, 0.5))
-            stats = spool.stats if spool is not None else SpoolStats()
-            lost = await spool_at_shutdown("audit", audit.seal_all(), spool, stats)
+            lost = await spool_at_shutdown("audit", audit.seal_all(), spool)
         if lost:
             audit.rows_lost += lost
             log.error("%d audit rows could not be written before shutdown and are lost", lost)

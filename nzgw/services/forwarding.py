@@ -338,7 +338,7 @@ class Relay:
                     return self._end("the model server stopped sending")
                 if not data:
                     return self._end()
-                if trio.current_time() >= self._next_refresh and self._ticket is not None:
+                if self._ticket is not None and trio.current_time() >= self._next_refresh:
                     await self._ticket.refresh()
                     self._next_refresh = trio.current_time() + self._ticket.refresh_every
             out = self._watcher.feed(data)
@@ -368,12 +368,17 @@ class Relay:
                 cut or watcher.upstream_error or "the model server ended the stream unexpectedly"
             )
             tail += stream_error_frame(self._kind, message)
-        info.usage = watcher.usage() or Usage(0, watcher.frames, reported=False)
+        info.usage = self._usage_so_far()
         if not tail:
             raise StopAsyncIteration
         if self._kept is not None:
             self._kept += tail[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
         return tail
+
+    def _usage_so_far(self) -> Usage:
+        """The usage the stream reported, or its frames counted as completion tokens."""
+        watcher = self._watcher
+        return watcher.usage() or Usage(0, watcher.frames, reported=False)
 
     def keep_response(self) -> None:
         """Hand the relayed bytes kept for the prompt log to the request record."""
@@ -383,4 +388,4 @@ class Relay:
     async def aclose(self) -> None:
         """Called by Quart when the body is done or abandoned; the stack closes upstream."""
         if not self._done:
-            self._info.usage = self._watcher.usage() or Usage(0, self._watcher.frames, False)
+            self._info.usage = self._usage_so_far()

@@ -26,6 +26,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
+from functools import partial
 from typing import Protocol
 
 import attrs
@@ -53,7 +54,7 @@ from nzgw.ports import (
     UsageTotals,
     utc_now,
 )
-from nzgw.services.spool import Spool, SpoolStats, flush_or_spool, spool_at_shutdown
+from nzgw.services.spool import Spool, flush_or_spool, spool_at_shutdown
 
 log = logging.getLogger("nzgw.limiter")
 
@@ -492,16 +493,13 @@ async def run_usage_flusher(
     """
     task_status.started()
 
-    async def flush() -> int:
-        return await limiter.flush_usage(store)
-
     def unwritten() -> list[UsageBatch]:
         return limiter.unflushed_batches
 
     async def flush_once() -> int:
         return await flush_or_spool(
             "usage",
-            flush,
+            partial(limiter.flush_usage, store),
             seal=limiter.seal_usage,
             unwritten=unwritten,
             spool=spool,
@@ -526,8 +524,7 @@ async def run_usage_flusher(
                         log.warning("final usage flush failed, retrying: %s", exc)
                         await trio.sleep(_FINAL_RETRY_INTERVAL)
             left = limiter.seal_usage()
-            stats = spool.stats if spool is not None else SpoolStats()
-            lost_rows = await spool_at_shutdown("usage", left, spool, stats)
+            lost_rows = await spool_at_shutdown("usage", left, spool)
         if lost_rows:
             lost = [row for batch in left for row in batch.rows]
             log.error(

@@ -309,12 +309,10 @@ async def _spool_quietly(spool: Spool, kind: str, batches: Sequence[SpoolBatch])
             )
 
 
-async def spool_at_shutdown(
-    kind: str, batches: Sequence[SpoolBatch], spool: Spool | None, stats: SpoolStats
-) -> int:
+async def spool_at_shutdown(kind: str, batches: Sequence[SpoolBatch], spool: Spool | None) -> int:
     """The last flush gave up: append what is left to the spool; return the rows LOST (no
-    spool, or it failed), counted in `stats.lost_rows` and logged with the tokens by the
-    caller."""
+    spool, or it failed), counted in the spool's `stats.lost_rows` and logged with the tokens
+    by the caller."""
     rows = sum(rows_of(b) for b in batches)
     if not rows:
         return 0
@@ -336,7 +334,7 @@ async def spool_at_shutdown(
                 },
             )
             return 0
-    stats.lost_rows += rows
+        spool.stats.lost_rows += rows
     return rows
 
 
