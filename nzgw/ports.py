@@ -242,6 +242,13 @@ class UsageTotals:
     month_tokens: int = 0
     lifetime_tokens: int = 0
 
+    def minus(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(
+            self.day_tokens - other.day_tokens,
+            self.month_tokens - other.month_tokens,
+            self.lifetime_tokens - other.lifetime_tokens,
+        )
+
 
 # --- Store: audit log, prompt logs, usage reports (docs/audit.md) ---------------------------------
 
@@ -507,12 +514,7 @@ class ScopeBudget:
 
     @property
     def settled(self) -> UsageTotals:
-        c, r = self.counted, self.reserved
-        return UsageTotals(
-            c.day_tokens - r.day_tokens,
-            c.month_tokens - r.month_tokens,
-            c.lifetime_tokens - r.lifetime_tokens,
-        )
+        return self.counted.minus(self.reserved)
 
 
 @attrs.frozen

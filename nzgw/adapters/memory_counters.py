@@ -155,6 +155,13 @@ def _drop_others(counters: dict[str, int], current: str) -> None:
             del counters[period]
 
 
+def _live_periods(periods: Periods, now_ms: int) -> tuple[str | None, str | None]:
+    """The day and month of `periods` whose counters still exist at `now_ms` (None: expired)."""
+    day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
+    month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
+    return day_id, month_id
+
+
 class _TenantState:
     __slots__ = ("epoch", "keys", "scope", "version")
 
@@ -265,9 +272,7 @@ class MemoryCounters:
         tenant = self._tenant(lease.tenant_id)
         tokens = max(tokens, 0)
         delta = tokens - lease.reserved
-        periods = lease.periods
-        day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
-        month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
+        day_id, month_id = _live_periods(lease.periods, now_ms)
         tenant.version += 1
         for state in (tenant.key(lease.key_id), tenant.scope):
             state.leases.pop(lease.id, None)  # its heap item is skipped when it comes up
@@ -347,9 +352,7 @@ class MemoryCounters:
         if state is None or (state.epoch, state.version) != (snapshot.epoch, snapshot.version):
             return False
         state.version += 1
-        periods = snapshot.periods
-        day_id = periods.day_id if now_ms < periods.day_end_ms + PERIOD_SLACK_MS else None
-        month_id = periods.month_id if now_ms < periods.month_end_ms + PERIOD_SLACK_MS else None
+        day_id, month_id = _live_periods(snapshot.periods, now_ms)
         pairs = [(state.scope, tenant)] + [(state.key(k), delta) for k, delta in keys.items()]
         for scope, delta in pairs:
             if day_id is not None and delta.day_tokens:

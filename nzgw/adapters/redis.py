@@ -544,19 +544,23 @@ class RedisCounters:
                 await running.wait()
                 continue
             done = self._clock_read[name] = trio.Event()
-            start = trio.current_time()
             try:
-                with trio.CancelScope(shield=True):
-                    try:
-                        reply = await self._calls.call(node, start, False, b"TIME")
-                    except (RedisError, OSError) as exc:
-                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+                await self._read_clock(node)
             finally:
                 del self._clock_read[name]
                 done.set()
-            seconds, micros = cast("list[str]", reply)
-            self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
         return math.floor(local * 1000 + offset)
+
+    async def _read_clock(self, node: Node) -> None:
+        """One TIME call on `node` (shielded, as every call) into its clock offset."""
+        start = trio.current_time()
+        with trio.CancelScope(shield=True):
+            try:
+                reply = await self._calls.call(node, start, False, b"TIME")
+            except (RedisError, OSError) as exc:
+                raise CountersUnavailableError(f"counter store: {exc!r}") from exc
+        seconds, micros = cast("list[str]", reply)
+        self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
 
     async def _release_nowait(
         self, node: Node, keys: Sequence[str], request: AdmissionRequest
@@ -595,14 +599,7 @@ class RedisCounters:
         masters = self._links.primaries()
         for node in masters:
             try:
-                start = trio.current_time()
-                with trio.CancelScope(shield=True):
-                    try:
-                        reply = await self._calls.call(node, start, False, b"TIME")
-                    except (RedisError, OSError) as exc:
-                        raise CountersUnavailableError(f"counter store: {exc!r}") from exc
-                seconds, micros = cast("list[str]", reply)
-                self._observe_clock(node, int(seconds) * 1000 + int(micros) // 1000)
+                await self._read_clock(node)
             except CountersUnavailableError as exc:
                 log.warning("counter store: master %s: %s", Links.name(node), exc)
                 failures.append(exc)

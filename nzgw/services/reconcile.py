@@ -59,14 +59,6 @@ class TenantDirectory(Protocol):
     async def list_keys(self, tenant: str | int | None = None) -> list[ApiKey]: ...
 
 
-def _delta(ledger: UsageTotals, settled: UsageTotals) -> UsageTotals:
-    return UsageTotals(
-        ledger.day_tokens - settled.day_tokens,
-        ledger.month_tokens - settled.month_tokens,
-        ledger.lifetime_tokens - settled.lifetime_tokens,
-    )
-
-
 def _values(totals: UsageTotals) -> tuple[int, int, int]:
     return totals.day_tokens, totals.month_tokens, totals.lifetime_tokens
 
@@ -92,8 +84,12 @@ class Reconciler:
         `CountersUnavailableError` if the store or the counters do not answer."""
         _, periods = self._limiter.clock()
         first: dict[int, tuple[list[int], BudgetSnapshot]] = {}
-        for tenant in await self._directory.list_tenants():
-            key_ids = [key.id for key in await self._directory.list_keys(tenant.id)]
+        tenants = await self._directory.list_tenants()
+        keys_of: dict[int, list[int]] = {}
+        for key in await self._directory.list_keys():  # one listing, not one per tenant
+            keys_of.setdefault(key.tenant_id, []).append(key.id)
+        for tenant in tenants:
+            key_ids = keys_of.get(tenant.id, [])
             snapshot = await self._counters.budget_snapshot(tenant.id, key_ids, periods)
             if snapshot is not None:
                 first[tenant.id] = (key_ids, snapshot)
@@ -121,9 +117,9 @@ class Reconciler:
         if charged is None:
             return False
         ledger_tenant, ledger_keys = charged
-        tenant_delta = _delta(ledger_tenant, snapshot.tenant.settled)
+        tenant_delta = ledger_tenant.minus(snapshot.tenant.settled)
         key_deltas = {
-            key_id: _delta(ledger_keys.get(key_id, UsageTotals()), budget.settled)
+            key_id: ledger_keys.get(key_id, UsageTotals()).minus(budget.settled)
             for key_id, budget in snapshot.keys.items()
         }
         key_deltas = {k: d for k, d in key_deltas.items() if any(_values(d))}
