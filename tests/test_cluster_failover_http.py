@@ -14,7 +14,7 @@ one machine"): what users see over HTTP (README "Redis Cluster", "Failure behavi
   processes.
 - `test_a_master_without_replica_refuses_its_tenants_until_it_is_back`: 3 masters, no
   replica. The killed master's tenant gets 503 for as long as it is down, on every gateway
-  and past coredis' layout refresh; the other tenant is admitted throughout and /readyz
+  and past the slot map's re-reads; the other tenant is admitted throughout and /readyz
   stays ready. Restarted (empty, same cluster identity), the master serves its slots again;
   the tenant is admitted again without restarting any gateway, with its budget counters
   rebuilt from the ledger.
@@ -380,8 +380,8 @@ async def test_a_master_without_replica_refuses_its_tenants_until_it_is_back(
                         >= count
                     )
 
-                # Well past coredis' layout refresh (after 15 connection errors): the slots
-                # stay without a master, the tenant refused, on every gateway.
+                # Well past the slot map's re-reads (after failed connects): the slots stay
+                # without a master, the tenant refused, on every gateway.
                 for g in range(n):
                     await traffic.wait_until(refused_after_kill(g, 40))
                 for client in clients:
