@@ -2,6 +2,8 @@
 
     bin/nzgw --help >/dev/null   # (sync the venv once)
     .venv/bin/python bench/gateway_bench.py [--requests 2000] [--out bench/results/latest.md]
+    .venv/bin/python bench/gateway_bench.py --whole-only --concurrency 1 --rounds 5 \
+        --baseline /path/to/other/checkout      # A/B: two nzgw builds, rows interleaved
 
 Three servers run as separate processes, each measured on its own:
   * the Ollama emulator (the upstream), `nzgw emulate-ollama`;
@@ -12,6 +14,10 @@ The load generator is this process: keep-alive HTTP/1.1 clients on raw Trio sock
 than httpx, so the client is not what is measured). Server CPU comes from each process's own
 CPU time (/proc/PID/stat), read before and after each run, divided by the requests (or
 chunks). Not a test: numbers depend on the machine; run it on a quiet one.
+
+`--baseline DIR` adds a second nzgw process running the `nzgw` package of another checkout
+(same store, same key), and `--rounds N` repeats every row N times, the targets interleaved:
+an A/B of two builds minutes apart on a shared machine, each row its own measurement.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -198,9 +205,14 @@ def nzgw(*args: str, env: dict[str, str]) -> str:
     return result.stdout
 
 
-def start_servers(work: Path) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, int], str]:
-    """The emulator, the floor and nzgw as processes; returns them, their ports and a key."""
+def start_servers(
+    work: Path, baseline: Path | None = None
+) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, int], str]:
+    """The emulator, the floor and nzgw (and the baseline's nzgw) as processes; returns them,
+    their ports and a key."""
     ports = {"emulator": free_port(), "nzgw": free_port(), "floor": free_port()}
+    if baseline is not None:
+        ports["baseline"] = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{work}/bench.db",
@@ -242,8 +254,18 @@ def start_servers(work: Path) -> tuple[dict[str, subprocess.Popen[bytes]], dict[
     nzgw("create-tenant", "--name", "bench", env=env)
     created = nzgw("create-key", "--tenant", "bench", "--name", "bench", "--json", env=env)
     procs["nzgw"] = subprocess.Popen(
-        [sys.executable, "-m", "nzgw", "serve"], env=env, cwd=work, stderr=quiet
+        [sys.executable, "-m", "nzgw", "serve"],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=work,
+        stderr=quiet,
     )
+    if baseline is not None:
+        procs["baseline"] = subprocess.Popen(
+            [sys.executable, "-m", "nzgw", "serve"],
+            env={**env, "PYTHONPATH": str(baseline), "NZGW_BIND": f"127.0.0.1:{ports['baseline']}"},
+            cwd=work,
+            stderr=quiet,
+        )
     return procs, ports, json.loads(created)["key"]
 
 
@@ -253,7 +275,16 @@ HEADER = (
 )
 
 
-async def measure_all(pids: dict[str, int], ports: dict[str, int], key: str, n: int) -> list[str]:
+async def measure_all(
+    pids: dict[str, int],
+    ports: dict[str, int],
+    key: str,
+    n: int,
+    *,
+    concurrency: tuple[int, ...] = (1, 32),
+    rounds: int = 1,
+    whole_only: bool = False,
+) -> list[str]:
     for port in ports.values():
         await wait_port(port)
     chat = {
@@ -281,25 +312,50 @@ async def measure_all(pids: dict[str, int], ports: dict[str, int], key: str, n: 
         print(lines[-1], flush=True)
 
     print(HEADER)
-    for conc in (1, 32):
-        await row("floor: quart-trio POST", "floor", post("/api/chat", chat), conc, n)
-        await row("emulator direct, whole", "emulator", post("/api/chat", chat), conc, n)
-        await row("nzgw → emulator, whole", "nzgw", post("/api/chat", chat, key), conc, n)
-        await row(
-            "emulator direct, stream 200", "emulator", post("/api/chat", stream), conc, n // 10
-        )
-        await row(
-            "nzgw → emulator, stream 200", "nzgw", post("/api/chat", stream, key), conc, n // 10
-        )
+    for _ in range(rounds):
+        for conc in concurrency:
+            await row("floor: quart-trio POST", "floor", post("/api/chat", chat), conc, n)
+            await row("emulator direct, whole", "emulator", post("/api/chat", chat), conc, n)
+            await row("nzgw → emulator, whole", "nzgw", post("/api/chat", chat, key), conc, n)
+            if "baseline" in ports:
+                raw = post("/api/chat", chat, key)
+                await row("baseline nzgw → emulator, whole", "baseline", raw, conc, n)
+            if whole_only:
+                continue
+            await row(
+                "emulator direct, stream 200", "emulator", post("/api/chat", stream), conc, n // 10
+            )
+            await row(
+                "nzgw → emulator, stream 200", "nzgw", post("/api/chat", stream, key), conc, n // 10
+            )
     return lines
 
 
-def main(requests: int, out: Path | None) -> None:
+def main(
+    requests: int,
+    out: Path | None,
+    *,
+    baseline: Path | None = None,
+    concurrency: tuple[int, ...] = (1, 32),
+    rounds: int = 1,
+    whole_only: bool = False,
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="nzgw-bench-"))
-    procs, ports, key = start_servers(work)
+    procs, ports, key = start_servers(work, baseline)
     try:
         pids = {name: proc.pid for name, proc in procs.items()}
-        lines = trio.run(measure_all, pids, ports, key, requests)
+        lines = trio.run(
+            partial(
+                measure_all,
+                concurrency=concurrency,
+                rounds=rounds,
+                whole_only=whole_only,
+            ),
+            pids,
+            ports,
+            key,
+            requests,
+        )
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -315,5 +371,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout's root")
+    parser.add_argument("--concurrency", default="1,32", help="comma-separated")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--whole-only", action="store_true", help="no streamed rows")
     args = parser.parse_args()
-    main(args.requests, args.out)
+    main(
+        args.requests,
+        args.out,
+        baseline=args.baseline,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        rounds=args.rounds,
+        whole_only=args.whole_only,
+    )

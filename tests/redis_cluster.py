@@ -170,6 +170,11 @@ class OwnedCluster:
             assert answer.strip() == "OK", answer
         self._wait_owner(slot, port)
 
+    def wait_owner(self, slot: int, port: int) -> None:
+        """Wait until every live node sees the master on `port` serve `slot` (e.g. after a
+        failover, before a check that any node's slot map must show it)."""
+        self._wait_owner(slot, port)
+
     def _wait_owner(self, slot: int, port: int) -> None:
         """Wait until every live node sees the master on `port` serve `slot`."""
         deadline = time.monotonic() + START_TIMEOUT
@@ -225,12 +230,27 @@ class OwnedCluster:
         return [k for k in _command(port, "--scan", "--pattern", pattern).splitlines() if k]
 
     def wait_replicated(self) -> None:
-        """Every master's writes so far acknowledged by its replicas (WAIT)."""
+        """Every master's writes so far received by its replicas: each replica's offset has
+        reached the master's replication offset. (Not `WAIT`: it waits for the writes of the
+        connection it is sent on, and redis-cli's own connection wrote nothing.)"""
+        deadline = time.monotonic() + START_TIMEOUT
         for node in self.alive_nodes():
             info = _command(node.port, "INFO", "replication")
-            if _info_field(info, "role") == "master":
-                answer = _command(node.port, "WAIT", str(self.replicas), "10000", timeout=15)
-                assert answer.strip() == str(self.replicas), answer
+            if _info_field(info, "role") != "master":
+                continue
+            target = int(_info_field(info, "master_repl_offset") or 0)
+            while True:
+                offsets = [
+                    int(part.partition("=")[2])
+                    for n in range(self.replicas)
+                    for part in _info_field(info, f"slave{n}").split(",")
+                    if part.startswith("offset=")
+                ]
+                if len(offsets) == self.replicas and min(offsets) >= target:
+                    break
+                assert time.monotonic() < deadline, f"replicas of {node.port} behind: {info}"
+                time.sleep(0.02)
+                info = _command(node.port, "INFO", "replication")
 
     def node_at(self, port: int) -> ClusterNode:
         return next(node for node in self.nodes if node.port == port)

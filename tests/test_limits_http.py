@@ -52,7 +52,7 @@ import json
 import math
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -176,8 +176,10 @@ async def open_gateways(
     database_url: str,
     ollama_url: str,
     redis_cluster: bool = False,
+    extra_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[list[GatewayProcess]]:
     """`PROCESSES` gateways on their own ports, one Redis, one store; ready when yielded.
+    `extra_env`: more settings of the processes (e.g. OLLAMA_PARALLEL).
 
     The usage flush interval is long: the ledger is written by the graceful shutdown's last
     flush (`stop_gracefully`), which is what the budget test reads. Leaving the block kills
@@ -200,6 +202,7 @@ async def open_gateways(
         "NZGW_FLUSH_INTERVAL": "600",
         # NZGW_COUNTERS_TIMEOUT stays at its default (0.5 s): a burst that keeps three busy
         # gateways' loops late for their replies is not a silent Redis (issue 13, finding 2).
+        **(extra_env or {}),
     }
     gateways: list[GatewayProcess] = []
     try:

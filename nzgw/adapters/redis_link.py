@@ -23,7 +23,10 @@ On Redis Cluster (`coredis.RedisCluster`) the node is the master that serves the
 call's first key (all of a call's keys share one hash tag), from coredis' cluster layout; the
 caller follows MOVED (the layout learns the new owner) and ASK (`ASKING` first, pipelined), and
 goes again after TRYAGAIN (a migrating slot whose keys are split, or missing on the target:
-admissions and settlements wait, up to their `max_wait`, for the migration to close).
+admissions and settlements wait, up to their `max_wait`, for the migration to close). A master
+that cannot be connected to (killed, or its host gone) sends no MOVED: the call then reads the
+slot map again (`Links.reread_layout`) and, when a replica has taken the slot over, goes there;
+nothing was sent to the dead node, so the call runs once.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ _CATCH_UP_CHECKPOINTS: Final = 5
 
 _REDIRECTS: Final = 3
 """MOVED / ASK redirections a call follows (a slot moves once per failover or migration)."""
+
+REREAD_INTERVAL: Final = 0.2
+"""Seconds between two reads of the cluster's slot map after failed connects (one at a time;
+a call that finds one started less than this ago uses the layout as it is)."""
 
 _TRY_AGAIN_PAUSE: Final = 0.02
 """Seconds before a call answered TRYAGAIN goes out again: its slot is migrating and neither
@@ -152,6 +159,10 @@ class Link:
             self._flushing = False
 
 
+class NotConnectedError(RedisConnectionError):
+    """No connection to the node could be made: nothing was sent to it."""
+
+
 class NoAnswerError(CountersUnavailableError):
     """The command was sent and Redis did not answer in time: it may still run there."""
 
@@ -176,6 +187,8 @@ class Links:
         self.cluster = isinstance(client, coredis.RedisCluster)
         self._links: dict[str, Link] = {}
         self._connects: dict[str, _Connect] = {}
+        self._reread: trio.Event | None = None  # set when the slot map read under way ends
+        self._reread_at = -math.inf  # when the last one started (trio clock)
 
     @staticmethod
     def name(node: Node) -> str:
@@ -214,6 +227,36 @@ class Links:
         if isinstance(self._client, coredis.RedisCluster) and node is not None:
             self._client.connection_pool.cluster_layout.report_errors(node, error)
 
+    async def reread_layout(self, deadline: float) -> None:
+        """Read the cluster's slot map again: a master could not be connected to, and its
+        replica may have taken its slots over (a dead node answers no MOVED, and coredis reads
+        the map only after errors pile up, in the background). One read at a time and at most
+        one per `REREAD_INTERVAL`; it runs in coredis' pool task group (a read is bounded by
+        coredis' connect and stream timeouts, never cancelled by a call), and this waits for
+        it until `deadline` (trio clock). A read that fails leaves the layout as it was."""
+        if not isinstance(self._client, coredis.RedisCluster):
+            return
+        done = self._reread
+        if done is None:
+            now = trio.current_time()
+            if now < self._reread_at + REREAD_INTERVAL:
+                return
+            self._reread_at = now
+            done = self._reread = trio.Event()
+            self._client.connection_pool.task_group.start_soon(self._read_layout, done)
+        with trio.move_on_at(deadline):
+            await done.wait()
+
+    async def _read_layout(self, done: trio.Event) -> None:
+        assert isinstance(self._client, coredis.RedisCluster)
+        try:
+            await self._client.connection_pool.cluster_layout.initialize()
+        except (RedisError, OSError):
+            pass  # the next failed connect reads it again
+        finally:
+            self._reread = None
+            done.set()
+
     def live(self, node: Node) -> Link | None:
         """The node's live connection, if there is one (never connects)."""
         link = self._links.get(self.name(node))
@@ -241,7 +284,7 @@ class Links:
         else:
             await attempt.done.wait()
         if attempt.link is None:
-            raise RedisConnectionError(f"cannot connect to Redis: {attempt.error!r}")
+            raise NotConnectedError(f"cannot connect to Redis: {attempt.error!r}")
         return attempt.link
 
     async def _connect(self, node: Node) -> BaseConnection:
@@ -290,7 +333,7 @@ class NodeCalls:
         with trio.CancelScope(shield=True):
             if node is None:
                 node = self.links.node_for(keys[0])
-            asking, redirects = False, 0
+            asking, redirects, rerouted = False, 0, False
             while True:
                 try:
                     try:
@@ -301,6 +344,19 @@ class NodeCalls:
                         return await self.call(
                             node, start, asking, b"EVAL", source, len(keys), *keys, *args
                         )
+                except NotConnectedError:
+                    # Nothing was sent. The node may be a dead master whose replica serves its
+                    # slots now: read the slot map (within the call's wait) and go to the
+                    # slot's master if that is another node, once per call.
+                    if rerouted or not self.links.cluster:
+                        raise
+                    rerouted = True
+                    await self.links.reread_layout(start + self.max_wait)
+                    owner = self.links.node_for(keys[0])
+                    if Links.name(owner) == Links.name(node):
+                        raise
+                    node, asking = owner, False
+                    continue
                 except MovedError as moved:  # the slot has a new master: it did not run
                     node, asking = self.links.moved(node, moved), False
                 except AskError as ask:  # the slot is migrating: ask its target, once

@@ -150,6 +150,14 @@ class EffectiveLimits:
 # --- budget periods -------------------------------------------------------------------------------
 
 
+def _day_id(periods: Periods) -> str:
+    return periods.day.isoformat()
+
+
+def _month_id(periods: Periods) -> str:
+    return periods.month_start.isoformat()[:7]
+
+
 @attrs.frozen
 class Periods:
     """The calendar day and month containing one instant, in the budget time zone."""
@@ -159,14 +167,14 @@ class Periods:
     day_start_ms: int
     day_end_ms: int
     month_end_ms: int
-
-    @property
-    def day_id(self) -> str:
-        return self.day.isoformat()
-
-    @property
-    def month_id(self) -> str:
-        return self.month_start.isoformat()[:7]
+    # The counters' names for the day and the month, spelt once (read several times per
+    # admission and settlement).
+    day_id: str = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_day_id, takes_self=True)
+    )
+    month_id: str = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_month_id, takes_self=True)
+    )
 
     def contains(self, now_ms: int) -> bool:
         return self.day_start_ms <= now_ms < self.day_end_ms

@@ -10,7 +10,6 @@ the upstream was closed, with the tokens seen so far.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -214,29 +213,33 @@ async def _read_body(gateway: Gateway, info: RequestInfo) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
     parts: list[bytes] = []
-    size = 0
     key, client = info.key_prefix or "", info.client
-    # A body that arrived whole takes no upload slot (http/uploads.py).
-    whole = gateway.uploads.full(key, client) and await arrived_whole(
-        request.body, rounds=HANDOVER_ROUNDS
-    )
+    # A body that arrived whole takes no upload slot and needs no deadline: reading it cannot
+    # wait (http/uploads.py). Only a key or client at its bound gives the handover a few rounds.
+    rounds = HANDOVER_ROUNDS if gateway.uploads.full(key, client) else 0
+    if await arrived_whole(request.body, rounds=rounds):
+        await _collect(parts, limit)
+        return b"".join(parts)
     try:
         with (
-            contextlib.nullcontext() if whole else gateway.uploads.receiving(key, client),
+            gateway.uploads.receiving(key, client),
             trio.move_on_after(config.body_timeout or math.inf) as deadline,
         ):
-            async for chunk in request.body:
-                size += len(chunk)
-                if size > limit:
-                    raise Refused(
-                        413, f"request body larger than {limit} bytes", refusal="too_large"
-                    )
-                parts.append(chunk)
+            await _collect(parts, limit)
     except UploadsBusyError:
         raise Refused(429, UPLOADS_BUSY, refusal="body_uploads", headers=RETRY_SOON) from None
     if deadline.cancelled_caught:
         raise Refused(408, BODY_TIMEOUT, refusal="body_timeout", headers=CLOSE)
     return b"".join(parts)
+
+
+async def _collect(parts: list[bytes], limit: int) -> None:
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"request body larger than {limit} bytes", refusal="too_large")
+        parts.append(chunk)
 
 
 async def _model_request(

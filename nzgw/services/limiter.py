@@ -146,6 +146,9 @@ class Limiter:
         # Leases admitted and not yet settled: the requests in flight (`run_lease_keeper`).
         self._live: dict[str, Lease] = {}
         self._reclaimed_tokens = 0
+        # The limits of the last principal seen per key (`_limits`): the authenticator hands
+        # out the same Principal object until the key or its tenant changes.
+        self._limits: dict[int, tuple[Principal, EffectiveLimits]] = {}
 
     @property
     def lease_ttl(self) -> float:
@@ -194,7 +197,7 @@ class Limiter:
         caller's next checkpoint, so enter the `try` whose `finally` settles right after this
         returns. A cancellation while a rebuild reads the ledger raises it here, nothing held.
         """
-        limits = EffectiveLimits.of(principal)
+        limits = self._limits_of(principal)
         tenant_id = principal.tenant.id
         for _attempt in range(3):
             now_ms, periods = self._clock()
@@ -219,6 +222,17 @@ class Limiter:
                 self._live[outcome.lease.id] = outcome.lease
             return outcome
         raise CountersUnavailableError(f"budget counters of tenant {tenant_id} not rebuilt")
+
+    def _limits_of(self, principal: Principal) -> EffectiveLimits:
+        """`EffectiveLimits.of(principal)`, computed once per Principal object (frozen: a
+        changed key or tenant is a new object, so the identity check cannot serve stale
+        limits). One entry per key."""
+        cached = self._limits.get(principal.key.id)
+        if cached is not None and cached[0] is principal:
+            return cached[1]
+        limits = EffectiveLimits.of(principal)
+        self._limits[principal.key.id] = (principal, limits)
+        return limits
 
     async def refresh(self, lease: Lease) -> bool:
         """Extend the lease; False if it had expired (its slot may be taken by now)."""

@@ -77,7 +77,7 @@ async def seeded_and_admitted(c: RedisCounters, *tenant_ids: int) -> None:
 
 async def admitted(c: RedisCounters, tenant_id: int) -> bool:
     result = await c.admit(admission(principal(tenant_id, 10 + tenant_id)))
-    assert isinstance(result, AdmissionResult)
+    assert isinstance(result, AdmissionResult), result
     return result.admitted
 
 
@@ -122,7 +122,7 @@ async def test_a_killed_master_without_replica_refuses_its_tenants_only(
         ) as c:
             await seeded_and_admitted(c, lost, kept)
             cluster.kill_master_of(f"{{t{lost}}}")
-            for _ in range(20):  # past the layout refresh (15 errors): still 503, still served
+            for _ in range(20):  # past the slot map re-reads: still 503, still served
                 with pytest.raises(CountersUnavailableError):
                     await admitted(c, lost)
                 assert await admitted(c, kept)
@@ -150,6 +150,68 @@ async def test_a_killed_master_s_replica_takes_over_and_admissions_resume(
             assert replicated.slot_owner(slot) not in (None, killed.port)
             assert await admitted(c, kept)
             print(f"failover: {refusals} refusals over {took:.1f} s")  # shown with -s
+
+
+async def test_a_quiet_process_s_first_call_after_a_failover_goes_to_the_new_master(
+    replicated: OwnedCluster,
+) -> None:
+    """No call while the replica took over: the process's slot map still names the dead
+    master, which answers no MOVED (and coredis reads the map again only after errors). The
+    first call after the takeover cannot connect, reads the slot map again and is admitted by
+    the new master: no refusal once the replica serves."""
+    lost, kept = tenants_on_two_masters(replicated)
+    slot = key_slot(f"{PREFIX}{{t{lost}}}:seed")
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            replicated.url, call_timeout=CALL_TIMEOUT, prefix=PREFIX, cluster=True
+        ) as c:
+            await seeded_and_admitted(c, lost, kept)
+            await trio.to_thread.run_sync(replicated.wait_replicated)
+            killed = replicated.kill_master_of(f"{{t{lost}}}")
+            owner = await trio.to_thread.run_sync(
+                lambda: replicated.wait_slot_served(slot, not_by=killed.port, timeout=HANG_GUARD)
+            )
+            await trio.to_thread.run_sync(replicated.wait_owner, slot, owner)
+            assert await admitted(c, lost)
+            assert await admitted(c, kept)
+            assert replicated.keys_on(owner, f"{PREFIX}{{t{lost}}}:lease")
+
+
+async def test_a_slot_whose_settlement_fell_in_the_takeover_frees_itself_after_its_ttl(
+    replicated: OwnedCluster,
+) -> None:
+    """A request that ends while its master is dead cannot release its concurrency slot (the
+    settlement fails closed, logged); the replica has the lease, so after the takeover the slot
+    is still taken, until the lease's ttl has passed: then the next admission takes it back.
+    No slot is lost for good (README "Redis Cluster")."""
+    lost, kept = tenants_on_two_masters(replicated)
+    who = principal(lost, 10 + lost, key_limits=Limits(concurrent_requests=1))
+    slot = key_slot(f"{PREFIX}{{t{lost}}}:seed")
+    ttl_ms = 60_000  # `admission`'s lease ttl; the caller's clock makes it pass at once
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            replicated.url,
+            call_timeout=CALL_TIMEOUT,
+            prefix=PREFIX,
+            cluster=True,
+            caller_clock=True,
+        ) as c:
+            await seeded_and_admitted(c, kept)
+            await seed(c, lost)
+            lease = await lease_of(c, who)
+            await trio.to_thread.run_sync(replicated.wait_replicated)
+            killed = replicated.kill_master_of(f"{{t{lost}}}")
+            with pytest.raises(CountersUnavailableError):  # before any replica can take over
+                await c.settle(lease, tokens=3, now_ms=epoch_ms(T0))
+            owner = await trio.to_thread.run_sync(
+                lambda: replicated.wait_slot_served(slot, not_by=killed.port, timeout=HANG_GUARD)
+            )
+            await trio.to_thread.run_sync(replicated.wait_owner, slot, owner)
+            busy = await c.admit(admission(who, at_ms=1_000))
+            assert isinstance(busy, AdmissionResult) and busy.refusal is not None
+            assert busy.refusal.limit == Limit.CONCURRENT_REQUESTS
+            freed = await c.admit(admission(who, at_ms=ttl_ms + 1))
+            assert isinstance(freed, AdmissionResult) and freed.lease is not None, freed
 
 
 async def test_every_key_of_a_tenant_lands_on_one_master(cluster: OwnedCluster) -> None:
@@ -185,7 +247,7 @@ async def until(holds: Callable[[], bool]) -> None:
 
 async def lease_of(c: RedisCounters, who: Principal) -> Lease:
     result = await c.admit(admission(who))
-    assert isinstance(result, AdmissionResult)
+    assert isinstance(result, AdmissionResult), result
     assert result.lease is not None, result.refusal
     return result.lease
 
