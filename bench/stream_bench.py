@@ -67,7 +67,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 MODEL = "bench"
-ALL_TARGETS = ("direct", "nginx", "floor", "nzgw", "nzgw-pg-redis", "nzgw-2-workers")
+ALL_TARGETS = (
+    "direct",
+    "nginx",
+    "floor",
+    "nzgw",
+    "nzgw-no-pump",
+    "nzgw-pg-redis",
+    "nzgw-2-workers",
+)
 
 
 # --- the fake upstream (a separate process: `stream_bench.py --upstream PORT`) ----------------
@@ -552,6 +560,7 @@ class Measured:
     delay_p50_ms: float | None
     delay_p99_ms: float | None
     first_delay_p50_ms: float | None
+    steady_delay_p99_ms: float | None
     peak_rss_mb: list[float]
     wall_s: float
 
@@ -572,6 +581,7 @@ class ClientSummary:
     delay_p50_ms: float | None
     delay_p99_ms: float | None
     first_delay_p50_ms: float | None
+    steady_delay_p99_ms: float | None = None  # `--load go` only
 
 
 async def python_clients(server: Server, pace: Pace, streams: int, ramp: float) -> ClientSummary:
@@ -616,7 +626,7 @@ async def go_clients(
         argv += ["-header", server.headers.decode().strip()]
     done = await trio.run_process(argv, capture_stdout=True)
     data = json.loads(done.stdout)
-    return ClientSummary(**{name: data[name] for name in ClientSummary.__dataclass_fields__})
+    return ClientSummary(**{name: data.get(name) for name in ClientSummary.__dataclass_fields__})
 
 
 async def measure(
@@ -658,6 +668,7 @@ async def measure(
         delay_p50_ms=summary.delay_p50_ms,
         delay_p99_ms=summary.delay_p99_ms,
         first_delay_p50_ms=summary.first_delay_p50_ms,
+        steady_delay_p99_ms=summary.steady_delay_p99_ms,
         peak_rss_mb=sorted((round(v, 1) for v in peaks.values()), reverse=True),
         wall_s=round(wall, 2),
     )
@@ -813,8 +824,10 @@ class Bench:
             env = dict(os.environ)
         else:
             env = self.nzgw_env(NZGW_BIND=f"127.0.0.1:{port}")
-            if name == "nzgw":
+            if name in ("nzgw", "nzgw-no-pump"):
                 env["DATABASE_URL"] = f"sqlite:///{work}/bench.db"
+                if name == "nzgw-no-pump":  # tokens relayed in each request's task
+                    env["NZGW_RELAY_PUMP"] = "false"
             else:
                 env["DATABASE_URL"] = self.pg_url()
                 env["REDIS_URL"] = self.redis()
@@ -876,6 +889,8 @@ def report(
         "coalesced frames that waited). Delay: client receive time minus the upstream's "
         "scheduled emit time. The `direct` row is the fake upstream and the client alone: its "
         "delays are theirs (every other row includes them), its CPU is the upstream's own. "
+        "Steady p99: the frames scheduled a second after the last stream's first frame, when "
+        "every stream runs and none is being admitted (`--load go` only). "
         "RSS: peak per process, MB.",
         "",
         f"- ttft: {args.ttft_streams} streams one after the other (a new connection each); "
@@ -885,8 +900,8 @@ def report(
         "is the target's time-to-first-token overhead.",
         "",
         "| target | scenario | completed | failed | frames / chunks | server CPU µs/frame "
-        "| delay p50 ms | delay p99 ms | first frame p50 ms | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| delay p50 ms | delay p99 ms | steady p99 ms | first frame p50 ms | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         failed = ", ".join(f"{n}× {why}" for why, n in sorted(row.failed.items())) or "0"
@@ -895,7 +910,8 @@ def report(
         lines.append(
             f"| {row.target} | {row.scenario} | {row.completed}/{row.streams} | {failed} "
             f"| {row.frames} / {row.chunks} | {cpu} | {_ms(row.delay_p50_ms)} "
-            f"| {_ms(row.delay_p99_ms)} | {_ms(row.first_delay_p50_ms)} | {rss} |"
+            f"| {_ms(row.delay_p99_ms)} | {_ms(row.steady_delay_p99_ms)} "
+            f"| {_ms(row.first_delay_p50_ms)} | {rss} |"
         )
     if skipped:
         lines += ["", "Not measured:", *(f"- {why}" for why in skipped)]
@@ -946,6 +962,7 @@ async def run_all(
                         delay_p50_ms=pct_ms(end_to_end, 0.5),
                         delay_p99_ms=pct_ms(end_to_end, 0.99),
                         first_delay_p50_ms=None,
+                        steady_delay_p99_ms=None,
                         peak_rss_mb=[],
                         wall_s=round(time.monotonic() - started, 2),
                     )

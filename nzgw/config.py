@@ -69,6 +69,7 @@ class Config:
     graceful_timeout: float
     keep_alive_timeout: float
     client_stall_timeout: float
+    relay_pump: bool
     max_body_bytes: int
     body_timeout: float
     max_body_uploads_per_key: int
@@ -398,6 +399,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "30",
         "A client that stops reading a response for this long is disconnected",
+    ),
+    Setting(
+        "NZGW_RELAY_PUMP",
+        "relay_pump",
+        _bool,
+        "true",
+        "Carry streamed tokens in the relay pump's thread (false: in each request's task)",
     ),
     Setting(
         "NZGW_MAX_BODY_BYTES",

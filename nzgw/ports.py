@@ -71,6 +71,27 @@ class UpstreamResponse(Protocol):
     async def aclose(self) -> None: ...
 
 
+class RawBody(Protocol):
+    """An upstream body whose raw bytes another thread may read off its socket: the relay pump
+    (`nzgw.http.pump`, docs/ARCHITECTURE.md "The relay pump"). An `UpstreamResponse` offers one
+    through an optional `raw_body()` method (`raw_body_of`)."""
+
+    def pump_fd(self) -> int | None:
+        """The socket to read from now, or None (TLS, not chunked, ended, failed)."""
+        ...
+
+    def feed_nowait(self, raw: bytes) -> bytes:
+        """The body bytes decoded from `raw` (read off `pump_fd`). What ends the body (its last
+        chunk, malformed framing) is left for the next `receive_some` to report."""
+        ...
+
+
+def raw_body_of(response: object) -> RawBody | None:
+    """The response's `RawBody`, if it offers one now."""
+    offer: Callable[[], RawBody | None] | None = getattr(response, "raw_body", None)
+    return offer() if offer is not None else None
+
+
 class Backend(Protocol):
     """One Ollama server. Its name and URL are never shown to clients."""
 

@@ -147,9 +147,13 @@ type result struct {
 	DelayP50    *float64       `json:"delay_p50_ms"`
 	DelayP99    *float64       `json:"delay_p99_ms"`
 	FirstP50    *float64       `json:"first_delay_p50_ms"`
+	SteadyP50   *float64       `json:"steady_delay_p50_ms"`
+	SteadyP99   *float64       `json:"steady_delay_p99_ms"`
 	mu          sync.Mutex
 	delays      []float64
 	firstDelays []float64
+	scheduled   []int64 // of each delay
+	lastStart   int64   // the latest first frame's scheduled time
 }
 
 func (r *result) fail(why string) {
@@ -162,6 +166,7 @@ type streamOutcome struct {
 	frames, chunks int
 	done           bool
 	delays         []float64
+	scheduled      []int64
 }
 
 func oneStream(port int, request []byte, tokens int) (streamOutcome, string) {
@@ -225,6 +230,7 @@ func oneStream(port int, request []byte, tokens int) (streamOutcome, string) {
 					return out, "bad frame"
 				}
 				out.delays = append(out.delays, float64(received-scheduled)/1e6)
+				out.scheduled = append(out.scheduled, scheduled)
 				out.frames++
 			} else if len(bytes.TrimSpace(frame)) > 0 {
 				var final map[string]any
@@ -305,8 +311,12 @@ func client(args []string) {
 			res.Frames += out.frames
 			res.Chunks += out.chunks
 			res.delays = append(res.delays, out.delays...)
+			res.scheduled = append(res.scheduled, out.scheduled...)
 			if len(out.delays) > 0 {
 				res.firstDelays = append(res.firstDelays, out.delays[0])
+				if out.scheduled[0] > res.lastStart {
+					res.lastStart = out.scheduled[0]
+				}
 			}
 			if why != "" {
 				res.Failed[why]++
@@ -320,6 +330,16 @@ func client(args []string) {
 	p99 := percentile(res.delays, 0.99)
 	res.DelayP99 = p99
 	res.FirstP50 = percentile(res.firstDelays, 0.5)
+	// Steady: the frames scheduled a second after the last stream's first frame, when every
+	// stream runs and none is being admitted.
+	var steady []float64
+	for i, at := range res.scheduled {
+		if at > res.lastStart+int64(time.Second) {
+			steady = append(steady, res.delays[i])
+		}
+	}
+	res.SteadyP50 = percentile(steady, 0.5)
+	res.SteadyP99 = percentile(steady, 0.99)
 	res.mu.Lock()
 	defer res.mu.Unlock()
 	encoded, _ := json.Marshal(res)

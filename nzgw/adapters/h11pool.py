@@ -203,7 +203,7 @@ class H11Response:
     """An upstream response: status and headers are known; read the body with `receive_some`
     and always `aclose` (a no-op once the body was read to the end)."""
 
-    __slots__ = ("_chunked", "_conn", "_pool", "headers", "status")
+    __slots__ = ("_broken", "_chunked", "_conn", "_pool", "headers", "status")
 
     def __init__(
         self,
@@ -220,6 +220,7 @@ class H11Response:
         self.headers = headers
         # A chunked body is decoded by `_Chunked` from what h11 had already buffered on.
         self._chunked = _Chunked(conn.h11.trailing_data[0]) if chunked else None
+        self._broken: UpstreamError | None = None  # malformed framing the relay pump read
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -262,6 +263,8 @@ class H11Response:
         return b"".join(parts)
 
     async def _receive_chunked(self, conn: _Connection, chunked: _Chunked) -> bytes:
+        if self._broken is not None:
+            raise self._broken
         while True:
             data = chunked.decode()
             if chunked.done:
@@ -278,6 +281,35 @@ class H11Response:
             if not received:
                 raise UpstreamError("connection closed before the end of the response")
             chunked.buffer += received
+
+    def raw_body(self) -> H11Response:
+        return self
+
+    def pump_fd(self) -> int | None:
+        """The socket the relay pump may read this body from (`nzgw.ports.RawBody`): a plain
+        socket and a chunked body not yet ended; None otherwise."""
+        conn = self._conn
+        chunked = self._chunked
+        if conn is None or chunked is None or chunked.done or self._broken is not None:
+            return None
+        stream = conn.stream
+        if type(stream) is not trio.SocketStream:
+            return None
+        fd = stream.socket.fileno()
+        return fd if fd >= 0 else None
+
+    def feed_nowait(self, raw: bytes) -> bytes:
+        """The body bytes in `raw`, read off `pump_fd` by the relay pump. The last chunk and
+        malformed framing are reported by the next `receive_some` (which releases or closes
+        the connection in the request's task)."""
+        chunked = self._chunked
+        assert chunked is not None  # pump_fd offered the socket only for a chunked body
+        chunked.buffer += raw
+        try:
+            return chunked.decode()
+        except UpstreamError as exc:
+            self._broken = exc
+            return b""
 
     async def read_all(self, limit: int) -> bytes:
         parts: list[bytes] = []

@@ -66,6 +66,7 @@ from nzgw.core.edge import check_request
 from nzgw.core.surfaces import Surface, error_response
 from nzgw.http.asgi import split_errors
 from nzgw.http.fastrelay import RELAY_EXTENSION, RelayFunction, relay_to_client
+from nzgw.http.pump import Pump, open_pump
 
 log = logging.getLogger("nzgw.http")
 
@@ -99,10 +100,17 @@ class EdgeH11Protocol(H11Protocol):
 
     _must_close = False
 
-    def __init__(self, *args: Any, client_stream: trio.abc.SendStream, send_lock: trio.Lock):
+    def __init__(
+        self,
+        *args: Any,
+        client_stream: trio.abc.SendStream,
+        send_lock: trio.Lock,
+        pump: Pump | None,
+    ):
         super().__init__(*args)
         self._client_stream = client_stream
         self._send_lock = send_lock
+        self._pump = pump
         self._head = b""  # a response head not written yet (module docstring, 3)
 
     async def relay(self, body: AsyncIterator[bytes]) -> None:
@@ -111,7 +119,9 @@ class EdgeH11Protocol(H11Protocol):
         if not isinstance(connection, h11.Connection):  # pragma: no cover - no WebSocket here
             raise RuntimeError("no HTTP/1 connection to relay on")
         head, self._head = self._head, b""
-        await relay_to_client(body, connection, self._client_stream, self._send_lock, head=head)
+        await relay_to_client(
+            body, connection, self._client_stream, self._send_lock, head=head, pump=self._pump
+        )
 
     async def _send_h11_event(self, event: Any) -> None:
         # hypercorn's, with the head held for the first body bytes (module docstring, 3).
@@ -185,7 +195,11 @@ class EdgeProtocol(ProtocolWrapper):
     """A connection that speaks HTTP/1 only, whatever the client asks for."""
 
     def __init__(
-        self, *args: Any, client_stream: trio.abc.SendStream, send_lock: trio.Lock
+        self,
+        *args: Any,
+        client_stream: trio.abc.SendStream,
+        send_lock: trio.Lock,
+        pump: Pump | None,
     ) -> None:
         super().__init__(*args)
         self.protocol = EdgeH11Protocol(
@@ -200,6 +214,7 @@ class EdgeProtocol(ProtocolWrapper):
             self.send,
             client_stream=client_stream,
             send_lock=send_lock,
+            pump=pump,
         )
 
     async def handle(self, event: Any) -> None:
@@ -208,6 +223,10 @@ class EdgeProtocol(ProtocolWrapper):
 
 class EdgeTCPServer(TCPServer):
     """One accepted connection (plain TCP), contained (module docstring, 2)."""
+
+    def __init__(self, *args: Any, pump: Pump | None = None) -> None:
+        super().__init__(*args)
+        self._pump = pump
 
     async def run(self) -> None:
         try:
@@ -241,6 +260,7 @@ class EdgeTCPServer(TCPServer):
                 "http/1.1",
                 client_stream=self.stream,
                 send_lock=self.send_lock,
+                pump=self._pump,
             )
             await self.protocol.initiate()
             await self.idle_task.restart(self._task_group, self._idle_timeout)
@@ -287,10 +307,12 @@ async def serve_edge(
     sock: socket.socket,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    relay_pump: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on the listening `sock` until `shutdown_trigger` returns; then give in-flight
-    requests `config.graceful_timeout` seconds and cancel what is left.
+    requests `config.graceful_timeout` seconds and cancel what is left. Committed streams go
+    through the relay pump (`nzgw.http.pump`) unless `relay_pump` is False.
 
     hypercorn's `worker_serve`, narrowed: one plain socket, the lifespan protocol around it,
     and `EdgeTCPServer` for every connection.
@@ -302,7 +324,9 @@ async def serve_edge(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        async with trio.open_nursery() as server_nursery:
+        # The relay pump outlives every connection: it stops after the server nursery.
+        pumping = open_pump() if relay_pump else contextlib.nullcontext(None)
+        async with pumping as pump, trio.open_nursery() as server_nursery:
             sock.listen(config.backlog)
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
             handler = partial(
@@ -311,6 +335,7 @@ async def serve_edge(
                 config,
                 context,
                 ConnectionState(lifespan_state.copy()),
+                pump=pump,
             )
             task_status.started()
             try:

@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 import h11
 import trio
 from quart import Response
+
+from nzgw.http.pump import BLOCKED, CLIENT_GONE, FAILED, Carried, Pump, PumpSource
 
 RELAY_EXTENSION = "nzgw.relay"
 
@@ -76,12 +78,14 @@ async def relay_to_client(
     send_lock: trio.Lock,
     *,
     head: bytes = b"",
+    pump: Pump | None = None,
 ) -> None:
     """Write `body` to the client: `connection` has produced the response head (`head`, the
     bytes of it not written yet, go out with the first piece) and is in SEND_BODY. The first
     piece goes through h11, which shows the framing it chose: chunked (HTTP/1.1, no
-    Content-Length) is then framed here, any other framing stays with h11. Returns when the
-    body ends or the client is gone."""
+    Content-Length) is then framed here, any other framing stays with h11. A chunked body
+    that `pump` can carry goes through it between the pieces Trio takes (`_pumped`).
+    Returns when the body ends or the client is gone."""
     # No checkpoint before the first piece is written (as on the slow path): a stream whose
     # head went out always carries its first frame, and the watcher always counts it.
     try:
@@ -90,6 +94,9 @@ async def relay_to_client(
         await send_lock.acquire()
     try:
         chunked: bool | None = None  # unknown until the first piece
+        pumpable = (
+            pump is not None and type(stream) is trio.SocketStream and isinstance(body, Pumped)
+        )
         async for data in body:
             if not data:
                 continue
@@ -103,10 +110,62 @@ async def relay_to_client(
                 frame, head = head + frame, b""
             if not await _write(stream, frame):
                 return  # the client is gone: hypercorn's reader sees it too, ends the request
+            if chunked and pumpable:
+                assert pump is not None and isinstance(stream, trio.SocketStream)
+                if not await _pumped(cast(Pumped, body), pump, stream):
+                    return
         if head:  # an empty body: the head goes out alone (h11 ends the body after us)
             await _write(stream, head)
     finally:
         send_lock.release()
+
+
+@runtime_checkable
+class Pumped(PumpSource, Protocol):
+    """A body the relay pump can carry, with the timers it runs in the request's task
+    (`nzgw.services.forwarding.Relay`)."""
+
+    def pump_scope(self, *, restart: bool) -> trio.CancelScope: ...
+
+    def pump_unscope(self, scope: trio.CancelScope) -> None: ...
+
+    async def pump_wake(self) -> bytes: ...
+
+
+async def _pumped(body: Pumped, pump: Pump, stream: trio.SocketStream) -> bool:
+    """Let the pump carry `body` for as long as it can; False when the client is gone.
+    Returns True when the body needs the request's task for its next piece (its end, an
+    upstream error, a pump that stopped): the caller's `async for` takes it."""
+    restart = True
+    while pump.running:
+        upstream_fd = body.pump_fd()
+        client_fd = stream.socket.fileno()
+        if upstream_fd is None or client_fd < 0:
+            return True
+        carried = Carried(body, upstream_fd, client_fd)
+        scope = body.pump_scope(restart=restart)
+        try:
+            with scope:
+                await pump.carry(carried)
+        finally:
+            body.pump_unscope(scope)
+        restart = True
+        if carried.rest and not await _write(stream, carried.rest):
+            return False  # the client's buffer was full: its rest waited for the client
+        if carried.reason == CLIENT_GONE:
+            return False
+        if carried.reason == FAILED:
+            assert carried.error is not None
+            raise carried.error
+        if scope.cancelled_caught:  # the stall timer, the ticket's refresh, the cut
+            if tail := await body.pump_wake():
+                frame = b"%x\r\n%b\r\n" % (len(tail), tail)
+                return await _write(stream, frame)  # the body has ended
+            restart = False  # only the refresh was due: the stall timer runs on
+            continue
+        if carried.reason != BLOCKED:
+            return True
+    return True
 
 
 async def _write(stream: trio.abc.SendStream, frame: bytes) -> bool:

@@ -85,6 +85,7 @@ async def serve_http(
             hc,
             sock,
             shutdown_trigger=shutdown_trigger,
+            relay_pump=config.relay_pump,
             task_status=task_status,
         )
 

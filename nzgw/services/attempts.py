@@ -31,7 +31,14 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from nzgw.core.record import Refused, RequestInfo
-from nzgw.ports import Backend, ForwardingMetrics, RegistryPort, UpstreamResponse
+from nzgw.ports import (
+    Backend,
+    ForwardingMetrics,
+    RawBody,
+    RegistryPort,
+    UpstreamResponse,
+    raw_body_of,
+)
 from nzgw.services.slots import QueueFullError, QueueTimeoutError, Slot, SlotPool
 
 
@@ -168,6 +175,9 @@ class WrappedResponse:
 
     async def read_all(self, limit: int) -> bytes:
         return await self._response.read_all(limit)
+
+    def raw_body(self) -> RawBody | None:
+        return raw_body_of(self._response)
 
     async def aclose(self) -> None:
         await self._response.aclose()

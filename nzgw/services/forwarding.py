@@ -38,7 +38,14 @@ from nzgw.core.framing import StreamKind, StreamWatcher, Usage
 from nzgw.core.record import FailedAttempt, Refused, RequestInfo
 from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import stream_error_frame
-from nzgw.ports import ForwardingMetrics, RegistryPort, Ticket, UpstreamError, UpstreamResponse
+from nzgw.ports import (
+    ForwardingMetrics,
+    RegistryPort,
+    Ticket,
+    UpstreamError,
+    UpstreamResponse,
+    raw_body_of,
+)
 from nzgw.services.attempts import BackendAttempts, WrappedResponse
 from nzgw.services.drain import CUT_MESSAGE, StreamCut
 from nzgw.services.slots import SlotPool
@@ -251,6 +258,9 @@ class _Replayed(WrappedResponse):
     async def read_all(self, limit: int) -> bytes:
         return await self.receive_some()
 
+    def raw_body(self) -> None:
+        return None  # its body is in memory
+
 
 class Relay:
     """The body of a streamed answer: upstream chunks as they arrive, watched, not re-encoded.
@@ -261,6 +271,7 @@ class Relay:
     """
 
     __slots__ = (
+        "_clock",
         "_cut",
         "_done",
         "_first",
@@ -269,6 +280,7 @@ class Relay:
         "_kind",
         "_max_frames",
         "_next_refresh",
+        "_read_at",
         "_stall_timeout",
         "_ticket",
         "_upstream",
@@ -299,6 +311,9 @@ class Relay:
         self._info = info
         self._kind = kind
         self._done = False
+        # The relay pump's last upstream read, on Trio's clock (read from the pump's thread).
+        self._clock = trio.lowlevel.current_clock()
+        self._read_at = 0.0
         # Until the stream ends: a stream the client left, or shutdown cut, stays "cancelled".
         info.outcome = "cancelled"
         # Prompt logging (the key opted in): the bytes relayed, as relayed (frames, not text),
@@ -341,16 +356,72 @@ class Relay:
                 if self._ticket is not None and trio.current_time() >= self._next_refresh:
                     await self._ticket.refresh()
                     self._next_refresh = trio.current_time() + self._ticket.refresh_every
-            out = self._watcher.feed(data)
-            self._info.usage = self._watcher.usage()
-            if self._max_frames is not None and self._watcher.frames > self._max_frames:
-                # The backend ignored the output cap: stop at the reservation, charge what came.
-                self._info.outcome = "reservation_exhausted"
-                return out + self._end("this request used up its token reservation")
-            if out:
-                if self._kept is not None:
-                    self._kept += out[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
+            if out := self._watch(data):
                 return out
+
+    def _watch(self, data: bytes) -> bytes:
+        """The client's bytes of upstream body bytes: watched, capped, kept for the prompt log."""
+        out = self._watcher.feed(data)
+        self._info.usage = self._watcher.usage()
+        if self._max_frames is not None and self._watcher.frames > self._max_frames:
+            # The backend ignored the output cap: stop at the reservation, charge what came.
+            self._info.outcome = "reservation_exhausted"
+            return out + self._end("this request used up its token reservation")
+        if out and self._kept is not None:
+            self._kept += out[: PROMPT_LOG_MAX_BYTES - len(self._kept)]
+        return out
+
+    # The relay pump (`nzgw.http.pump`): the same steps as `__anext__`, the upstream read and
+    # the watching in the pump's thread, the timers and the end in the request's task.
+
+    def pump_fd(self) -> int | None:
+        """The upstream socket the pump may read now (`nzgw.http.pump.PumpSource`)."""
+        if self._done or self._first is not None:
+            return None
+        raw = raw_body_of(self._upstream)
+        return raw.pump_fd() if raw is not None else None
+
+    def pump_feed(self, raw: bytes) -> tuple[bytes, bool]:
+        """In the pump's thread: the client's bytes of `raw`, and whether the pump goes on."""
+        self._read_at = self._clock.current_time()
+        body = raw_body_of(self._upstream)
+        assert body is not None  # pump_fd offered the socket
+        data = body.feed_nowait(raw)
+        more = body.pump_fd() is not None
+        if not data:
+            return b"", more
+        out = self._watch(data)
+        return out, more and not self._done
+
+    def pump_scope(self, *, restart: bool) -> trio.CancelScope:
+        """The request task's wait while the pump carries the stream: cancelled at the stall
+        timer (restarted, as a read from upstream restarts it, unless `restart` is False),
+        the ticket's refresh and the shutdown cut. `pump_unscope` it afterwards."""
+        if restart:
+            self._read_at = trio.current_time()
+        stall_at = self._read_at + self._stall_timeout
+        scope = trio.CancelScope(deadline=min(stall_at, self._next_refresh))
+        if self._cut is not None:
+            self._cut.enter(scope)
+        return scope
+
+    def pump_unscope(self, scope: trio.CancelScope) -> None:
+        if self._cut is not None:
+            self._cut.leave(scope)
+
+    async def pump_wake(self) -> bytes:
+        """After `pump_scope` was cancelled: the stream's last bytes when it is cut or stalled
+        (then it has ended), else the ticket refreshed when due and `b""`."""
+        if self._cut is not None and self._cut.happened:
+            tail = self._end(CUT_MESSAGE)
+            self._info.outcome = "cancelled"  # cut by the shutdown, as on the Trio path
+            return tail
+        if trio.current_time() - self._read_at >= self._stall_timeout:
+            return self._end("the model server stopped sending")
+        if self._ticket is not None and trio.current_time() >= self._next_refresh:
+            await self._ticket.refresh()
+            self._next_refresh = trio.current_time() + self._ticket.refresh_every
+        return b""
 
     def _end(self, cut: str | None = None) -> bytes:
         """The last bytes for the client: what the watcher held back, and an error frame when

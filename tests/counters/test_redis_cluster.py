@@ -177,6 +177,43 @@ async def test_a_quiet_process_s_first_call_after_a_failover_goes_to_the_new_mas
             assert replicated.keys_on(owner, f"{PREFIX}{{t{lost}}}:lease")
 
 
+async def test_a_slot_whose_settlement_fell_in_the_takeover_frees_itself_after_its_ttl(
+    replicated: OwnedCluster,
+) -> None:
+    """A request that ends while its master is dead cannot release its concurrency slot (the
+    settlement fails closed, logged); the replica has the lease, so after the takeover the slot
+    is still taken, until the lease's ttl has passed: then the next admission takes it back.
+    No slot is lost for good (README "Redis Cluster")."""
+    lost, kept = tenants_on_two_masters(replicated)
+    who = principal(lost, 10 + lost, key_limits=Limits(concurrent_requests=1))
+    slot = key_slot(f"{PREFIX}{{t{lost}}}:seed")
+    ttl_ms = 60_000  # `admission`'s lease ttl; the caller's clock makes it pass at once
+    with trio.fail_after(HANG_GUARD):
+        async with open_redis_counters(
+            replicated.url,
+            call_timeout=CALL_TIMEOUT,
+            prefix=PREFIX,
+            cluster=True,
+            caller_clock=True,
+        ) as c:
+            await seeded_and_admitted(c, kept)
+            await seed(c, lost)
+            lease = await lease_of(c, who)
+            await trio.to_thread.run_sync(replicated.wait_replicated)
+            killed = replicated.kill_master_of(f"{{t{lost}}}")
+            with pytest.raises(CountersUnavailableError):  # before any replica can take over
+                await c.settle(lease, tokens=3, now_ms=epoch_ms(T0))
+            owner = await trio.to_thread.run_sync(
+                lambda: replicated.wait_slot_served(slot, not_by=killed.port, timeout=HANG_GUARD)
+            )
+            await trio.to_thread.run_sync(replicated.wait_owner, slot, owner)
+            busy = await c.admit(admission(who, at_ms=1_000))
+            assert isinstance(busy, AdmissionResult) and busy.refusal is not None
+            assert busy.refusal.limit == Limit.CONCURRENT_REQUESTS
+            freed = await c.admit(admission(who, at_ms=ttl_ms + 1))
+            assert isinstance(freed, AdmissionResult) and freed.lease is not None, freed
+
+
 async def test_every_key_of_a_tenant_lands_on_one_master(cluster: OwnedCluster) -> None:
     prefix = f"{PREFIX}{secrets.token_hex(4)}:"
     with trio.fail_after(HANG_GUARD):
