@@ -375,9 +375,9 @@ SETTINGS: tuple[Setting, ...] = (
         "NZGW_MIN_OPEN_FILES",
         "min_open_files",
         _int(0),
-        "4096",
-        "Open files each gateway process needs (~2 per concurrent stream); start fails when the "
-        "hard limit is lower (0: no check)",
+        "8192",
+        "Open files each gateway process needs (~4 per concurrent stream: its two sockets and the "
+        "relay pump's copies); start fails when the hard limit is lower (0: no check)",
     ),
     Setting(
         "NZGW_GRACEFUL_TIMEOUT",

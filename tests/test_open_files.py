@@ -54,7 +54,7 @@ def test_the_soft_limit_goes_to_the_hard_limit() -> None:
 @pytest.mark.parametrize(
     ("hard", "minimum", "connections"),
     [
-        (8192, None, 1200),  # the default minimum (4096) fits: more than 1,024 connections held
+        (8192, None, 1200),  # the default minimum (8192) fits: more than 1,024 connections held
         (1024, "0", 0),  # no check: raised as far as it goes, and it serves
     ],
 )
@@ -153,5 +153,5 @@ async def test_a_hard_limit_below_the_minimum_stops_start_with_one_line(
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("Error: NZGW_MIN_OPEN_FILES: the open-file limit is 1024")
-    assert "below the 4096" in lines[0]
+    assert "below the 8192" in lines[0]
     assert not (tmp_path / "s.db").exists() and not (tmp_path / "var").exists()  # nothing started

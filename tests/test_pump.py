@@ -8,7 +8,9 @@ carries the stream, as they do in the request's task (tests/test_relay.py)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -203,6 +205,31 @@ async def test_stopping_hands_back_every_stream_and_refuses_new_ones(pair: Pair)
         assert carried.reason == RECLAIMED and late.reason == RECLAIMED
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("failing", [1, 2], ids=["upstream copy", "client copy"])
+async def test_without_descriptors_for_its_copies_the_stream_stays_with_its_task(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    """EMFILE on a copy: `carry` returns at once (nothing carried, nothing left open)."""
+    real_dup = os.dup
+    made: list[int] = []
+
+    def dup(fd: int) -> int:
+        if len(made) + 1 == failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        made.append(real_dup(fd))
+        return made[-1]
+
+    monkeypatch.setattr(os, "dup", dup)  # the module the pump calls it from
+    with trio.fail_after(GUARD):
+        async with open_pump() as pump:
+            carried = pair.carried(Source())
+            await pump.carry(carried)
+    assert carried.reason == RECLAIMED
+    for fd in made:  # the copy made before the failure was closed
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 # --- relay_to_client with a real upstream and a real Relay --------------------------------

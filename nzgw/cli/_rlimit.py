@@ -1,7 +1,8 @@
 """The open-file limit, raised when `serve` and `dev` start.
 
-Every client connection is a socket, and so is every upstream connection: a stream holds two, so
-1,000 concurrent streams need ~2,000 descriptors, plus listeners, pools, the store and logs.
+Every client connection is a socket, and so is every upstream connection: a stream holds two, and
+while the relay pump carries it two more (its copies, nzgw/http/pump.py), so 1,000 concurrent
+streams need ~4,000 descriptors, plus listeners, pools, the store and logs.
 Linux starts processes with a soft limit of 1,024. Past it, `accept` fails with EMFILE; Trio's
 accept loop then logs and sleeps 100 ms before it tries again, so new clients wait in the
 backlog while the gateway looks healthy. Hence:
@@ -58,7 +59,7 @@ def raise_open_file_limit(needed: int) -> OpenFiles:
     if needed > 0 and now != resource.RLIM_INFINITY and now < needed:
         raise CliInputError(
             f"NZGW_MIN_OPEN_FILES: the open-file limit is {now} (hard limit {_show(hard)}), "
-            f"below the {needed} this gateway needs (~2 per concurrent stream); raise the hard "
+            f"below the {needed} this gateway needs (~4 per concurrent stream); raise the hard "
             "limit (ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=) or lower "
             "NZGW_MIN_OPEN_FILES"
         )

@@ -111,10 +111,19 @@ class Pump:
     async def carry(self, carried: Carried) -> None:
         """Let the pump carry `carried.source` until it hands it back; `carried` says why and
         what is left to write. Cancellation asks for the stream back and waits for it,
-        shielded, then propagates: afterwards the pump no longer touches the stream."""
-        carried.pump_upstream = os.dup(carried.upstream_fd)
+        shielded, then propagates: afterwards the pump no longer touches the stream. Without
+        descriptors for its copies (EMFILE) the stream stays with the task (RECLAIMED)."""
         try:
-            carried.pump_client = os.dup(carried.client_fd)
+            carried.pump_upstream = os.dup(carried.upstream_fd)
+        except OSError:
+            carried.reason = RECLAIMED
+            return
+        try:
+            try:
+                carried.pump_client = os.dup(carried.client_fd)
+            except OSError:
+                carried.reason = RECLAIMED
+                return
             try:
                 if not self._command(True, carried):
                     carried.reason = RECLAIMED  # the pump stopped: the request's task goes on
