@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
+from quart import request
 
 from nzgw.testing import EmulatorSettings, Fault
 from tests.harness import open_harness
@@ -130,6 +131,41 @@ async def test_response_abandoned_before_its_body_was_sent_closes_upstream(
             infos = await h.wait_finished(1)
         assert chat.closed_at is not None and chat.closed_at - left_at < 0.05
         assert infos[0].log_path == "/api/chat"
+
+
+async def test_quart_hooks_registered_on_the_running_app_are_honoured(tmp_path: Path) -> None:
+    """Quart's per-request machinery is skipped while no hook is registered (http/app.py); a
+    hook registered on the running app runs from the next request on, and the whole answer
+    keeps its shape either way (one body message: head, Content-Length, body)."""
+
+    async def ask(h: Any) -> tuple[bytes, dict[str, Any]]:
+        stream = await trio.open_tcp_stream("127.0.0.1", h.running.bound.port)
+        async with stream:
+            await stream.send_all(_chat_request(h.key, {**CHAT, "stream": False}))
+            data = await _read_until(stream, b"\r\n\r\n")
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                chunk = await stream.receive_some(65536)
+                assert chunk
+                body += chunk
+        assert len(body) == length
+        assert b"\r\nx-request-id: " in head.lower()
+        return head.split(b"\r\n", 1)[0], json.loads(body)
+
+    async with open_harness(tmp_path) as h:
+        plain_status, plain = await ask(h)
+        seen: list[str] = []
+
+        async def before_request() -> None:
+            seen.append(request.path)
+
+        h.running.app.before_request_funcs[None].append(before_request)
+        hooked_status, hooked = await ask(h)
+        assert seen == ["/api/chat"]
+        assert plain_status == hooked_status == b"HTTP/1.1 200 "
+        assert plain["done"] is hooked["done"] is True
+        assert plain.keys() == hooked.keys()
 
 
 async def test_readyz_follows_the_backend(tmp_path: Path) -> None:
