@@ -36,6 +36,7 @@ from nzgw.http.pump import (
     UPSTREAM,
     Carried,
     Pump,
+    _Syscalls,
     open_pump,
 )
 from nzgw.services.drain import CUT_MESSAGE, StreamCut
@@ -230,6 +231,33 @@ async def test_without_descriptors_for_its_copies_the_stream_stays_with_its_task
     for fd in made:  # the copy made before the failure was closed
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_the_pumps_system_calls_behave_as_os_read_and_write() -> None:
+    """`_Syscalls` (read(2)/write(2) with the GIL kept) reports what `os.read`/`os.write` do:
+    the bytes, EOF, EAGAIN as BlockingIOError, a partial write, a reset peer as OSError."""
+    calls = _Syscalls()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            calls.read(ours.fileno())
+        theirs.send(b"token")
+        assert calls.read(ours.fileno()) == b"token"
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = b"x" * 1_000_000
+        written = calls.write(ours.fileno(), big)
+        assert 0 < written < len(big)
+        with pytest.raises(BlockingIOError):
+            calls.write(ours.fileno(), big)
+        theirs.shutdown(socket.SHUT_WR)
+        assert calls.read(ours.fileno()) == b""
+    left, right = socket.socketpair()
+    with left:
+        right.close()
+        with pytest.raises(OSError) as failed:
+            calls.write(left.fileno(), b"token")
+        assert failed.value.errno in (errno.EPIPE, errno.ECONNRESET)
 
 
 # --- relay_to_client with a real upstream and a real Relay --------------------------------
