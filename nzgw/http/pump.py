@@ -115,6 +115,14 @@ class _Syscalls:
             _raise_unless_interrupted()
 
 
+def _copy(fd: int) -> int:
+    """A duplicate of `fd` for the pump, or -1 when the process has no descriptor left."""
+    try:
+        return os.dup(fd)
+    except OSError:
+        return -1
+
+
 def _raise_unless_interrupted() -> None:
     code = ctypes.get_errno()
     if code != errno.EINTR:
@@ -162,32 +170,24 @@ class Pump:
         what is left to write. Cancellation asks for the stream back and waits for it,
         shielded, then propagates: afterwards the pump no longer touches the stream. Without
         descriptors for its copies (EMFILE) the stream stays with the task (RECLAIMED)."""
+        carried.pump_upstream = _copy(carried.upstream_fd)
+        carried.pump_client = _copy(carried.client_fd) if carried.pump_upstream >= 0 else -1
         try:
-            carried.pump_upstream = os.dup(carried.upstream_fd)
-        except OSError:
-            carried.reason = RECLAIMED
-            return
-        try:
-            try:
-                carried.pump_client = os.dup(carried.client_fd)
-            except OSError:
+            if carried.pump_client < 0 or not self._command(True, carried):
+                # No descriptors for the copies, or the pump stopped: the task goes on alone.
                 carried.reason = RECLAIMED
                 return
             try:
-                if not self._command(True, carried):
-                    carried.reason = RECLAIMED  # the pump stopped: the request's task goes on
-                    return
-                try:
+                await carried.done.wait()
+            except BaseException:
+                self._command(False, carried)
+                with trio.CancelScope(shield=True):
                     await carried.done.wait()
-                except BaseException:
-                    self._command(False, carried)
-                    with trio.CancelScope(shield=True):
-                        await carried.done.wait()
-                    raise
-            finally:
-                os.close(carried.pump_client)
+                raise
         finally:
-            os.close(carried.pump_upstream)
+            for fd in (carried.pump_client, carried.pump_upstream):
+                if fd >= 0:
+                    os.close(fd)
 
     def _command(self, add: bool, carried: Carried) -> bool:
         with self._lock:
