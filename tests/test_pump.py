@@ -148,16 +148,25 @@ async def test_a_full_client_buffer_hands_back_the_rest_of_the_frame(pair: Pair)
 
 
 async def test_a_cancelled_carry_leaves_the_stream_untouched(pair: Pair) -> None:
-    """After a cancelled `carry` returns, the pump reads and writes nothing more."""
-    with trio.fail_after(GUARD):
-        async with open_pump() as pump:
-            carried = pair.carried(Source())
-            with trio.move_on_after(0.05) as scope:
-                await pump.carry(carried)
-            assert scope.cancelled_caught and carried.reason == RECLAIMED
-            pair.upstream_outer.send(b"after the hand-back")
-            await trio.sleep(0.05)  # the pump would have read it by now; it must not
-            assert pair.upstream_inner.recv(100) == b"after the hand-back"
+    """After a cancelled `carry` returns, the pump reads and writes nothing more of it."""
+    other = Pair()
+    try:
+        with trio.fail_after(GUARD):
+            async with open_pump() as pump:
+                carried = pair.carried(Source())
+                with trio.CancelScope() as scope:
+                    scope.cancel()  # cancelled at once: the pump has the stream, then not
+                    await pump.carry(carried)
+                assert scope.cancelled_caught and carried.reason == RECLAIMED
+                pair.upstream_outer.send(b"after the hand-back")
+                # The pump's loop turns on: another stream's token goes through it after
+                # the first stream's bytes were waiting to be read.
+                other.upstream_outer.send(b"other")
+                await pump.carry(other.carried(Source(stop_after=1)))
+                assert dechunk(await read_client(other, 10)) == [b"other"]
+                assert pair.upstream_inner.recv(100) == b"after the hand-back"
+    finally:
+        other.close()
     with pytest.raises(BlockingIOError):
         pair.client_outer.recv(100)
 
