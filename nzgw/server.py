@@ -43,7 +43,7 @@ from nzgw.http.gateway import Gateway
 from nzgw.http.lifecycle import StartupLog, discovered, report_drain, store_kind
 from nzgw.http.limits import LimiterAdmitter
 from nzgw.http.listen import Bound, bind_socket, serve_http
-from nzgw.http.metrics import GatewayMetrics, LiveCollector, serve_metrics
+from nzgw.http.metrics import GatewayMetrics, LiveCollector, serve_metrics, track_pump
 from nzgw.ports import AuthThrottle, Counters, CountersUnavailableError, Store
 from nzgw.services.audit import AuditLog, run_audit_flusher, run_prompt_purge
 from nzgw.services.deadlines import bound_store_calls
@@ -382,7 +382,14 @@ async def run_server(
                 # only then are the service tasks stopped (their last flushes see every request).
                 async with trio.open_nursery() as http:
                     bound = await http.start(
-                        partial(serve_http, app, config, sock, shutdown_trigger=shutdown_then_cut)
+                        partial(
+                            serve_http,
+                            app,
+                            config,
+                            sock,
+                            shutdown_trigger=shutdown_then_cut,
+                            on_pump=partial(track_pump, live),
+                        )
                     )
                     ready: dict[str, object] = {"bind": f"{bound.host}:{bound.port}"}
                     if metrics_bound is not None:

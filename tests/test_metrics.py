@@ -244,3 +244,22 @@ def test_the_process_metrics_name_this_worker() -> None:
     assert sample_sum(samples, "nzgw_worker_info") == 1  # one series: this process
     alone = parse_exposition(render(GatewayMetrics(pid=4242)).decode())
     assert sample_sum(alone, "nzgw_worker_info", pid="4242", worker="") == 1
+
+
+async def test_the_relay_pumps_counters_move_with_a_paced_stream(tmp_path: Path) -> None:
+    """A stream whose tokens come one at a time is carried by the relay pump: /metrics says
+    how often and how many frames it wrote (nzgw/http/pump.py)."""
+    paced = EmulatorSettings(tokens_per_reply=20, token_delay=0.01)
+    async with open_harness(tmp_path, settings=lambda _: paced, metrics_bind="127.0.0.1:0") as h:
+        before = await scrape(h)
+        async with h.client.stream("POST", "/api/chat", json=chat(True), headers=h.auth) as r:
+            assert r.status_code == 200
+            lines = [line async for line in r.aiter_lines() if line]
+        assert len(lines) == 21
+        with trio.fail_after(10):
+            await h.wait_finished(1)
+        after = await scrape(h)
+    assert sample_sum(before, "nzgw_relay_pump_carries_total") == 0
+    assert sample_sum(after, "nzgw_relay_pump_carries_total") >= 1
+    assert sample_sum(after, "nzgw_relay_pump_frames_total") >= 1
+    assert sample_sum(after, "nzgw_relay_pump_uncopied_total") == 0

@@ -308,11 +308,13 @@ async def serve_edge(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     relay_pump: bool = True,
+    on_pump: Callable[[Pump], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on the listening `sock` until `shutdown_trigger` returns; then give in-flight
     requests `config.graceful_timeout` seconds and cancel what is left. Committed streams go
-    through the relay pump (`nzgw.http.pump`) unless `relay_pump` is False.
+    through the relay pump (`nzgw.http.pump`) unless `relay_pump` is False; `on_pump` is shown
+    the pump when it runs (its counters for /metrics).
 
     hypercorn's `worker_serve`, narrowed: one plain socket, the lifespan protocol around it,
     and `EdgeTCPServer` for every connection.
@@ -327,6 +329,8 @@ async def serve_edge(
         # The relay pump outlives every connection: it stops after the server nursery.
         pumping = open_pump() if relay_pump else contextlib.nullcontext(None)
         async with pumping as pump, trio.open_nursery() as server_nursery:
+            if pump is not None and on_pump is not None:
+                on_pump(pump)
             sock.listen(config.backlog)
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
             handler = partial(

@@ -22,6 +22,7 @@ import trio
 
 from nzgw.config import Config
 from nzgw.http.edge import serve_edge
+from nzgw.http.pump import Pump
 
 
 @attrs.frozen
@@ -71,6 +72,7 @@ async def serve_http(
     sock: socket.socket,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    on_pump: Callable[[Pump], None] | None = None,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on `sock` until `shutdown_trigger` returns; then drain in-flight requests
@@ -86,6 +88,7 @@ async def serve_http(
             sock,
             shutdown_trigger=shutdown_trigger,
             relay_pump=config.relay_pump,
+            on_pump=on_pump,
             task_status=task_status,
         )
 

@@ -55,6 +55,7 @@ from nzgw import __version__
 from nzgw.core import paths
 from nzgw.core.record import RequestInfo
 from nzgw.http.listen import Bound
+from nzgw.http.pump import Pump
 from nzgw.ports import ConflictError, CountersUnavailableError, NotFoundError, StoreError
 from nzgw.services.registry import Snapshot
 from nzgw.services.slots import SlotPool
@@ -302,6 +303,26 @@ class BackendHealth(Protocol):
     def snapshot(self) -> Snapshot: ...
 
     def in_rotation(self, backend_name: str) -> bool: ...
+
+
+def track_pump(live: LiveCollector, pump: Pump) -> None:
+    """The relay pump's counters (`nzgw.http.pump`), read at every scrape."""
+    live.track_counter(
+        "nzgw_relay_pump_carries",
+        "Times a committed stream was handed to the relay pump's thread",
+        lambda: pump.carried_total,
+    )
+    live.track_counter(
+        "nzgw_relay_pump_frames",
+        "Frames the relay pump wrote to clients",
+        lambda: pump.frames_total,
+    )
+    live.track_counter(
+        "nzgw_relay_pump_uncopied",
+        "Streams left in their request's task because no file descriptor was left for the "
+        "pump's copies of their sockets (raise the open-file limit)",
+        lambda: pump.uncopied_total,
+    )
 
 
 class LiveCollector:

@@ -58,15 +58,6 @@ import trio
 
 log = logging.getLogger("nzgw.http")
 
-# read(2) and write(2) called with the GIL held (module docstring, "The GIL"): PyDLL, unlike
-# CDLL, does not release it. Linux only, like `select.epoll`.
-_LIBC = ctypes.PyDLL(None, use_errno=True)
-_c_read = _LIBC.read
-_c_read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
-_c_read.restype = ctypes.c_ssize_t
-_c_write = _LIBC.write
-_c_write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-_c_write.restype = ctypes.c_ssize_t
 
 _READ_SIZE = 65536
 _EPOLLIN = select.EPOLLIN
@@ -94,22 +85,31 @@ class PumpSource(Protocol):
 
 
 class _Syscalls:
-    """Non-blocking read(2) and write(2) on sockets, the GIL kept; errors as `os.read` and
-    `os.write` raise them (`BlockingIOError` for EAGAIN). One per pump: its read buffer."""
+    """Non-blocking read(2) and write(2) on sockets, the GIL kept (module docstring, "The
+    GIL": `ctypes.PyDLL`, unlike `CDLL`, does not release it; Linux only, like
+    `select.epoll`); errors as `os.read` and `os.write` raise them (`BlockingIOError` for
+    EAGAIN). One per pump: its read buffer."""
 
     def __init__(self) -> None:
+        libc = ctypes.PyDLL(None, use_errno=True)
+        self._read = libc.read
+        self._read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+        self._read.restype = ctypes.c_ssize_t
+        self._write = libc.write
+        self._write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+        self._write.restype = ctypes.c_ssize_t
         self._buffer = ctypes.create_string_buffer(_READ_SIZE)
 
     def read(self, fd: int) -> bytes:
         while True:
-            count: int = _c_read(fd, self._buffer, _READ_SIZE)
+            count: int = self._read(fd, self._buffer, _READ_SIZE)
             if count >= 0:
                 return ctypes.string_at(self._buffer, count)
             _raise_unless_interrupted()
 
     def write(self, fd: int, data: bytes) -> int:
         while True:
-            count: int = _c_write(fd, data, len(data))
+            count: int = self._write(fd, data, len(data))
             if count >= 0:
                 return count
             _raise_unless_interrupted()
@@ -158,6 +158,10 @@ class Pump:
         self._token = trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()  # `_stopping` and the command queue, against the thread
         self._io = _Syscalls()
+        # Counted for /metrics (read at scrape time; each written by one thread only).
+        self.carried_total = 0  # carries begun (Trio's thread)
+        self.uncopied_total = 0  # carries refused for want of descriptors (Trio's thread)
+        self.frames_total = 0  # frames the pump wrote (the pump's thread)
 
     @property
     def running(self) -> bool:
@@ -175,8 +179,10 @@ class Pump:
         try:
             if carried.pump_client < 0 or not self._command(True, carried):
                 # No descriptors for the copies, or the pump stopped: the task goes on alone.
+                self.uncopied_total += carried.pump_client < 0
                 carried.reason = RECLAIMED
                 return
+            self.carried_total += 1
             try:
                 await carried.done.wait()
             except BaseException:
@@ -287,6 +293,7 @@ class Pump:
                     log.warning("relay pump: client write failed", extra={"errno": exc.errno})
                 self._hand_back(job, CLIENT_GONE)
                 return
+            self.frames_total += 1
             if sent < len(frame):
                 job.rest = frame[sent:]
                 self._hand_back(job, BLOCKED)
