@@ -13,7 +13,8 @@ Resources open outermost-first and close in reverse (docs/ARCHITECTURE.md, "Spin
         ├─ audit flusher      (audit rows in batches; last flush shielded, with a deadline)
         ├─ prompt purge       (expired prompt logs, in bounded batches)
         └─ HTTP (hypercorn trio worker) until the shutdown trigger; then in-flight requests get
-           `graceful_timeout` to finish and are cancelled after that
+           `graceful_timeout` to finish and are cancelled after that; the relay pump's thread
+           (nzgw/http/pump.py) runs from before the first connection to after the last
     then the service tasks are cancelled (their final flushes are shielded with a deadline).
 """
 
