@@ -40,6 +40,7 @@ from nzgw.core.requests import Prepared
 from nzgw.core.surfaces import stream_error_frame
 from nzgw.ports import (
     ForwardingMetrics,
+    RawBody,
     RegistryPort,
     Ticket,
     UpstreamError,
@@ -280,6 +281,7 @@ class Relay:
         "_kind",
         "_max_frames",
         "_next_refresh",
+        "_raw",
         "_read_at",
         "_stall_timeout",
         "_ticket",
@@ -314,6 +316,7 @@ class Relay:
         # The relay pump's last upstream read, on Trio's clock (read from the pump's thread).
         self._clock = trio.lowlevel.current_clock()
         self._read_at = 0.0
+        self._raw: RawBody | None = None  # the upstream's raw body while the pump carries it
         # Until the stream ends: a stream the client left, or shutdown cut, stays "cancelled".
         info.outcome = "cancelled"
         # Prompt logging (the key opted in): the bytes relayed, as relayed (frames, not text),
@@ -346,18 +349,26 @@ class Relay:
                     if cut is not None:
                         cut.leave(stall)
                 if stall.cancelled_caught:
-                    if self._cut is not None and self._cut.happened:
-                        tail = self._end(CUT_MESSAGE)
-                        self._info.outcome = "cancelled"  # cut by the shutdown, as before
-                        return tail
-                    return self._end("the model server stopped sending")
+                    return self._stopped()
                 if not data:
                     return self._end()
-                if self._ticket is not None and trio.current_time() >= self._next_refresh:
-                    await self._ticket.refresh()
-                    self._next_refresh = trio.current_time() + self._ticket.refresh_every
+                await self._refresh_if_due()
             if out := self._watch(data):
                 return out
+
+    def _stopped(self) -> bytes:
+        """The end of a stream whose wait was cancelled: by the shutdown cut, or the stall
+        timer."""
+        if self._cut is not None and self._cut.happened:
+            tail = self._end(CUT_MESSAGE)
+            self._info.outcome = "cancelled"  # cut by the shutdown, as before
+            return tail
+        return self._end("the model server stopped sending")
+
+    async def _refresh_if_due(self) -> None:
+        if self._ticket is not None and trio.current_time() >= self._next_refresh:
+            await self._ticket.refresh()
+            self._next_refresh = trio.current_time() + self._ticket.refresh_every
 
     def _watch(self, data: bytes) -> bytes:
         """The client's bytes of upstream body bytes: watched, capped, kept for the prompt log."""
@@ -378,13 +389,13 @@ class Relay:
         """The upstream socket the pump may read now (`nzgw.http.pump.PumpSource`)."""
         if self._done or self._first is not None:
             return None
-        raw = raw_body_of(self._upstream)
+        self._raw = raw = raw_body_of(self._upstream)  # for `pump_feed`, once per carry
         return raw.pump_fd() if raw is not None else None
 
     def pump_feed(self, raw: bytes) -> tuple[bytes, bool]:
         """In the pump's thread: the client's bytes of `raw`, and whether the pump goes on."""
         self._read_at = self._clock.current_time()
-        body = raw_body_of(self._upstream)
+        body = self._raw
         assert body is not None  # pump_fd offered the socket
         data = body.feed_nowait(raw)
         more = body.pump_fd() is not None
@@ -412,15 +423,10 @@ class Relay:
     async def pump_wake(self) -> bytes:
         """After `pump_scope` was cancelled: the stream's last bytes when it is cut or stalled
         (then it has ended), else the ticket refreshed when due and `b""`."""
-        if self._cut is not None and self._cut.happened:
-            tail = self._end(CUT_MESSAGE)
-            self._info.outcome = "cancelled"  # cut by the shutdown, as on the Trio path
-            return tail
-        if trio.current_time() - self._read_at >= self._stall_timeout:
-            return self._end("the model server stopped sending")
-        if self._ticket is not None and trio.current_time() >= self._next_refresh:
-            await self._ticket.refresh()
-            self._next_refresh = trio.current_time() + self._ticket.refresh_every
+        cut = self._cut is not None and self._cut.happened
+        if cut or trio.current_time() - self._read_at >= self._stall_timeout:
+            return self._stopped()
+        await self._refresh_if_due()
         return b""
 
     def _end(self, cut: str | None = None) -> bytes:
