@@ -8,8 +8,8 @@ route is ever forwarded upstream.
 Quart's per-request machinery that nzgw does not use is skipped while nothing uses it
 (`GatewayApp.handle_request`): no application context, session, signals or before/after-request
 hooks per request, only the request context that `quart.request` reads. Registering a hook
-brings Quart's full path back. A whole answer leaves as one ASGI body message (`_Connection`):
-one pass through hypercorn and h11 instead of two (README "Performance").
+brings Quart's full path back. A whole answer leaves as one ASGI body message
+(`nzgw.http.asgi.GatewayHTTPConnection`; README "Performance").
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from quart import Request, Response, request
 from quart.ctx import RequestContext
 from quart.globals import _cv_request
 from quart.signals import request_finished, request_started
-from quart.utils import encode_headers
-from quart.wrappers.response import DataBody
 from quart_trio import QuartTrio
 
 from nzgw import __version__
@@ -44,27 +42,8 @@ log = logging.getLogger("nzgw.access")
 INTERNAL_ERROR = "internal_error"  # the audit's refusal reason for a contained failure
 
 
-class _Connection(GatewayHTTPConnection):
-    """The ASGI connection, with a whole answer sent as one body message."""
-
-    async def _send_response(self, send: Any, response: Any) -> None:
-        body = response.response if type(response) is Response else None
-        if type(body) is not DataBody:
-            await super()._send_response(send, response)  # streams, relays: unchanged
-            return
-        # Quart sends the bytes and then an empty last message; one message carries both (the
-        # head goes out in the same write: nzgw.http.edge).
-        start = {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": encode_headers(response.headers),
-        }
-        await send(start)
-        await send({"type": "http.response.body", "body": body.data, "more_body": False})
-
-
 class GatewayApp(QuartTrio):
-    asgi_http_class = _Connection
+    asgi_http_class = GatewayHTTPConnection
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__("nzgw")

@@ -13,8 +13,9 @@ Two quart-trio behaviours would otherwise leak (docs/ARCHITECTURE.md, "quart-tri
    responses, counter leases, the settlement of a request) on it, and the connection closes the
    stack in its `finally`, shielded and under a deadline, whatever happened.
 
-And one shortcut: a `RelayResponse` body goes to the connection's relay extension when it
-offers one (`nzgw.http.fastrelay`; docs/ARCHITECTURE.md, "The relay fast path").
+And two shortcuts: a whole answer leaves as one ASGI body message (one pass through hypercorn
+and h11 instead of two), and a `RelayResponse` body goes to the connection's relay extension
+when it offers one (`nzgw.http.fastrelay`; docs/ARCHITECTURE.md, "The relay fast path").
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Any, cast
 
 import attrs
 import trio
+from quart import Response
 from quart.utils import encode_headers
+from quart.wrappers.response import DataBody
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from nzgw.http.fastrelay import RelayResponse, relay_of
@@ -100,18 +103,19 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
                 log.error("request cleanup exceeded %.0f s", CLEANUP_DEADLINE)
 
     async def _send_response(self, send: Any, response: Any) -> None:
+        whole = response.response if type(response) is Response else None
+        if type(whole) is DataBody:
+            # Quart sends the bytes and then an empty last message; one message carries both
+            # (and the head goes out in the same write: nzgw.http.edge).
+            await send(_start(response))
+            await send({"type": "http.response.body", "body": whole.data, "more_body": False})
+            return
         relay = relay_of(self.scope) if isinstance(response, RelayResponse) else None
         if relay is None:
-            await super()._send_response(send, response)
+            await super()._send_response(send, response)  # other streams: Quart's own way
             return
         # Quart's own order (head, body, end), with the body written by the connection.
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encode_headers(response.headers),
-            }
-        )
+        await send(_start(response))
         body = response.relay_body
         try:
             await relay(body)
@@ -120,3 +124,12 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
             if aclose is not None:
                 await aclose()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _start(response: Response) -> dict[str, Any]:
+    """The ASGI message that starts `response`: its status and headers."""
+    return {
+        "type": "http.response.start",
+        "status": response.status_code,
+        "headers": encode_headers(response.headers),
+    }
